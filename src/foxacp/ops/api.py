@@ -1,0 +1,208 @@
+"""The public forgetting-attention call: input checks, layouts, gate cumsum, ACP, dispatch."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+from . import backends
+from .acp import AcpStats, MaskSpec, threshold_from_data
+
+Backend = Literal["auto", "reference", "torch", "triton"]
+
+
+def forgetting_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_fgate: torch.Tensor,
+    *,
+    head_first: bool = False,
+    sm_scale: float | None = None,
+    adaptive_threshold: None | str | float | torch.Tensor = None,
+    log_eps: float = -10.0,
+    seq_start: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: Backend = "auto",
+    return_stats: bool = False,
+):
+    """Causal softmax attention with a forget gate, optionally pruned by ACP.
+
+    Layout (``head_first=False``): q ``(B, Tq, H, D)``; k, v ``(B, Tk, Hkv, D)``;
+    log_fgate ``(B, Tk, H)`` float32 (``log f``, <= 0). ``head_first=True`` swaps T and H.
+    ``H % Hkv == 0``; query head ``h`` reads kv head ``h // (H // Hkv)`` (GQA).
+
+    With ``c = cumsum(log_fgate)`` (float32, restarted per packed sequence) and
+    ``s_ij = sm_scale * q_i . k_j``::
+
+        o_i = sum_{j<=i} exp(s_ij + c_i - c_j) v_j / sum_{j<=i} exp(s_ij + c_i - c_j)
+
+    ``Tq <= Tk``: the queries are the last ``Tq`` positions, so with Tq=2, Tk=4 the visible
+    pairs are ``[[1,1,1,0],[1,1,1,1]]``.
+
+    Args:
+        sm_scale: score scale, default ``1/sqrt(D)``.
+        adaptive_threshold: ACP. ``None``: dense. ``"auto"``: ``delta = -(2U + ln Tk) + log_eps``,
+            ``U = max|q_i| max|k_j| sm_scale`` per (batch, head). A float or a tensor
+            broadcastable to ``(B, H)``: delta itself (<= 0). A (query tile, key tile) pair
+            whose largest decay ``c[first query] - c[last key]`` is below delta is skipped; the
+            attention mass removed from any query is then <= ``e^log_eps``.
+        seq_start: ``(B,)`` ints; positions before ``seq_start[b]`` are left padding, never
+            attended, and their outputs are 0.
+        cu_seqlens: ``(N+1,)`` int offsets of packed sequences (B must be 1, Tq == Tk);
+            attention and gate decay never cross a boundary.
+        backend: ``"reference"`` (dense PyTorch), ``"torch"`` (block-sparse PyTorch),
+            ``"triton"`` (GPU kernels) or ``"auto"`` (triton on CUDA when available, else torch).
+        return_stats: also return :class:`~foxacp.ops.acp.AcpStats`.
+
+    Returns:
+        Output in q's layout and dtype, or ``(output, AcpStats)``.
+    """
+    _check_tensors(q, k, v, log_fgate, head_first)
+    if head_first:
+        q_c, k_c, v_c, gate = q, k, v, log_fgate
+    else:
+        q_c, k_c, v_c, gate = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), log_fgate.transpose(1, 2)
+    batch, heads, seqlen_q, head_dim = q_c.shape
+    seqlen_k = k_c.shape[2]
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(head_dim)
+    elif not isinstance(sm_scale, (int, float)) or not math.isfinite(sm_scale) or sm_scale <= 0:
+        raise ValueError(f"sm_scale must be a positive finite number, got {sm_scale!r}")
+    key_lo, key_hi = _sequence_bounds(seq_start, cu_seqlens, batch, seqlen_q, seqlen_k, q.device)
+
+    if seq_start is not None:  # gates inside the padding never enter a visible decay
+        padding = torch.arange(seqlen_k, device=q.device)[None, None, :] < key_lo[:, None, :]
+        gate = gate.masked_fill(padding, 0.0)
+    decay_global = torch.cumsum(gate.double(), dim=-1)  # float64 so the restart below is exact
+    decay = decay_global
+    if cu_seqlens is not None:
+        decay = decay_global - _value_before(decay_global, key_lo)
+    decay = decay.float()
+
+    delta = _threshold(adaptive_threshold, log_eps, q_c, k_c, sm_scale, batch, heads, seqlen_k)
+    spec = MaskSpec(batch, heads, seqlen_q, seqlen_k, key_lo, key_hi,
+                    None if delta is None else decay_global.detach(), delta)
+
+    impl = backends.resolve(backend, q_c, head_dim)
+    out, plan = impl.attend(q_c, k_c, v_c, decay, sm_scale=sm_scale, spec=spec)
+    if not head_first:
+        out = out.transpose(1, 2)
+    if not return_stats:
+        return out
+    if plan is None:
+        plan = spec.plan(*impl.default_tiles(head_dim))
+    return out, AcpStats.from_plan(plan, head_dim, delta)
+
+
+def _value_before(values: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """``values[..., starts - 1]`` per position (0 where starts == 0); values ``(B, H, T)``."""
+    index = (starts.long() - 1).clamp_min(0)[:, None, :].expand(-1, values.shape[1], -1)
+    before = values.gather(-1, index)
+    return torch.where(starts[:, None, :] > 0, before, torch.zeros_like(before))
+
+
+def _check_tensors(q, k, v, log_fgate, head_first: bool) -> None:
+    names = {"q": q, "k": k, "v": v, "log_fgate": log_fgate}
+    for name, t in names.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    layout = "(B, H, T, D)" if head_first else "(B, T, H, D)"
+    for name in ("q", "k", "v"):
+        if names[name].dim() != 4:
+            raise ValueError(f"{name} must be 4-D {layout}, got shape {tuple(names[name].shape)}")
+    if not q.is_floating_point() or q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"q must be float16/bfloat16/float32/float64, got {q.dtype}")
+    for name in ("k", "v"):
+        if names[name].dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {names[name].dtype}")
+        if names[name].device != q.device:
+            raise ValueError(f"{name} is on {names[name].device}, q on {q.device}")
+    if log_fgate.dtype != torch.float32:
+        raise TypeError(f"log_fgate must be float32 (the cumsum needs it), got {log_fgate.dtype}")
+    if log_fgate.device != q.device:
+        raise ValueError(f"log_fgate is on {log_fgate.device}, q on {q.device}")
+    t_dim, h_dim = (2, 1) if head_first else (1, 2)
+    B, Tq, H, D = q.shape[0], q.shape[t_dim], q.shape[h_dim], q.shape[3]
+    Tk, Hkv = k.shape[t_dim], k.shape[h_dim]
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != B:
+        raise ValueError(f"k has batch {k.shape[0]}, q has batch {B}")
+    if k.shape[3] != D:
+        raise ValueError(f"k has head dim {k.shape[3]}, q has head dim {D}")
+    if D < 1 or Tq < 1:
+        raise ValueError(f"q must have T >= 1 and D >= 1, got shape {tuple(q.shape)}")
+    if Hkv < 1 or H % Hkv != 0:
+        raise ValueError(f"q heads ({H}) must be a multiple of k/v heads ({Hkv})")
+    if Tq > Tk:
+        raise ValueError(f"q has {Tq} positions, more than k's {Tk} (queries must be the last Tq keys)")
+    gate_shape = (B, H, Tk) if head_first else (B, Tk, H)
+    if tuple(log_fgate.shape) != gate_shape:
+        raise ValueError(f"log_fgate must have shape {gate_shape} (one gate per query head), "
+                         f"got {tuple(log_fgate.shape)}")
+
+
+def _sequence_bounds(seq_start, cu_seqlens, batch: int, seqlen_q: int, seqlen_k: int, device):
+    """``key_lo``/``key_hi`` ``(B, Tk)`` int32 from ``seq_start`` or ``cu_seqlens`` (else None)."""
+    if seq_start is not None and cu_seqlens is not None:
+        raise ValueError("pass seq_start or cu_seqlens, not both")
+    positions = torch.arange(seqlen_k, device=device)
+    if seq_start is not None:
+        if not isinstance(seq_start, torch.Tensor) or seq_start.dtype.is_floating_point or seq_start.dtype == torch.bool:
+            raise TypeError(f"seq_start must be an integer tensor of shape ({batch},)")
+        if tuple(seq_start.shape) != (batch,):
+            raise ValueError(f"seq_start must have shape ({batch},), got {tuple(seq_start.shape)}")
+        if bool(((seq_start < 0) | (seq_start >= seqlen_k)).any()):
+            raise ValueError(f"seq_start values must lie in [0, {seqlen_k}), got {seq_start.tolist()}")
+        lo = seq_start.to(device=device, dtype=torch.int32)[:, None].expand(batch, seqlen_k).contiguous()
+        hi = torch.full((batch, seqlen_k), seqlen_k - 1, dtype=torch.int32, device=device)
+        return lo, hi
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"cu_seqlens must be an int32/int64 tensor, got "
+                            f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)}")
+        if batch != 1:
+            raise ValueError(f"cu_seqlens needs batch size 1 (sequences packed along T), got B={batch}")
+        if seqlen_q != seqlen_k:
+            raise ValueError(f"cu_seqlens needs Tq == Tk, got Tq={seqlen_q}, Tk={seqlen_k}")
+        cu = cu_seqlens.to(device=device, dtype=torch.long)
+        if cu.dim() != 1 or cu.numel() < 2:
+            raise ValueError(f"cu_seqlens must be 1-D with >= 2 offsets, got shape {tuple(cu.shape)}")
+        if int(cu[0]) != 0 or int(cu[-1]) != seqlen_k:
+            raise ValueError(f"cu_seqlens must start at 0 and end at T={seqlen_k}, got {cu.tolist()}")
+        if bool((cu[1:] <= cu[:-1]).any()):
+            raise ValueError(f"cu_seqlens must be strictly increasing, got {cu.tolist()}")
+        seq_id = torch.searchsorted(cu, positions, right=True) - 1
+        lo = cu[seq_id].to(torch.int32)[None].contiguous()
+        hi = (cu[seq_id + 1] - 1).to(torch.int32)[None].contiguous()
+        return lo, hi
+    return None, None
+
+
+def _threshold(adaptive_threshold, log_eps: float, q, k, sm_scale: float, batch: int, heads: int,
+               seqlen_k: int) -> torch.Tensor | None:
+    """ACP threshold delta as float32 ``(B, H)``, or None for dense attention."""
+    if adaptive_threshold is None:
+        return None
+    if isinstance(adaptive_threshold, str):
+        if adaptive_threshold != "auto":
+            raise ValueError(f"adaptive_threshold must be None, 'auto', a float or a tensor, "
+                             f"got {adaptive_threshold!r}")
+        if not isinstance(log_eps, (int, float)) or not log_eps < 0:
+            raise ValueError(f"log_eps must be a negative number, got {log_eps!r}")
+        return threshold_from_data(q, k, sm_scale, seqlen_k, log_eps).float()
+    if isinstance(adaptive_threshold, bool) or not isinstance(adaptive_threshold, (int, float, torch.Tensor)):
+        raise TypeError(f"adaptive_threshold must be None, 'auto', a float or a tensor, "
+                        f"got {type(adaptive_threshold).__name__}")
+    delta = torch.as_tensor(adaptive_threshold, dtype=torch.float32, device=q.device)
+    try:
+        delta = torch.broadcast_to(delta, (batch, heads)).contiguous()
+    except RuntimeError:
+        raise ValueError(f"adaptive_threshold tensor of shape {tuple(delta.shape)} does not "
+                         f"broadcast to (B, H) = ({batch}, {heads})") from None
+    if bool(torch.isnan(delta).any()) or bool((delta > 0).any()):
+        raise ValueError(f"adaptive_threshold must be <= 0 and not NaN (a log-decay), got {adaptive_threshold}")
+    return delta

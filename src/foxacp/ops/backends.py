@@ -1,0 +1,44 @@
+"""Backend registry: which implementation serves a call, and a clear error when none can.
+
+A backend module provides ``attend(q, k, v, decay, *, sm_scale, spec) -> (out, plan)`` on
+canonical tensors (q ``(B, H, Tq, D)``, k/v ``(B, Hkv, Tk, D)``, decay ``(B, H, Tk)`` float32;
+``plan`` is the :class:`~foxacp.ops.acp.TilePlan` its forward used, or None),
+``default_tiles(head_dim) -> (block_m, block_n)`` and ``unavailable_reason(q) -> str | None``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_MODULES = {
+    "reference": "foxacp.ops.reference",
+    "torch": "foxacp.ops.blockwise",
+    "triton": "foxacp.ops.triton_attention",
+}
+
+
+def load(name: str):
+    if name not in _MODULES:
+        raise ValueError(f"backend must be one of {['auto', *_MODULES]}, got {name!r}")
+    try:
+        return importlib.import_module(_MODULES[name])
+    except ImportError as err:
+        raise ValueError(f"backend {name!r} is unavailable here: {err}") from None
+
+
+def resolve(name: str, q, head_dim: int):
+    """The backend module for ``name`` ("auto" picks triton on CUDA when it can, else torch)."""
+    if name == "auto":
+        if q.is_cuda:
+            try:
+                triton_backend = load("triton")
+                if triton_backend.unavailable_reason(q) is None:
+                    return triton_backend
+            except ValueError:
+                pass
+        return load("torch")
+    module = load(name)
+    reason = module.unavailable_reason(q)
+    if reason is not None:
+        raise ValueError(f"backend {name!r} is unavailable for this call: {reason}")
+    return module
