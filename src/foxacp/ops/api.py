@@ -27,6 +27,7 @@ def forgetting_attention(
     cu_seqlens: torch.Tensor | None = None,
     backend: Backend = "auto",
     return_stats: bool = False,
+    cumulative_gate: bool = False,
 ):
     """Causal softmax attention with a forget gate, optionally pruned by ACP.
 
@@ -56,6 +57,8 @@ def forgetting_attention(
         backend: ``"reference"`` (dense PyTorch), ``"torch"`` (block-sparse PyTorch),
             ``"triton"`` (GPU kernels) or ``"auto"`` (triton on CUDA when available, else torch).
         return_stats: also return :class:`~foxacp.ops.acp.AcpStats`.
+        cumulative_gate: ``log_fgate`` already holds ``c = cumsum(log f)`` (non-increasing), as a
+            decode cache keeps it; no cumsum is taken. Not with ``cu_seqlens``.
 
     Returns:
         Output in q's layout and dtype, or ``(output, AcpStats)``.
@@ -73,18 +76,16 @@ def forgetting_attention(
         raise ValueError(f"sm_scale must be a positive finite number, got {sm_scale!r}")
     key_lo, key_hi = _sequence_bounds(seq_start, cu_seqlens, batch, seqlen_q, seqlen_k, q.device)
 
-    if seq_start is not None:  # gates inside the padding never enter a visible decay
-        padding = torch.arange(seqlen_k, device=q.device)[None, None, :] < key_lo[:, None, :]
-        gate = gate.masked_fill(padding, 0.0)
-    decay_global = torch.cumsum(gate.double(), dim=-1)  # float64 so the restart below is exact
-    decay = decay_global
-    if cu_seqlens is not None:
-        decay = decay_global - _value_before(decay_global, key_lo)
-    decay = decay.float()
+    if cumulative_gate:
+        if cu_seqlens is not None:
+            raise ValueError("cumulative_gate=True cannot be combined with cu_seqlens")
+        decay, decay_global = gate, gate.detach().double()
+    else:
+        decay, decay_global = _cumulative_decay(gate, key_lo, seq_start is not None, cu_seqlens is not None)
 
     delta = _threshold(adaptive_threshold, log_eps, q_c, k_c, sm_scale, batch, heads, seqlen_k)
     spec = MaskSpec(batch, heads, seqlen_q, seqlen_k, key_lo, key_hi,
-                    None if delta is None else decay_global.detach(), delta)
+                    None if delta is None else decay_global, delta)
 
     impl = backends.resolve(backend, q_c, head_dim)
     out, plan = impl.attend(q_c, k_c, v_c, decay, sm_scale=sm_scale, spec=spec)
@@ -95,6 +96,20 @@ def forgetting_attention(
     if plan is None:
         plan = spec.plan(*impl.default_tiles(head_dim))
     return out, AcpStats.from_plan(plan, head_dim, delta)
+
+
+def _cumulative_decay(gate, key_lo, left_padded: bool, packed: bool):
+    """``c = cumsum(log f)`` as float32 (restarted per packed sequence) and as a global float64.
+
+    The float64 global sum is monotone across packed sequences (what the ACP search needs);
+    subtracting each sequence's starting value in float64 keeps the restart exact.
+    """
+    if left_padded:  # gates inside the padding never enter a visible decay
+        padding = torch.arange(gate.shape[-1], device=gate.device)[None, None, :] < key_lo[:, None, :]
+        gate = gate.masked_fill(padding, 0.0)
+    decay_global = torch.cumsum(gate.double(), dim=-1)
+    decay = decay_global - _value_before(decay_global, key_lo) if packed else decay_global
+    return decay.float(), decay_global.detach()
 
 
 def _value_before(values: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
@@ -197,6 +212,10 @@ def _threshold(adaptive_threshold, log_eps: float, q, k, sm_scale: float, batch:
     if isinstance(adaptive_threshold, bool) or not isinstance(adaptive_threshold, (int, float, torch.Tensor)):
         raise TypeError(f"adaptive_threshold must be None, 'auto', a float or a tensor, "
                         f"got {type(adaptive_threshold).__name__}")
+    if isinstance(adaptive_threshold, (int, float)):
+        if math.isnan(adaptive_threshold) or adaptive_threshold > 0:
+            raise ValueError(f"adaptive_threshold must be <= 0 and not NaN (a log-decay), got {adaptive_threshold}")
+        return torch.full((batch, heads), float(adaptive_threshold), device=q.device)
     delta = torch.as_tensor(adaptive_threshold, dtype=torch.float32, device=q.device)
     try:
         delta = torch.broadcast_to(delta, (batch, heads)).contiguous()
