@@ -243,7 +243,8 @@ class AcpStats:
 
     ``kept_tiles``/``causal_tiles``: tiles computed vs tiles a dense causal kernel computes;
     ``flops_done``/``flops_dense``: forward attention FLOPs (``4 D`` per computed score,
-    QK^T and PV) at tile granularity; ``threshold``: delta used (``None`` when dense).
+    QK^T and PV) at tile granularity; ``threshold``: delta used (``None`` when dense);
+    ``plan``: the forward's :class:`TilePlan` (tile maps for analyses).
     """
 
     kept_tiles: torch.Tensor
@@ -253,6 +254,7 @@ class AcpStats:
     threshold: torch.Tensor | None
     block_m: int
     block_n: int
+    plan: TilePlan | None = None
 
     @classmethod
     def from_plan(cls, plan: TilePlan, head_dim: int, threshold: torch.Tensor | None) -> "AcpStats":
@@ -260,7 +262,7 @@ class AcpStats:
         causal = plan.causal_tiles().long()
         per_tile = 4 * head_dim * plan.block_m * plan.block_n
         return cls(kept, causal, kept * per_tile, causal * per_tile,
-                   None if threshold is None else threshold.detach(), plan.block_m, plan.block_n)
+                   None if threshold is None else threshold.detach(), plan.block_m, plan.block_n, plan)
 
     @property
     def kept_fraction(self) -> float:
