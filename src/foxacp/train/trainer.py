@@ -1,0 +1,236 @@
+"""The training loop: build, resume, then step / log / evaluate / checkpoint until done.
+
+    trainer = Trainer(load_config("configs/fox-pro-tiny.yaml"))
+    trainer.fit()
+
+One process on CPU or one GPU, or many under ``torchrun`` (FSDP2); the code path is the same.
+A step draws ``global_tokens`` tokens (``micro_batch`` sequences per forward, accumulated),
+clips the gradient norm, sets the learning rate from the tokens seen, and steps AdamW.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from ..data import open_source
+from ..data.loader import WindowLoader
+from ..models import FoxForCausalLM, preset_config
+from . import checkpoint, distributed
+from .config import TrainConfig
+from .flops import peak_flops, training_flops_per_token
+from .metrics import MetricLogger, progress_bar
+from .optim import build_optimizer, lr_at, set_lr
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False):
+        self.cfg = cfg
+        self.info = distributed.init(cfg.run.device)
+        self.out_dir = Path(cfg.run.out_dir)
+        _seed_everything(cfg.run.seed)
+        self.bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and self.info.device.type == "cuda")
+
+        self.store = open_source(cfg.data.source, tokenizer=cfg.data.tokenizer, max_docs=cfg.data.max_docs)
+        per_rank, remainder = divmod(cfg.global_sequences, self.info.world_size * cfg.batch.micro_batch)
+        if remainder or per_rank == 0:
+            raise ValueError(f"global batch of {cfg.global_sequences} sequences does not split into "
+                             f"{self.info.world_size} ranks x micro_batch {cfg.batch.micro_batch}")
+        self.accumulation = per_rank
+        self.train_data = self._loader("train")
+        self.val_data = self._loader("val")
+
+        overrides = {"vocab_size": self.store.vocab_size, **cfg.model.overrides}
+        self.model_config = preset_config(cfg.model.preset, **overrides)
+        model = FoxForCausalLM(self.model_config).to(self.info.device)
+        self.model = distributed.parallelize(model, list(model.model.layers), self.info, compile=cfg.run.compile,
+                                             activation_checkpointing=cfg.run.activation_checkpointing,
+                                             bf16=self.bf16)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.step, self.tokens = 0, 0
+        self.metrics = MetricLogger(self.out_dir, enabled=self.info.is_main, tensorboard=cfg.run.tensorboard)
+        self._stop_signal: int | None = None
+        if resume:
+            self.resume()
+
+    # ----------------------------------------------------------------- setup helpers
+    def _loader(self, split: str) -> WindowLoader:
+        d = self.cfg.data
+        return WindowLoader(self.store, d.seq_len, self.cfg.batch.micro_batch, mode=d.mode, seed=self.cfg.run.seed,
+                            rank=self.info.rank, world_size=self.info.world_size, split=split,
+                            val_fraction=d.val_fraction, emit_cu_seqlens=d.packed_cu_seqlens)
+
+    @property
+    def total_steps(self) -> int:
+        steps = math.ceil(self.cfg.optim.total_tokens / self.cfg.batch.global_tokens)
+        return min(steps, self.cfg.run.max_steps) if self.cfg.run.max_steps else steps
+
+    def resume(self) -> bool:
+        """Load the newest complete checkpoint under ``run.out_dir``; False when there is none."""
+        path = checkpoint.latest(self.out_dir)
+        if path is None:
+            return False
+        state = checkpoint.load(path, self.model, self.optimizer)
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.train_data.load_state_dict(state["loader"])
+        if self.info.is_main:
+            print(f"resumed from {path} (step {self.step}, {self.tokens} tokens)", flush=True)
+        return True
+
+    def save_checkpoint(self) -> Path:
+        state = {"tokens": self.tokens, "loader": self.train_data.state_dict(), "config": self.cfg.to_dict(),
+                 "world_size": self.info.world_size}
+        return checkpoint.save(self.out_dir, self.step, self.model, self.optimizer, state, self.cfg.run.keep_last)
+
+    # ----------------------------------------------------------------- the loop
+    def fit(self) -> list[dict]:
+        """Train until ``total_steps``; returns the metric records of this call."""
+        records = []
+        if self.info.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
+        bar = progress_bar(self.total_steps, self.step, self.info.is_main and self.cfg.run.progress)
+        batches = iter(self.train_data)
+        with self._signals_checkpoint():
+            while self.step < self.total_steps and self._stop_signal is None:
+                start = time.perf_counter()
+                lr = lr_at(self.tokens, self.cfg.optim)
+                set_lr(self.optimizer, lr)
+                loss, grad_norm = self.train_step([next(batches) for _ in range(self.accumulation)])
+                self.step += 1
+                self.tokens += self.cfg.batch.global_tokens
+                record = self._step_record(loss, grad_norm, lr, time.perf_counter() - start)
+                records.append(record)
+                if self.step % self.cfg.run.log_every == 0 or self.step == self.total_steps:
+                    self.metrics.log(record)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                kept=f"{record['acp']['kept_fraction']:.2f}")
+                bar.update(1)
+                if self.cfg.run.eval_every and self.step % self.cfg.run.eval_every == 0:
+                    self.metrics.log({"step": self.step, "val_loss": self.evaluate()})
+                if self.cfg.run.ckpt_every and self.step % self.cfg.run.ckpt_every == 0:
+                    self.save_checkpoint()
+        bar.close()
+        if self._stop_signal is not None:
+            path = self.save_checkpoint()
+            if self.info.is_main:
+                print(f"stopped by signal {self._stop_signal}: checkpoint {path}", flush=True)
+            return records
+        val = self.evaluate()
+        self.metrics.log({"step": self.step, "val_loss": val, "final": True})
+        self.save_checkpoint()
+        return records
+
+    def train_step(self, micro_batches: list[dict]) -> tuple[float, float]:
+        """Forward/backward over the micro-batches, clip, optimizer step. Returns (loss, grad norm)."""
+        self.model.train()
+        total = torch.zeros((), device=self.info.device)
+        for batch in micro_batches:
+            with self._autocast():
+                loss = self.model(**self._to_device(batch)).loss / len(micro_batches)
+            loss.backward()
+            total += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        loss_value = float(distributed.all_reduce_mean(total))
+        if not math.isfinite(loss_value):
+            raise TrainingDiverged(f"loss is {loss_value} at step {self.step + 1}; the last good checkpoint "
+                                   f"under {checkpoint.checkpoint_root(self.out_dir)} is intact")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value, float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean held-out loss over ``run.eval_batches`` micro-batches (same windows every time)."""
+        self.model.eval()
+        losses = []
+        for i, batch in enumerate(self.val_data.iterate_once()):
+            if i >= self.cfg.run.eval_batches:
+                break
+            with self._autocast():
+                losses.append(self.model(**self._to_device(batch)).loss.float())
+        self.model.train()
+        if not losses:
+            return float("nan")
+        return float(distributed.all_reduce_mean(torch.stack(losses).mean()))
+
+    # ----------------------------------------------------------------- logging
+    def _step_record(self, loss: float, grad_norm: float, lr: float, seconds: float) -> dict:
+        layer_stats = self._acp_layer_stats()
+        kept = _kept_fraction(layer_stats)
+        cfg = self.model_config
+        flops = training_flops_per_token(self.model, layers=cfg.num_hidden_layers, heads=cfg.num_attention_heads,
+                                         head_dim=cfg.head_dim, seq_len=self.cfg.data.seq_len,
+                                         kept_fraction=kept)
+        tokens_per_s = self.cfg.batch.global_tokens / seconds
+        peak = peak_flops(self.info.device)
+        return {
+            "step": self.step, "tokens": self.tokens, "loss": loss, "grad_norm": grad_norm, "lr": lr,
+            "step_time_s": seconds, "tokens_per_s": tokens_per_s,
+            "mfu": None if peak is None else tokens_per_s * flops.total_computed / (peak * self.info.world_size),
+            "flops_per_token": flops.as_dict(),
+            "acp": {"kept_fraction": kept,
+                    "layer_kept_fraction": [s["kept_fraction"] for s in layer_stats],
+                    "layer_threshold": [s["threshold"] for s in layer_stats]},
+        }
+
+    def _acp_layer_stats(self) -> list[dict]:
+        """Per layer: kept fraction and mean threshold of the last forward (1.0 / None if dense)."""
+        out = []
+        for stats in self._unwrapped().acp_stats():
+            if stats is None:
+                out.append({"kept_fraction": 1.0, "threshold": None, "kept": 0, "causal": 0})
+                continue
+            threshold = None if stats.threshold is None else float(stats.threshold.float().mean())
+            out.append({"kept_fraction": stats.kept_fraction, "threshold": threshold,
+                        "kept": int(stats.kept_tiles.sum()), "causal": int(stats.causal_tiles.sum())})
+        return out
+
+    def _unwrapped(self) -> FoxForCausalLM:
+        return self.model
+
+    def _autocast(self):
+        if self.bf16:
+            return torch.autocast(self.info.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.info.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()}
+
+    @contextlib.contextmanager
+    def _signals_checkpoint(self):
+        """Ctrl-C / SIGTERM finish the current step, write a checkpoint, and return."""
+        def handler(signum, frame):
+            self._stop_signal = signum
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def close(self) -> None:
+        self.metrics.close()
+
+
+def _kept_fraction(layer_stats: list[dict]) -> float:
+    causal = sum(s["causal"] for s in layer_stats)
+    return sum(s["kept"] for s in layer_stats) / causal if causal else 1.0
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
