@@ -20,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import open_source
-from ..data.loader import WindowLoader
+from ..data import WindowLoader, flatten_packed, open_store
 from ..models import FoxForCausalLM, preset_config
 from . import checkpoint, distributed
 from .config import TrainConfig
@@ -42,7 +41,8 @@ class Trainer:
         _seed_everything(cfg.run.seed)
         self.bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and self.info.device.type == "cuda")
 
-        self.store = open_source(cfg.data.source, tokenizer=cfg.data.tokenizer, max_docs=cfg.data.max_docs)
+        builtin = {"max_docs": cfg.data.max_docs} if cfg.data.max_docs else {}
+        self.store = open_store(cfg.data.source, tokenizer=cfg.data.tokenizer, **builtin)
         per_rank, remainder = divmod(cfg.global_sequences, self.info.world_size * cfg.batch.micro_batch)
         if remainder or per_rank == 0:
             raise ValueError(f"global batch of {cfg.global_sequences} sequences does not split into "
@@ -90,7 +90,8 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         state = {"tokens": self.tokens, "loader": self.train_data.state_dict(), "config": self.cfg.to_dict(),
-                 "world_size": self.info.world_size}
+                 "world_size": self.info.world_size, "vocab_size": self.store.vocab_size,
+                 "tokenizer": getattr(self.store, "tokenizer_name", None)}
         return checkpoint.save(self.out_dir, self.step, self.model, self.optimizer, state, self.cfg.run.keep_last)
 
     # ----------------------------------------------------------------- the loop
@@ -155,7 +156,7 @@ class Trainer:
         """Mean held-out loss over ``run.eval_batches`` micro-batches (same windows every time)."""
         self.model.eval()
         losses = []
-        for i, batch in enumerate(self.val_data.iterate_once()):
+        for i, batch in enumerate(self.val_data.iter_epoch(0)):
             if i >= self.cfg.run.eval_batches:
                 break
             with self._autocast():
@@ -188,7 +189,7 @@ class Trainer:
     def _acp_layer_stats(self) -> list[dict]:
         """Per layer: kept fraction and mean threshold of the last forward (1.0 / None if dense)."""
         out = []
-        for stats in self._unwrapped().acp_stats():
+        for stats in self.model.acp_stats():
             if stats is None:
                 out.append({"kept_fraction": 1.0, "threshold": None, "kept": 0, "causal": 0})
                 continue
@@ -197,17 +198,17 @@ class Trainer:
                         "kept": int(stats.kept_tiles.sum()), "causal": int(stats.causal_tiles.sum())})
         return out
 
-    def _unwrapped(self) -> FoxForCausalLM:
-        return self.model
-
     def _autocast(self):
         if self.bf16:
             return torch.autocast(self.info.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def _to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.info.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                for k, v in batch.items()}
+        """Model inputs on the device; packed rows become one sequence with global ``cu_seqlens``."""
+        if "cu_seqlens" in batch:
+            batch = flatten_packed(batch)
+        keys = ("input_ids", "labels", "cu_seqlens")
+        return {k: batch[k].to(self.info.device, non_blocking=True) for k in keys if k in batch}
 
     @contextlib.contextmanager
     def _signals_checkpoint(self):
