@@ -1,0 +1,312 @@
+"""``backend="triton"``: launcher for the fused forgetting-attention kernels (forward, backward, decode).
+
+Layers (kernels live in :mod:`foxacp.ops.triton_kernels`):
+
+* tile configs: one small table keyed by the padded head dim, a default for anything else and
+  small tiles under ``TRITON_INTERPRET=1``; never raises on an unknown GPU;
+* launchers ``_forward`` / ``_backward``: allocation, grids, strides (inputs are usually transposed
+  views of ``(B, T, H, D)`` tensors; nothing is copied unless the last dim is strided);
+* ``torch.library`` custom ops ``foxacp::fox_attn_fwd`` / ``foxacp::fox_attn_bwd`` with fake
+  implementations and autograd, so ``torch.compile`` traces through them;
+* the backend interface of :mod:`foxacp.ops.backends`: ``attend``, ``default_tiles``,
+  ``unavailable_reason``.
+
+ACP: the kernels find their own tile ranges from the float64 global decay (see the kernels'
+module docstring); the plan tiles are the forward tiles ``default_tiles(head_dim)``, so
+``spec.plan(*default_tiles(head_dim))`` describes exactly what the kernels computed. ``attend``
+returns no plan: the API builds it only when stats are asked for.
+"""
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+try:
+    import triton
+
+    from . import triton_kernels as kernels
+except ImportError as _err:  # pragma: no cover - depends on the environment
+    triton = None
+    _IMPORT_ERROR = str(_err)
+
+from .acp import MaskSpec
+
+MAX_HEAD_DIM = 256
+DECODE_MAX_Q = 64  # Tq at or below this takes the decoding forward (small query blocks, split keys)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Block sizes. The forward's ``(block_m, block_n)`` are the ACP plan tiles; the backward's
+    blocks divide them (dkdv: ``m1 x n1``, dq: ``m2 x n2``) so pruning never cuts a block."""
+
+    block_m: int
+    block_n: int
+    fwd_warps: int
+    fwd_stages: int
+    m1: int
+    n1: int
+    m2: int
+    n2: int
+    bwd_warps: int
+    bwd_stages: int
+
+    def __post_init__(self):
+        assert self.block_m % self.m1 == 0 and self.block_m % self.m2 == 0
+        assert self.block_n % self.n1 == 0 and self.block_n % self.n2 == 0
+
+
+# Keyed by the head dim padded to a power of two; sm80+ (Ampere, Hopper, Blackwell) defaults.
+_CONFIGS = {
+    16: TileConfig(128, 64, 4, 3, 32, 64, 128, 32, 4, 3),
+    32: TileConfig(128, 64, 4, 3, 32, 64, 128, 32, 4, 3),
+    64: TileConfig(128, 64, 4, 3, 32, 64, 128, 32, 4, 3),
+    128: TileConfig(128, 64, 8, 3, 32, 64, 64, 32, 8, 2),
+    256: TileConfig(64, 32, 8, 2, 16, 32, 32, 16, 8, 1),
+}
+_DEFAULT = TileConfig(64, 32, 4, 2, 16, 32, 32, 16, 4, 1)
+_INTERPRETER = TileConfig(32, 16, 4, 1, 16, 16, 16, 16, 4, 1)
+
+
+def _pad(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def tile_config(head_dim: int) -> TileConfig:
+    if _interpreting():
+        return _INTERPRETER
+    return _CONFIGS.get(_pad(head_dim), _DEFAULT)
+
+
+def _stages(stages: int, dtype: torch.dtype, head_dim: int) -> int:
+    # float32 tiles take twice the shared memory: keep one stage for wide heads
+    return 1 if dtype == torch.float32 and _pad(head_dim) >= 128 else stages
+
+
+def _search_block() -> int:
+    return 16 if _interpreting() else 256
+
+
+def _decode_splits(batch_heads: int, seqlen_k: int, block_n: int, device) -> int:
+    """Key splits for the decoding forward: fill about two waves of the GPU, >= 4 blocks a split."""
+    if _interpreting():
+        sms = 4
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = max(1, (2 * sms) // max(batch_heads, 1))
+    return max(1, min(want, triton.cdiv(seqlen_k, 4 * block_n), 128))
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _strides3(t: Optional[torch.Tensor]):
+    return (0, 0, 0) if t is None else t.stride()
+
+
+def _forward(q, k, v, decay, decay_global, key_lo, key_hi, delta, sm_scale: float):
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    cfg = tile_config(D)
+    d_pad = _pad(D)
+    out = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    has_acp, varlen = delta is not None, key_lo is not None
+    block_m, block_n, warps, stages = cfg.block_m, cfg.block_n, cfg.fwd_warps, cfg.fwd_stages
+    splits = 1
+    if Tq <= DECODE_MAX_Q:
+        block_m = max(16, triton.next_power_of_2(Tq))
+        warps = 4
+        splits = _decode_splits(B * H * triton.cdiv(Tq, block_m), Tk, block_n, q.device)
+    stages = _stages(stages, q.dtype, D)
+    dg = decay_global if has_acp else decay
+    lo = key_lo if varlen else decay
+    if splits > 1:
+        acc_part = torch.empty((splits, B * H, Tq, d_pad), dtype=torch.float32, device=q.device)
+        ml_part = torch.empty((splits, B * H, Tq, 2), dtype=torch.float32, device=q.device)
+    else:
+        acc_part = ml_part = lse
+    grid = (triton.cdiv(Tq, block_m), B * H, splits)
+    kernels.fwd_kernel[grid](
+        q, k, v, decay, dg, lo, delta if has_acp else decay, out, lse, acc_part, ml_part,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *decay.stride(),
+        *(_strides3(decay_global) if has_acp else (0, 0, 0)), key_lo.stride(0) if varlen else 0,
+        *out.stride()[:3],
+        H, H // Hkv, Tq, Tk, Tk - Tq, sm_scale * kernels.LOG2E,
+        HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n, PLAN_M=cfg.block_m, PLAN_N=cfg.block_n,
+        SEARCH=_search_block(), NUM_SPLITS=splits, IS_VARLEN=varlen, HAS_ACP=has_acp, EVEN_D=D == d_pad,
+        num_warps=warps, num_stages=stages,
+    )
+    if splits > 1:
+        kernels.combine_kernel[(triton.cdiv(Tq, block_m), B * H)](
+            acc_part, ml_part, out, lse, *out.stride()[:3], H, Tq,
+            HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=block_m, NUM_SPLITS=splits, num_warps=4,
+        )
+    return out, lse
+
+
+def _backward(dout, q, k, v, decay, decay_global, key_lo, key_hi, delta, out, lse, sm_scale: float):
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    cfg = tile_config(D)
+    d_pad = _pad(D)
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    has_acp, varlen = delta is not None, key_lo is not None
+    di = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    kernels.bwd_preprocess_kernel[(triton.cdiv(Tq, 64), B * H)](
+        out, dout, di, *out.stride()[:3], *dout.stride()[:3], H, Tq,
+        HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=64, num_warps=4,
+    )
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dc = torch.empty_like(decay, dtype=torch.float32)
+    dg = decay_global if has_acp else decay
+    lo = key_lo if varlen else decay
+    hi = key_hi if varlen else decay
+    dlt = delta if has_acp else decay
+    common = dict(HEAD_DIM=D, D_PAD=d_pad, PLAN_M=cfg.block_m, PLAN_N=cfg.block_n, SEARCH=_search_block(),
+                  IS_VARLEN=varlen, HAS_ACP=has_acp, EVEN_D=D == d_pad, num_warps=cfg.bwd_warps,
+                  num_stages=_stages(cfg.bwd_stages, q.dtype, D))
+    base_strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *decay.stride(),
+                    *(_strides3(decay_global) if has_acp else (0, 0, 0)), key_lo.stride(0) if varlen else 0,
+                    *dout.stride()[:3])
+    kernels.bwd_dkdv_kernel[(triton.cdiv(Tk, cfg.n1), B * Hkv)](
+        q, k, v, decay, dg, lo, hi, dlt, dout, lse, di, dk, dv, dc,
+        *base_strides, *dk.stride()[:3], *dv.stride()[:3], *dc.stride(),
+        H, Hkv, H // Hkv, Tq, Tk, Tk - Tq, sm_scale, sm_scale * kernels.LOG2E,
+        BLOCK_M=cfg.m1, BLOCK_N=cfg.n1, **common,
+    )
+    kernels.bwd_dq_kernel[(triton.cdiv(Tq, cfg.m2), B * H)](
+        q, k, v, decay, dg, lo, dlt, dout, lse, di, dq,
+        *base_strides, *dq.stride()[:3],
+        H, H // Hkv, Tq, Tk, Tk - Tq, sm_scale, sm_scale * kernels.LOG2E,
+        BLOCK_M=cfg.m2, BLOCK_N=cfg.n2, **common,
+    )
+    return dq, dk, dv, dc
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("foxacp::fox_attn_fwd", mutates_args=())
+def fox_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor,
+                 decay_global: Optional[torch.Tensor], key_lo: Optional[torch.Tensor],
+                 key_hi: Optional[torch.Tensor], delta: Optional[torch.Tensor],
+                 sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward: ``(out (B, H, Tq, D) in q's dtype, lse (B, H, Tq) float32 in log2 units)``."""
+    return _forward(q, k, v, decay, decay_global, key_lo, key_hi, delta, sm_scale)
+
+
+@fox_attn_fwd.register_fake
+def _(q, k, v, decay, decay_global, key_lo, key_hi, delta, sm_scale):
+    B, H, Tq, D = q.shape
+    out = q.new_empty((B, Tq, H, D)).transpose(1, 2)
+    return out, q.new_empty((B, H, Tq), dtype=torch.float32)
+
+
+@torch.library.custom_op("foxacp::fox_attn_bwd", mutates_args=())
+def fox_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor,
+                 decay_global: Optional[torch.Tensor], key_lo: Optional[torch.Tensor],
+                 key_hi: Optional[torch.Tensor], delta: Optional[torch.Tensor], out: torch.Tensor,
+                 lse: torch.Tensor, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward: ``(dq, dk, dv, d decay)``; d decay is float32 (key-side term only, see kernels)."""
+    return _backward(dout, q, k, v, decay, decay_global, key_lo, key_hi, delta, out, lse, sm_scale)
+
+
+@fox_attn_bwd.register_fake
+def _(dout, q, k, v, decay, decay_global, key_lo, key_hi, delta, out, lse, sm_scale):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(decay, dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, decay, decay_global, key_lo, key_hi, delta, sm_scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, decay, decay_global, key_lo, key_hi, delta, out, lse)
+    ctx.sm_scale = sm_scale
+
+
+def _backward_rule(ctx, dout, dlse):
+    q, k, v, decay, decay_global, key_lo, key_hi, delta, out, lse = ctx.saved_tensors
+    dq, dk, dv, dc = fox_attn_bwd(dout, q, k, v, decay, decay_global, key_lo, key_hi, delta, out, lse,
+                                  ctx.sm_scale)
+    return dq, dk, dv, dc, None, None, None, None, None
+
+
+fox_attn_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- backend interface
+
+
+def default_tiles(head_dim: int) -> tuple[int, int]:
+    """The forward tiles, which are the ACP plan tiles of every kernel."""
+    cfg = tile_config(head_dim)
+    return cfg.block_m, cfg.block_n
+
+
+def unavailable_reason(q) -> Optional[str]:
+    if triton is None:
+        return f"triton is not installed ({_IMPORT_ERROR})"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {q.dtype} is not supported (float16, bfloat16, float32)"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
+    if _interpreting():
+        return None
+    if not q.is_cuda:
+        return "no CUDA tensor (set TRITON_INTERPRET=1 to run the kernels on CPU)"
+    if torch.cuda.get_device_capability(q.device) < (8, 0):
+        return "needs an sm80 or newer GPU"
+    return None
+
+
+def attend(q, k, v, decay, *, sm_scale: float, spec: MaskSpec):
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    key_lo = None if spec.key_lo is None else spec.key_lo.contiguous()
+    key_hi = None if spec.key_hi is None else spec.key_hi.contiguous()
+    delta = None if spec.delta is None else spec.delta.contiguous()
+    decay_global = spec.decay if spec.has_acp else None
+    out, _ = fox_attn_fwd(q, k, v, decay, decay_global, key_lo, key_hi, delta, float(sm_scale))
+    return out, None
+
+
+def acp_bounds(spec: MaskSpec, head_dim: int):
+    """The kernels' own element ranges per plan tile, as a :class:`~foxacp.ops.acp.TilePlan`.
+
+    For tests and analysis: ``acp_bounds(spec, D).to_dense()`` must equal
+    ``spec.plan(*default_tiles(D)).to_dense()``.
+    """
+    from .acp import TilePlan
+
+    bm, bn = default_tiles(head_dim)
+    B, H, Tq, Tk = spec.batch, spec.heads, spec.seqlen_q, spec.seqlen_k
+    device = spec.decay.device if spec.decay is not None else (
+        spec.key_lo.device if spec.key_lo is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    nqt, nkt = triton.cdiv(Tq, bm), triton.cdiv(Tk, bn)
+    out = [torch.empty((B, H, n), dtype=torch.int32, device=device) for n in (nqt, nqt, nkt, nkt)]
+    varlen, has_acp = spec.key_lo is not None, spec.has_acp
+    dummy = out[0]
+    dg = spec.decay if has_acp else dummy
+    lo = spec.key_lo.contiguous() if varlen else dummy
+    hi = spec.key_hi.contiguous() if varlen else dummy
+    kernels.acp_bounds_kernel[(max(nqt, nkt), B * H)](
+        lo, hi, dg, spec.delta.contiguous() if has_acp else dummy, *out,
+        lo.stride(0) if varlen else 0, *(dg.stride() if has_acp else (0, 0, 0)), H, Tq, Tk, Tk - Tq, nqt, nkt,
+        PLAN_M=bm, PLAN_N=bn, SEARCH=_search_block(), IS_VARLEN=varlen, HAS_ACP=has_acp,
+    )
+    col_lo, col_hi, row_lo, row_hi = (t.long() for t in out)
+    empty_q = col_lo >= col_hi
+    kv_begin = torch.where(empty_q, 0, col_lo // bn)
+    kv_end = torch.where(empty_q, 0, (col_hi + bn - 1) // bn)
+    empty_k = row_lo >= row_hi
+    q_begin = torch.where(empty_k, 0, row_lo // bm)
+    q_end = torch.where(empty_k, 0, (row_hi + bm - 1) // bm)
+    i32 = lambda t: t.to(torch.int32)  # noqa: E731
+    return TilePlan(bm, bn, Tq, Tk, i32(kv_begin), i32(kv_end), i32(q_begin), i32(q_end), i32(kv_begin))

@@ -1,0 +1,538 @@
+"""Triton kernels for forgetting attention with ACP tile pruning (kernels only; see triton_attention).
+
+Notation. Query row ``r`` (0..Tq-1) sits at key position ``p = r + OFF`` (``OFF = Tk - Tq``) and sees
+keys ``lo[p] <= j <= p`` (``lo = 0`` unless IS_VARLEN). Scores are kept in log2 units::
+
+    s_rj = (sm_scale * q_r . k_j + c_p - c_j) * log2(e)
+
+so ``exp2`` replaces ``exp``; ``lse`` is stored in the same units. Decays enter as
+``(c - c_ref) * log2(e)`` with ``c_ref`` the decay at the program's first position, so large
+cumulative decays lose no precision (the shift cancels in every score).
+
+ACP (HAS_ACP). The plan is defined on ``PLAN_M x PLAN_N`` tiles (the forward tiles): plan tile
+``(m, n)`` is kept iff ``DG[first query position of m] - DG[last key of n] >= delta`` with ``DG`` the
+monotone float64 global decay. Each program finds its own range with one vectorised count over
+the monotone ``DG`` (no sequential scan, no pre-pass); the kernels' own blocks divide the plan
+tiles, so pruning never cuts through a block. ``_query_block_keys`` and ``_key_block_queries`` are
+the single source of these ranges for every kernel here, and ``acp_bounds_kernel`` exposes them
+for tests.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------- tile ranges
+
+
+@triton.jit
+def _query_block_keys(LO, DG, stride_dgt, delta, r0, Tq, Tk, OFF,
+                      BLOCK_M: tl.constexpr, PLAN_M: tl.constexpr, PLAN_N: tl.constexpr,
+                      SEARCH: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_ACP: tl.constexpr):
+    """Key columns ``[col_lo, col_hi)`` that query rows ``[r0, r0 + BLOCK_M)`` compute.
+
+    Also returns ``lo_max``, the largest ``lo`` among the rows (keys at or above it are visible
+    to every row up to the causal edge). ``LO``/``DG`` already point at this batch / head.
+    """
+    r_last = tl.minimum(r0 + BLOCK_M, Tq) - 1
+    p_first = r0 + OFF
+    p_last = r_last + OFF
+    col_hi = p_last + 1
+    if IS_VARLEN:
+        col_lo = tl.load(LO + p_first)
+        lo_max = tl.load(LO + p_last)
+    else:
+        col_lo = p_first * 0
+        lo_max = p_first * 0
+    if HAS_ACP:
+        # plan tile n kept iff DG[first query of the plan tile] - DG[last key of n] >= delta;
+        # false on a prefix of n (DG non-increasing): count the pruned tiles in range
+        pf = (r0 // PLAN_M) * PLAN_M + OFF
+        val = -tl.load(DG + pf * stride_dgt) + delta
+        n_begin = col_lo // PLAN_N
+        n_end = (col_hi + PLAN_N - 1) // PLAN_N
+        pruned = 0
+        for start in range(n_begin, n_end, SEARCH):
+            n = start + tl.arange(0, SEARCH)
+            k_last = tl.minimum(n * PLAN_N + PLAN_N - 1, Tk - 1)
+            e_k = -tl.load(DG + k_last.to(tl.int64) * stride_dgt, mask=n < n_end, other=0.0)
+            pruned += tl.sum(((e_k < val) & (n < n_end)).to(tl.int32), axis=0)
+        col_lo = tl.maximum(col_lo, (n_begin + pruned) * PLAN_N)
+    return col_lo, col_hi, lo_max
+
+
+@triton.jit
+def _key_block_queries(LO, HI, DG, stride_dgt, delta, c0, Tq, Tk, OFF,
+                       BLOCK_N: tl.constexpr, PLAN_M: tl.constexpr, PLAN_N: tl.constexpr,
+                       SEARCH: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_ACP: tl.constexpr):
+    """Query rows ``[row_lo, row_hi)`` that use key columns ``[c0, c0 + BLOCK_N)``.
+
+    Also returns ``[full_lo, full_hi)``: rows that see every column of the block (no mask).
+    """
+    c_last = tl.minimum(c0 + BLOCK_N, Tk) - 1
+    row_lo = tl.maximum(c0 - OFF, 0)
+    row_hi = Tq + c0 * 0
+    full_lo = tl.maximum(c_last - OFF, 0)
+    full_hi = Tq + c0 * 0
+    full_lo = tl.where(c0 + BLOCK_N > Tk, Tq, full_lo)  # a partial block always takes the masked path
+    if IS_VARLEN:
+        hi_last = tl.load(HI + c_last)
+        row_hi = tl.minimum(row_hi, hi_last - OFF + 1)
+        row_hi = tl.where(tl.load(LO + hi_last) > c_last, row_lo, row_hi)  # all keys are padding
+        hi_first = tl.load(HI + c0)
+        # rows after c0's sequence start after c0 (lo > c0); padding keys are seen by no one
+        full_hi = tl.where(tl.load(LO + hi_first) > c0, 0, tl.minimum(full_hi, hi_first - OFF + 1))
+    if HAS_ACP:
+        # plan query tile m keeps this key tile iff DG[first query of m] - DG[last key] >= delta;
+        # true on a prefix of m: count the kept tiles in range
+        n_plan = c0 // PLAN_N
+        k_last = tl.minimum(n_plan * PLAN_N + PLAN_N - 1, Tk - 1)
+        val = -tl.load(DG + k_last * stride_dgt) - delta
+        m_begin = row_lo // PLAN_M
+        m_end = (row_hi + PLAN_M - 1) // PLAN_M
+        kept = 0
+        for start in range(m_begin, m_end, SEARCH):
+            m = start + tl.arange(0, SEARCH)
+            pf = m * PLAN_M + OFF
+            e_q = -tl.load(DG + pf.to(tl.int64) * stride_dgt, mask=m < m_end, other=0.0)
+            kept += tl.sum(((e_q <= val) & (m < m_end)).to(tl.int32), axis=0)
+        row_hi = tl.minimum(row_hi, (m_begin + kept) * PLAN_M)
+    return row_lo, row_hi, full_lo, full_hi
+
+
+@triton.jit
+def acp_bounds_kernel(LO, HI, DG, DELTA, KV_LO, KV_HI, Q_LO, Q_HI,
+                      stride_lob, stride_dgb, stride_dgh, stride_dgt, H, Tq, Tk, OFF,
+                      NUM_QT, NUM_KT,
+                      PLAN_M: tl.constexpr, PLAN_N: tl.constexpr, SEARCH: tl.constexpr,
+                      IS_VARLEN: tl.constexpr, HAS_ACP: tl.constexpr):
+    """Element ranges of every plan tile, as the attention kernels compute them (debug / stats)."""
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    LO += b * stride_lob
+    HI += b * stride_lob
+    DG += b.to(tl.int64) * stride_dgb + h * stride_dgh
+    delta = 0.0
+    if HAS_ACP:
+        delta = tl.load(DELTA + bh).to(tl.float64)
+    if t < NUM_QT:
+        col_lo, col_hi, _ = _query_block_keys(LO, DG, stride_dgt, delta, t * PLAN_M, Tq, Tk, OFF,
+                                              PLAN_M, PLAN_M, PLAN_N, SEARCH, IS_VARLEN, HAS_ACP)
+        tl.store(KV_LO + bh * NUM_QT + t, col_lo)
+        tl.store(KV_HI + bh * NUM_QT + t, col_hi)
+    if t < NUM_KT:
+        row_lo, row_hi, _, _ = _key_block_queries(LO, HI, DG, stride_dgt, delta, t * PLAN_N, Tq, Tk, OFF,
+                                                  PLAN_N, PLAN_M, PLAN_N, SEARCH, IS_VARLEN, HAS_ACP)
+        tl.store(Q_LO + bh * NUM_KT + t, row_lo)
+        tl.store(Q_HI + bh * NUM_KT + t, row_hi)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, cq, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct, c_ref,
+               offs_d, col_start, col_end, Tk, qk_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+               IS_VARLEN: tl.constexpr, EVEN_D: tl.constexpr):
+    """Online softmax over key blocks ``[col_start, col_end)``; MASKED applies causal/lo masks."""
+    for start_n in range(col_start, col_end, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        k_ptrs = K + cols[None, :] * stride_kt + offs_d[:, None]  # [D, BLOCK_N]
+        v_ptrs = V + cols[:, None] * stride_vt + offs_d[None, :]  # [BLOCK_N, D]
+        if MASKED:
+            kt = tl.load(k_ptrs, mask=(cols[None, :] < Tk) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+            ck = tl.load(C + cols * stride_ct, mask=cols < Tk, other=0.0)
+        elif EVEN_D:
+            kt = tl.load(k_ptrs)
+            ck = tl.load(C + cols * stride_ct)
+        else:
+            kt = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+            ck = tl.load(C + cols * stride_ct)
+        ck = (ck - c_ref) * 1.4426950408889634  # [BLOCK_N], log2 units
+        # scores in log2 units: s = scale*log2e*q.k + (c_p - c_j)*log2e   # [BLOCK_M, BLOCK_N]
+        s = tl.dot(q, kt) * qk_scale + (cq[:, None] - ck[None, :])
+        if MASKED:
+            visible = cols[None, :] <= pos_q[:, None]
+            if IS_VARLEN:
+                visible = visible & (cols[None, :] >= lo_q[:, None])
+            s = tl.where(visible, s, float("-inf"))
+        # new running max; rows that have seen nothing yet keep -inf and use 0 as the pivot
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED:
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        p = tl.math.exp2(s - m_use[:, None])  # [BLOCK_M, BLOCK_N]
+        alpha = tl.math.exp2(m_i - m_use)  # rescale of the old accumulator
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED:
+            v = tl.load(v_ptrs, mask=(cols[:, None] < Tk) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        elif EVEN_D:
+            v = tl.load(v_ptrs)
+        else:
+            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # [BLOCK_M, D]
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def fwd_kernel(Q, K, V, C, DG, LO, DELTA, OUT, LSE, ACC_PART, ML_PART,
+               stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+               stride_vb, stride_vh, stride_vt, stride_cb, stride_ch, stride_ct,
+               stride_dgb, stride_dgh, stride_dgt, stride_lob,
+               stride_ob, stride_oh, stride_ot,
+               H, GROUP, Tq, Tk, OFF, qk_scale,
+               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               PLAN_M: tl.constexpr, PLAN_N: tl.constexpr, SEARCH: tl.constexpr, NUM_SPLITS: tl.constexpr,
+               IS_VARLEN: tl.constexpr, HAS_ACP: tl.constexpr, EVEN_D: tl.constexpr):
+    """One program per (query block, batch*head, key split). NUM_SPLITS > 1: flash-decoding partials."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    b64 = b.to(tl.int64)
+    Q += b64 * stride_qb + h * stride_qh
+    K += b64 * stride_kb + hk * stride_kh
+    V += b64 * stride_vb + hk * stride_vh
+    C += b64 * stride_cb + h * stride_ch
+    DG += b64 * stride_dgb + h * stride_dgh
+    LO += b * stride_lob
+    OUT += b64 * stride_ob + h * stride_oh
+
+    r0 = pid_m * BLOCK_M
+    rows = r0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    row_ok = rows < Tq
+    pos_q = rows + OFF
+    delta = 0.0
+    if HAS_ACP:
+        delta = tl.load(DELTA + bh).to(tl.float64)
+    col_lo, col_hi, lo_max = _query_block_keys(LO, DG, stride_dgt, delta, r0, Tq, Tk, OFF,
+                                               BLOCK_M, PLAN_M, PLAN_N, SEARCH, IS_VARLEN, HAS_ACP)
+    # phases: [col_lo, a) masked (lo edge), [a, b) full blocks, [b, col_hi) masked (causal edge)
+    col_lo = col_lo // BLOCK_N * BLOCK_N
+    a = tl.minimum(tl.maximum((lo_max + BLOCK_N - 1) // BLOCK_N * BLOCK_N, col_lo), col_hi)
+    b_full = tl.maximum(tl.minimum((r0 + OFF + 1) // BLOCK_N * BLOCK_N, col_hi), a)
+    if NUM_SPLITS > 1:  # this program takes an equal share of the key blocks
+        n_blocks = tl.maximum(col_hi - col_lo + BLOCK_N - 1, 0) // BLOCK_N
+        per_split = (n_blocks + NUM_SPLITS - 1) // NUM_SPLITS
+        my_lo = tl.minimum(col_lo + split * per_split * BLOCK_N, col_hi)
+        my_hi = tl.minimum(my_lo + per_split * BLOCK_N, col_hi)
+    else:
+        my_lo = col_lo
+        my_hi = col_hi
+
+    if IS_VARLEN:
+        lo_q = tl.load(LO + pos_q, mask=row_ok, other=0)
+    else:
+        lo_q = rows * 0
+    c_ref = tl.load(C + (r0 + OFF) * stride_ct)
+    cq = (tl.load(C + pos_q * stride_ct, mask=row_ok, other=0.0) - c_ref) * 1.4426950408889634  # [BLOCK_M]
+    q_ptrs = Q + rows[:, None] * stride_qt + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)  # [BLOCK_M, D]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    # full blocks first (no masks), then the two masked edges
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, cq, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct,
+                               c_ref, offs_d, tl.maximum(a, my_lo), tl.minimum(b_full, my_hi), Tk, qk_scale,
+                               HEAD_DIM, BLOCK_N, False, IS_VARLEN, EVEN_D)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, cq, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct,
+                               c_ref, offs_d, tl.maximum(col_lo, my_lo), tl.minimum(a, my_hi), Tk, qk_scale,
+                               HEAD_DIM, BLOCK_N, True, IS_VARLEN, EVEN_D)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, cq, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct,
+                               c_ref, offs_d, tl.maximum(b_full, my_lo), tl.minimum(col_hi, my_hi), Tk, qk_scale,
+                               HEAD_DIM, BLOCK_N, True, IS_VARLEN, EVEN_D)
+
+    if NUM_SPLITS > 1:
+        # partial results: unnormalised acc, running max and sum (combined by combine_kernel)
+        part = (split * tl.num_programs(1) + bh).to(tl.int64) * Tq
+        tl.store(ACC_PART + (part + rows[:, None]) * D_PAD + offs_d[None, :], acc, mask=row_ok[:, None])
+        tl.store(ML_PART + (part + rows) * 2, m_i, mask=row_ok)
+        tl.store(ML_PART + (part + rows) * 2 + 1, l_i, mask=row_ok)
+    else:
+        seen = l_i > 0.0
+        out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        o_ptrs = OUT + rows[:, None] * stride_ot + offs_d[None, :]
+        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+        # log-sum-exp in log2 units; +inf for rows that see no key so that backward gives P = 0
+        lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("inf"))
+        tl.store(LSE + bh.to(tl.int64) * Tq + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def combine_kernel(ACC_PART, ML_PART, OUT, LSE, stride_ob, stride_oh, stride_ot, H, Tq,
+                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """Merge the key splits of the decoding forward: rescale each partial to the common max."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    row_ok = rows < Tq
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    for s in range(NUM_SPLITS):
+        part = (s * tl.num_programs(1) + bh).to(tl.int64) * Tq
+        m_s = tl.load(ML_PART + (part + rows) * 2, mask=row_ok, other=float("-inf"))
+        l_s = tl.load(ML_PART + (part + rows) * 2 + 1, mask=row_ok, other=0.0)
+        a_s = tl.load(ACC_PART + (part + rows[:, None]) * D_PAD + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        m_new = tl.maximum(m_i, m_s)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_use)
+        beta = tl.math.exp2(m_s - m_use)
+        l_i = l_i * alpha + l_s * beta
+        acc = acc * alpha[:, None] + a_s * beta[:, None]
+        m_i = m_new
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    o_ptrs = OUT + b.to(tl.int64) * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :]
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("inf"))
+    tl.store(LSE + bh.to(tl.int64) * Tq + rows, lse, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def bwd_preprocess_kernel(OUT, DO, DI, stride_ob, stride_oh, stride_ot, stride_dob, stride_doh, stride_dot,
+                          H, Tq, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """``Di = rowsum(dO * O)`` (= sum_j P_ij dP_ij), float32 ``(B*H, Tq)``."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    mask = (rows[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(OUT + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dot + offs_d[None, :], mask=mask,
+                 other=0.0)
+    tl.store(DI + bh.to(tl.int64) * Tq + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rows < Tq)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, dc, k, v, ck, cols, Q, DO, C, LSE, DI, LO, stride_qt, stride_dot, stride_ct,
+                c_ref, offs_d, row_start, row_end, Tq, OFF, qk_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                IS_VARLEN: tl.constexpr, EVEN_D: tl.constexpr):
+    """Accumulate dK, dV, dc of one key block over query blocks ``[row_start, row_end)``."""
+    for start_m in range(row_start, row_end, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        pos = rows + OFF
+        qt_ptrs = Q + rows[None, :] * stride_qt + offs_d[:, None]  # [D, BLOCK_M]
+        do_ptrs = DO + rows[:, None] * stride_dot + offs_d[None, :]  # [BLOCK_M, D]
+        if MASKED:
+            row_ok = rows < Tq
+            qt = tl.load(qt_ptrs, mask=row_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+            do = tl.load(do_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            lse = tl.load(LSE + rows, mask=row_ok, other=float("inf"))
+            di = tl.load(DI + rows, mask=row_ok, other=0.0)
+            cq = tl.load(C + pos * stride_ct, mask=row_ok, other=0.0)
+        else:
+            if EVEN_D:
+                qt = tl.load(qt_ptrs)
+                do = tl.load(do_ptrs)
+            else:
+                qt = tl.load(qt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+                do = tl.load(do_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            lse = tl.load(LSE + rows)
+            di = tl.load(DI + rows)
+            cq = tl.load(C + pos * stride_ct)
+        cq = (cq - c_ref) * 1.4426950408889634
+        # transposed scores sT[j, r] in log2 units   # [BLOCK_N, BLOCK_M]
+        st = tl.dot(k, qt) * qk_scale + (cq[None, :] - ck[:, None])
+        pt = tl.math.exp2(st - lse[None, :])
+        if MASKED:
+            visible = cols[:, None] <= pos[None, :]
+            if IS_VARLEN:
+                lo_r = tl.load(LO + pos, mask=rows < Tq, other=0)
+                visible = visible & (cols[:, None] >= lo_r[None, :])
+            pt = tl.where(visible, pt, 0.0)
+        dv = tl.dot(pt.to(do.dtype), do, dv)  # dV += P^T dO
+        dpt = tl.dot(v, tl.trans(do))  # dP^T = V dO^T   # [BLOCK_N, BLOCK_M]
+        dst = pt * (dpt - di[None, :])  # dS^T = P^T * (dP^T - Di)
+        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk)  # dK += dS^T Q (sm_scale applied at the end)
+        dc -= tl.sum(dst, 1)  # dc_j = -sum_r dS_rj
+    return dk, dv, dc
+
+
+@triton.jit
+def bwd_dkdv_kernel(Q, K, V, C, DG, LO, HI, DELTA, DO, LSE, DI, DK, DV, DC,
+                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                    stride_vb, stride_vh, stride_vt, stride_cb, stride_ch, stride_ct,
+                    stride_dgb, stride_dgh, stride_dgt, stride_lob,
+                    stride_dob, stride_doh, stride_dot,
+                    stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
+                    stride_dcb, stride_dch, stride_dct,
+                    H, HKV, GROUP, Tq, Tk, OFF, sm_scale, qk_scale,
+                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    PLAN_M: tl.constexpr, PLAN_N: tl.constexpr, SEARCH: tl.constexpr,
+                    IS_VARLEN: tl.constexpr, HAS_ACP: tl.constexpr, EVEN_D: tl.constexpr):
+    """One program per (key block, batch*kv head): loops over the GQA group's query heads."""
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = bhk // HKV
+    hk = bhk % HKV
+    b64 = b.to(tl.int64)
+    c0 = pid_n * BLOCK_N
+    cols = c0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    col_ok = cols < Tk
+    kv_mask = col_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(K + b64 * stride_kb + hk * stride_kh + cols[:, None] * stride_kt + offs_d[None, :],
+                mask=kv_mask, other=0.0)  # [BLOCK_N, D]
+    v = tl.load(V + b64 * stride_vb + hk * stride_vh + cols[:, None] * stride_vt + offs_d[None, :],
+                mask=kv_mask, other=0.0)  # [BLOCK_N, D]
+    LO += b * stride_lob
+    HI += b * stride_lob
+    dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        bh = b * H + h
+        Qh = Q + b64 * stride_qb + h * stride_qh
+        DOh = DO + b64 * stride_dob + h * stride_doh
+        Ch = C + b64 * stride_cb + h * stride_ch
+        DGh = DG + b64 * stride_dgb + h * stride_dgh
+        LSEh = LSE + bh.to(tl.int64) * Tq
+        DIh = DI + bh.to(tl.int64) * Tq
+        delta = 0.0
+        if HAS_ACP:
+            delta = tl.load(DELTA + bh).to(tl.float64)
+        row_lo, row_hi, full_lo, full_hi = _key_block_queries(LO, HI, DGh, stride_dgt, delta, c0, Tq, Tk, OFF,
+                                                              BLOCK_N, PLAN_M, PLAN_N, SEARCH, IS_VARLEN, HAS_ACP)
+        # phases: [row_lo, a) masked (causal edge), [a, b) full blocks, [b, row_hi) masked (other sequences)
+        row_lo = row_lo // BLOCK_M * BLOCK_M
+        a = tl.minimum(tl.maximum((full_lo + BLOCK_M - 1) // BLOCK_M * BLOCK_M, row_lo), tl.maximum(row_hi, row_lo))
+        b_full = tl.maximum(tl.minimum(full_hi // BLOCK_M * BLOCK_M, row_hi), a)
+        c_ref = tl.load(Ch + tl.minimum(c0, Tk - 1) * stride_ct)
+        ck = tl.load(Ch + cols * stride_ct, mask=col_ok, other=0.0)
+        ck = (ck - c_ref) * 1.4426950408889634  # [BLOCK_N]
+        dc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, ck, cols, Qh, DOh, Ch, LSEh, DIh, LO, stride_qt, stride_dot,
+                                 stride_ct, c_ref, offs_d, a, b_full, Tq, OFF, qk_scale,
+                                 HEAD_DIM, BLOCK_M, False, IS_VARLEN, EVEN_D)
+        dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, ck, cols, Qh, DOh, Ch, LSEh, DIh, LO, stride_qt, stride_dot,
+                                 stride_ct, c_ref, offs_d, row_lo, a, Tq, OFF, qk_scale,
+                                 HEAD_DIM, BLOCK_M, True, IS_VARLEN, EVEN_D)
+        dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, ck, cols, Qh, DOh, Ch, LSEh, DIh, LO, stride_qt, stride_dot,
+                                 stride_ct, c_ref, offs_d, b_full, row_hi, Tq, OFF, qk_scale,
+                                 HEAD_DIM, BLOCK_M, True, IS_VARLEN, EVEN_D)
+        tl.store(DC + b64 * stride_dcb + h * stride_dch + cols * stride_dct, dc, mask=col_ok)
+    dk_ptrs = DK + b64 * stride_dkb + hk * stride_dkh + cols[:, None] * stride_dkt + offs_d[None, :]
+    dv_ptrs = DV + b64 * stride_dvb + hk * stride_dvh + cols[:, None] * stride_dvt + offs_d[None, :]
+    tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, cq, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct, c_ref,
+              offs_d, col_start, col_end, Tk, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+              IS_VARLEN: tl.constexpr, EVEN_D: tl.constexpr):
+    """Accumulate dQ of one query block over key blocks ``[col_start, col_end)``."""
+    for start_n in range(col_start, col_end, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        kt_ptrs = K + cols[None, :] * stride_kt + offs_d[:, None]  # [D, BLOCK_N]
+        vt_ptrs = V + cols[None, :] * stride_vt + offs_d[:, None]  # [D, BLOCK_N]
+        if MASKED:
+            m = (cols[None, :] < Tk) & (offs_d[:, None] < HEAD_DIM)
+            kt = tl.load(kt_ptrs, mask=m, other=0.0)
+            vt = tl.load(vt_ptrs, mask=m, other=0.0)
+            ck = tl.load(C + cols * stride_ct, mask=cols < Tk, other=0.0)
+        elif EVEN_D:
+            kt = tl.load(kt_ptrs)
+            vt = tl.load(vt_ptrs)
+            ck = tl.load(C + cols * stride_ct)
+        else:
+            kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+            vt = tl.load(vt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+            ck = tl.load(C + cols * stride_ct)
+        ck = (ck - c_ref) * 1.4426950408889634
+        s = tl.dot(q, kt) * qk_scale + (cq[:, None] - ck[None, :])  # [BLOCK_M, BLOCK_N]
+        p = tl.math.exp2(s - lse[:, None])
+        if MASKED:
+            visible = cols[None, :] <= pos_q[:, None]
+            if IS_VARLEN:
+                visible = visible & (cols[None, :] >= lo_q[:, None])
+            p = tl.where(visible, p, 0.0)
+        dp = tl.dot(do, vt)  # dP = dO V^T
+        ds = p * (dp - di[:, None])
+        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq)  # dQ += dS K (sm_scale applied at the end)
+    return dq
+
+
+@triton.jit
+def bwd_dq_kernel(Q, K, V, C, DG, LO, DELTA, DO, LSE, DI, DQ,
+                  stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                  stride_vb, stride_vh, stride_vt, stride_cb, stride_ch, stride_ct,
+                  stride_dgb, stride_dgh, stride_dgt, stride_lob,
+                  stride_dob, stride_doh, stride_dot, stride_dqb, stride_dqh, stride_dqt,
+                  H, GROUP, Tq, Tk, OFF, sm_scale, qk_scale,
+                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  PLAN_M: tl.constexpr, PLAN_N: tl.constexpr, SEARCH: tl.constexpr,
+                  IS_VARLEN: tl.constexpr, HAS_ACP: tl.constexpr, EVEN_D: tl.constexpr):
+    """One program per (query block, batch*head)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    b64 = b.to(tl.int64)
+    Q += b64 * stride_qb + h * stride_qh
+    DO += b64 * stride_dob + h * stride_doh
+    K += b64 * stride_kb + hk * stride_kh
+    V += b64 * stride_vb + hk * stride_vh
+    C += b64 * stride_cb + h * stride_ch
+    DG += b64 * stride_dgb + h * stride_dgh
+    LO += b * stride_lob
+    LSE += bh.to(tl.int64) * Tq
+    DI += bh.to(tl.int64) * Tq
+
+    r0 = pid_m * BLOCK_M
+    rows = r0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    row_ok = rows < Tq
+    pos_q = rows + OFF
+    delta = 0.0
+    if HAS_ACP:
+        delta = tl.load(DELTA + bh).to(tl.float64)
+    col_lo, col_hi, lo_max = _query_block_keys(LO, DG, stride_dgt, delta, r0, Tq, Tk, OFF,
+                                               BLOCK_M, PLAN_M, PLAN_N, SEARCH, IS_VARLEN, HAS_ACP)
+    col_lo = col_lo // BLOCK_N * BLOCK_N
+    a = tl.minimum(tl.maximum((lo_max + BLOCK_N - 1) // BLOCK_N * BLOCK_N, col_lo), col_hi)
+    b_full = tl.maximum(tl.minimum((r0 + OFF + 1) // BLOCK_N * BLOCK_N, col_hi), a)
+
+    if IS_VARLEN:
+        lo_q = tl.load(LO + pos_q, mask=row_ok, other=0)
+    else:
+        lo_q = rows * 0
+    mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + rows[:, None] * stride_qt + offs_d[None, :], mask=mask, other=0.0)  # [BLOCK_M, D]
+    do = tl.load(DO + rows[:, None] * stride_dot + offs_d[None, :], mask=mask, other=0.0)  # [BLOCK_M, D]
+    lse = tl.load(LSE + rows, mask=row_ok, other=float("inf"))
+    di = tl.load(DI + rows, mask=row_ok, other=0.0)
+    c_ref = tl.load(C + (r0 + OFF) * stride_ct)
+    cq = (tl.load(C + pos_q * stride_ct, mask=row_ok, other=0.0) - c_ref) * 1.4426950408889634
+    dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    dq = _dq_inner(dq, q, do, cq, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct, c_ref,
+                   offs_d, a, b_full, Tk, qk_scale, HEAD_DIM, BLOCK_N, False, IS_VARLEN, EVEN_D)
+    dq = _dq_inner(dq, q, do, cq, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct, c_ref,
+                   offs_d, col_lo, a, Tk, qk_scale, HEAD_DIM, BLOCK_N, True, IS_VARLEN, EVEN_D)
+    dq = _dq_inner(dq, q, do, cq, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct, c_ref,
+                   offs_d, b_full, col_hi, Tk, qk_scale, HEAD_DIM, BLOCK_N, True, IS_VARLEN, EVEN_D)
+    dq_ptrs = DQ + b64 * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqt + offs_d[None, :]
+    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
