@@ -1,0 +1,182 @@
+"""Attention layers: forgetting attention (FoX) and softmax attention with RoPE (Transformer).
+
+Both share the projections and the Pro extras, applied in this order::
+
+    q = Wq x;  k~ = Wk x;  v~ = Wv x                     (B, T, heads, D)
+    KV-shift:  k = a_k k~_{t-1} + (1 - a_k) k~_t,  a_k = sigmoid(W_ak x)   (same for v)
+    QK-norm:   q, k = RMSNorm_h(q), RMSNorm_h(k)         (one scale vector per head)
+    FoX:       o = forgetting_attention(q, k, v, logsigmoid(W_f x + b_f))
+    Transf.:   o = SDPA(RoPE(q), RoPE(k), v), causal
+    out gate:  o = RMSNorm_h(o) * sigmoid(W_g x)
+    out = W_o o
+
+With ``config.acp`` the FoX layer prunes with a per-head threshold from its QK-norm weights
+(:func:`~foxacp.ops.acp.threshold_from_qk_norm`, no pass over activations) or, without QK-norm,
+from the data (``"auto"``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import AcpStats, forgetting_attention, threshold_from_qk_norm
+from .cache import LayerCache
+from .config import FoxConfig
+from .layers import HeadRMSNorm, apply_rope, kv_shift, rope_cos_sin
+
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+@dataclass
+class AttentionContext:
+    """Per-forward inputs shared by all layers (built once by :class:`~foxacp.models.FoxModel`).
+
+    ``seq_start`` ``(B,)``: left-padding tokens per row over the whole (cached + new) sequence.
+    ``padding`` ``(B, T)``: True on this call's padded positions. ``restart`` ``(B, T)``: True where
+    a packed sequence starts (the KV-shift reads nothing before it). ``positions``: RoPE positions
+    ``(B or 1, T)``. ``sdpa_mask``: bool ``(B or 1, 1, T, Tk)`` (True = attend) or None with
+    ``sdpa_causal`` telling SDPA to apply its own causal mask.
+    """
+
+    past_length: int = 0
+    seq_start: torch.Tensor | None = None
+    padding: torch.Tensor | None = None
+    restart: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    sdpa_mask: torch.Tensor | None = None
+    sdpa_causal: bool = False
+
+
+class _AttentionBase(nn.Module):
+    def __init__(self, config: FoxConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.hidden_size = d = config.hidden_size
+        self.num_heads = H = config.num_attention_heads
+        self.num_kv_heads = Hkv = config.num_key_value_heads
+        self.head_dim = D = config.head_dim
+        self.q_proj = nn.Linear(d, H * D, bias=False)
+        self.k_proj = nn.Linear(d, Hkv * D, bias=False)
+        self.v_proj = nn.Linear(d, Hkv * D, bias=False)
+        self.o_proj = nn.Linear(H * D, d, bias=False)
+        self.use_kv_shift = config.use_kv_shift
+        if self.use_kv_shift:
+            self.k_shift_proj = nn.Linear(d, Hkv, bias=False)
+            self.v_shift_proj = nn.Linear(d, Hkv, bias=False)
+        self.use_qk_norm = config.use_qk_norm
+        if self.use_qk_norm:
+            self.q_norm = HeadRMSNorm(H, D, config.rms_norm_eps)
+            self.k_norm = HeadRMSNorm(Hkv, D, config.rms_norm_eps)
+        self.use_output_gate = config.use_output_gate
+        if self.use_output_gate:
+            self.o_norm = HeadRMSNorm(H, D, config.rms_norm_eps)
+            self.g_proj = nn.Linear(d, H * D, bias=False)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, cache: LayerCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.use_kv_shift:
+            k, v = self._shift(x, k, v, ctx, cache)
+        if self.use_qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        o = self._attend(x, q, k, v, ctx, cache)  # [B, T, H, D]
+        if self.use_output_gate:
+            o = self.o_norm(o) * torch.sigmoid(self.g_proj(x)).view(B, T, self.num_heads, self.head_dim)
+        return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
+
+    def _shift(self, x, k, v, ctx: AttentionContext, cache: LayerCache | None):
+        if ctx.padding is not None:  # the token before the first real one contributes nothing
+            k = k.masked_fill(ctx.padding[:, :, None, None], 0.0)
+            v = v.masked_fill(ctx.padding[:, :, None, None], 0.0)
+        a_k = torch.sigmoid(self.k_shift_proj(x).float())  # [B, T, Hkv]
+        a_v = torch.sigmoid(self.v_shift_proj(x).float())
+        prev_k = prev_v = None
+        if cache is not None:
+            prev_k, prev_v = cache.shift_key, cache.shift_value
+            cache.shift_key, cache.shift_value = k[:, -1].detach(), v[:, -1].detach()
+        return kv_shift(k, a_k, prev_k, ctx.restart), kv_shift(v, a_v, prev_v, ctx.restart)
+
+    def _attend(self, x, q, k, v, ctx, cache):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class ForgetGateProjection(nn.Linear):
+    """``Linear(d, H, bias=True)`` producing forget-gate logits; its own class so that weight
+    init can give the bias the configured decay lengths."""
+
+
+class ForgettingAttentionLayer(_AttentionBase):
+    """FoX attention: softmax attention whose scores decay by the cumulative forget gate."""
+
+    def __init__(self, config: FoxConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.fgate_proj = ForgetGateProjection(config.hidden_size, self.num_heads, bias=True)
+        self.acp = config.acp
+        self.acp_log_eps = config.acp_log_eps
+        self.backend = config.attention_backend
+        self.collect_stats = False
+        self.last_stats: AcpStats | None = None
+
+    def acp_threshold(self, seq_len: int) -> torch.Tensor | str | None:
+        """ACP threshold for a key length ``seq_len``: ``(H,)`` from the QK-norm weights, ``"auto"``
+        (from the data, per batch and head) without QK-norm, or None when ACP is off."""
+        if not self.acp:
+            return None
+        if not self.use_qk_norm:
+            return "auto"
+        return threshold_from_qk_norm(self.q_norm.weight, self.k_norm.weight, self.head_dim, seq_len,
+                                      self.acp_log_eps)
+
+    def _attend(self, x, q, k, v, ctx: AttentionContext, cache: LayerCache | None):
+        log_f = F.logsigmoid(self.fgate_proj(x).float())  # [B, T, H]
+        cumulative = cache is not None
+        if cumulative:
+            if ctx.padding is not None:
+                log_f = log_f.masked_fill(ctx.padding[:, :, None], 0.0)
+            c = torch.cumsum(log_f.double(), dim=1)
+            if cache.decay is not None:
+                c = c + cache.decay[:, -1:].double()
+            k, v, log_f = cache.append(k, v, c.float())
+        threshold = self.acp_threshold(k.shape[1])
+        if isinstance(threshold, torch.Tensor):
+            threshold = threshold[None, :]
+        result = forgetting_attention(
+            q, k, v, log_f,
+            adaptive_threshold=threshold, log_eps=self.acp_log_eps,
+            seq_start=ctx.seq_start, cu_seqlens=ctx.cu_seqlens,
+            backend=self.backend, return_stats=self.collect_stats, cumulative_gate=cumulative,
+        )
+        if self.collect_stats:
+            result, self.last_stats = result
+        return result
+
+
+class SoftmaxAttentionLayer(_AttentionBase):
+    """Transformer attention: RoPE on q and k, causal softmax through torch SDPA."""
+
+    def __init__(self, config: FoxConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.rope_theta = config.rope_theta
+
+    def _attend(self, x, q, k, v, ctx: AttentionContext, cache: LayerCache | None):
+        cos, sin = rope_cos_sin(ctx.positions, self.head_dim, self.rope_theta)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v, _ = cache.append(k, v, None)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
+        group = self.num_heads // self.num_kv_heads
+        extra = {}
+        if group > 1:
+            if _SDPA_HAS_GQA:
+                extra["enable_gqa"] = True
+            else:
+                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.sdpa_mask, is_causal=ctx.sdpa_causal, **extra)
+        return o.transpose(1, 2)
