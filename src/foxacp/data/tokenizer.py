@@ -20,6 +20,8 @@ import numpy as np
 
 EOT_TOKEN = "<|endoftext|>"
 GPT2_EOT_ID = 50256
+# Tokens a JSON tokenizer may use as its EOT/BOS, by preference.
+EOT_CANDIDATES = (EOT_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>".upper())
 GPT2_VOCAB_SIZE = 50257
 
 
@@ -85,9 +87,11 @@ class HFTokenizer(Tokenizer):
         self.name = name
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         if eot_id is None:
-            eot_id = tok.token_to_id(EOT_TOKEN)
+            found = [tok.token_to_id(t) for t in EOT_CANDIDATES]
+            eot_id = next((i for i in found if i is not None), None)
             if eot_id is None:
-                raise ValueError(f"tokenizer {name!r} has no {EOT_TOKEN!r} token (needed as EOT/BOS)")
+                raise ValueError(f"tokenizer {name!r} has none of the tokens {EOT_CANDIDATES} "
+                                 "(one is needed as EOT/BOS)")
         self.eot_id = int(eot_id)
 
     @property
