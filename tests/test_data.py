@@ -213,6 +213,39 @@ def test_atomic_write_and_validation(tmp_path):
         TokenStore(store.path, verify=True)
 
 
+def test_sigkill_leaves_nothing_that_loads(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    script = f"""
+import time
+from foxacp.data.store import write_store
+from foxacp.data.tokenizer import get_tokenizer
+def docs():
+    for i in range(10_000):
+        yield "x" * 1000, 1000
+        time.sleep(0.01)
+write_store(docs(), get_tokenizer("bytes"), {str(out)!r}, progress=False, batch_bytes=1)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 60
+    while not any(p.name.startswith(".out.tmp-") for p in tmp_path.iterdir()) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # some tokens written
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    (tmp,) = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+    assert (tmp / "tokens.bin").stat().st_size > 0
+    with pytest.raises(StoreError):
+        TokenStore(tmp)
+    store = make_store(tmp_path, [[1, 2]], name="out")  # the next run cleans up and succeeds
+    assert store.doc(0).tolist() == [1, 2] and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
 # -- loader -------------------------------------------------------------------------------------
 
 
@@ -269,6 +302,7 @@ def test_packed_windows_and_cu_seqlens(tmp_path):
     assert flat["input_ids"].shape == (1, 12) and flat["input_ids"][0].tolist() == stream[:12]
     assert flat["labels"][0].tolist() == stream[1:13]
     assert flat["cu_seqlens"].tolist() == [0, 4, 7, 8, 12] and flat["max_seqlen"] == 4
+    assert flat["position_ids"][0].tolist() == [0, 1, 2, 3, 0, 1, 2, 0, 0, 1, 2, 3]
     doc_mode = flatten_packed(WindowLoader(st, 2, 2, mode="document", shuffle=False).make_batch([0, 1]))
     assert doc_mode["cu_seqlens"].tolist() == [0, 2, 4]
 
@@ -463,7 +497,16 @@ def test_python_code_corpus(tmp_path, monkeypatch):
 
 
 def test_cli(tmp_path, capsys):
-    from foxacp.cli import main
+    import argparse
+
+    from foxacp.data.commands import register
+
+    parser = argparse.ArgumentParser(prog="foxacp")
+    register(parser.add_subparsers(dest="command", required=True))
+
+    def main(argv):  # foxacp.cli.main without importing the other areas' commands
+        args = parser.parse_args(argv)
+        return args.func(args)
 
     (tmp_path / "a.txt").write_text(TEXT * 20)
     assert main(["data", "train-tokenizer", str(tmp_path / "a.txt"), "--vocab-size", "300", "--out",

@@ -259,7 +259,8 @@ class WindowLoader:
 def flatten_packed(batch: dict) -> dict:
     """``(B, L)`` rows -> one ``(1, B*L)`` packed row with global ``cu_seqlens`` (int32).
 
-    Rows without ``cu_seqlens`` count as one sequence each. Adds ``max_seqlen`` (int).
+    Rows without ``cu_seqlens`` count as one sequence each. Adds ``max_seqlen`` (int) and
+    ``position_ids`` ``(1, B*L)`` int64 restarting at 0 in each sequence (for RoPE baselines).
     """
     input_ids, labels = batch["input_ids"], batch["labels"]
     B, L = input_ids.shape
@@ -273,5 +274,8 @@ def flatten_packed(batch: dict) -> dict:
     out["input_ids"] = input_ids.reshape(1, B * L)
     out["labels"] = labels.reshape(1, B * L)
     out["cu_seqlens"] = cu
-    out["max_seqlen"] = int((cu[1:] - cu[:-1]).max())
+    seqlens = (cu[1:] - cu[:-1]).long()
+    out["max_seqlen"] = int(seqlens.max())
+    starts = torch.repeat_interleave(cu[:-1].long(), seqlens)
+    out["position_ids"] = (torch.arange(B * L) - starts).reshape(1, B * L)
     return out
