@@ -39,7 +39,8 @@ class AttentionContext:
     ``padding`` ``(B, T)``: True on this call's padded positions. ``restart`` ``(B, T)``: True where
     a packed sequence starts (the KV-shift reads nothing before it). ``positions``: RoPE positions
     ``(B or 1, T)``. ``sdpa_mask``: bool ``(B or 1, 1, T, Tk)`` (True = attend) or None with
-    ``sdpa_causal`` telling SDPA to apply its own causal mask.
+    ``sdpa_causal`` telling SDPA to apply its own causal mask; ``segments``: packed-sequence
+    offsets (Transformer: SDPA runs once per sequence).
     """
 
     past_length: int = 0
@@ -50,6 +51,7 @@ class AttentionContext:
     positions: torch.Tensor | None = None
     sdpa_mask: torch.Tensor | None = None
     sdpa_causal: bool = False
+    segments: list[int] | None = None  # cu_seqlens as ints (Transformer: one SDPA call per sequence)
 
 
 class _AttentionBase(nn.Module):
@@ -178,5 +180,10 @@ class SoftmaxAttentionLayer(_AttentionBase):
                 extra["enable_gqa"] = True
             else:
                 k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.sdpa_mask, is_causal=ctx.sdpa_causal, **extra)
+        if ctx.segments is not None:
+            o = torch.cat([F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True,
+                                                          **extra)
+                           for s, e in zip(ctx.segments[:-1], ctx.segments[1:])], dim=2)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.sdpa_mask, is_causal=ctx.sdpa_causal, **extra)
         return o.transpose(1, 2)

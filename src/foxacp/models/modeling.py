@@ -272,8 +272,7 @@ class FoxModel(FoxPreTrainedModel):
         if cu_seqlens is not None:
             segment = torch.searchsorted(cu, positions_k, right=True) - 1
             ctx.positions = (positions_k - cu[segment])[None]
-            causal = positions_k[None, :] <= positions_k[:, None]
-            ctx.sdpa_mask = (causal & (segment[None, :] == segment[:, None]))[None, None]
+            ctx.segments = [int(b) for b in cu.tolist()]  # SDPA runs per packed sequence
         elif seq_start is not None:
             ctx.positions = (positions_k[None, :] - seq_start[:, None]).clamp_min(0)
             keys = torch.arange(total, device=device)
