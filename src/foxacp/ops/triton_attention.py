@@ -121,7 +121,7 @@ def _forward(q, k, v, decay, decay_global, key_lo, key_hi, delta, sm_scale: floa
     block_m, block_n, warps, stages = cfg.block_m, cfg.block_n, cfg.fwd_warps, cfg.fwd_stages
     splits = 1
     if Tq <= DECODE_MAX_Q:
-        block_m = max(16, triton.next_power_of_2(Tq))
+        block_m = min(max(16, triton.next_power_of_2(Tq)), cfg.block_m)  # must divide the plan tile
         warps = 4
         splits = _decode_splits(B * H * triton.cdiv(Tq, block_m), Tk, block_n, q.device)
     stages = _stages(stages, q.dtype, D)

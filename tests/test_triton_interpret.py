@@ -1,0 +1,157 @@
+"""backend="triton" against the reference: outputs, all four gradients, ACP tile bounds.
+
+On a machine without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set
+here before anything imports the kernels; other test modules never load the triton backend on
+CPU). bf16 is left to tests/gpu: the interpreter's bf16 ``tl.dot`` is wrong.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from foxacp import forgetting_attention  # noqa: E402
+from foxacp.ops import reference  # noqa: E402
+from foxacp.ops.acp import MaskSpec  # noqa: E402
+
+from conftest import make_inputs  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+
+@pytest.fixture
+def ta(monkeypatch):
+    """The triton backend, with the reference pruning on the same plan tiles."""
+    from foxacp.ops import triton_attention
+
+    monkeypatch.setattr(reference, "ACP_TILES", triton_attention.default_tiles(64))
+    return triton_attention
+
+
+def run(backend, inputs, **kwargs):
+    """Output and the gradients of a fixed random projection of it."""
+    q, k, v, log_f = [t.detach().clone().to(DEVICE).requires_grad_(True) for t in inputs]
+    kwargs = {key: (val.to(DEVICE) if isinstance(val, torch.Tensor) else val) for key, val in kwargs.items()}
+    out = forgetting_attention(q, k, v, log_f, backend=backend, **kwargs)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    (out.float() * weight).sum().backward()
+    return out.detach(), [t.grad for t in (q, k, v, log_f)]
+
+
+def rel_err(a, b):
+    """``|a - b| / |b|`` (2-norms), with a floor of 1e-3 RMS on ``|b|`` for gradients that are ~0."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-3 * b.numel() ** 0.5)).item()
+
+
+def check(got, want, tol):
+    (out_a, grads_a), (out_b, grads_b) = got, want
+    assert torch.isfinite(out_a).all()
+    assert rel_err(out_a, out_b) < tol, ("out", rel_err(out_a, out_b))
+    for name, ga, gb in zip(["q", "k", "v", "log_fgate"], grads_a, grads_b):
+        assert ga is not None and torch.isfinite(ga).all(), name
+        # dlog_fgate is a reverse cumsum of per-key terms: rounding grows with T
+        scale = 10 if name == "log_fgate" else 1
+        assert rel_err(ga, gb) < tol * scale, (f"d{name}", rel_err(ga, gb))
+
+
+# (B, Tq, Tk, H, Hkv, D, dtype, kwargs)
+CASES = {
+    "dense": (2, 37, None, 2, 2, 16, torch.float32, {}),
+    "dense-T1": (2, 1, None, 2, 1, 16, torch.float32, {}),
+    "acp-gqa-odd-d": (1, 70, None, 4, 2, 24, torch.float32, {"adaptive_threshold": -3.0}),
+    "acp-auto-tq<tk": (2, 20, 90, 4, 2, 16, torch.float32, {"adaptive_threshold": "auto"}),
+    "tq<tk-dense-prefill": (1, 75, 131, 2, 1, 16, torch.float32, {}),
+    "seq-start": (2, 50, None, 2, 1, 16, torch.float32, {"seq_start": torch.tensor([0, 13])}),
+    "seq-start-acp": (2, 61, None, 2, 2, 16, torch.float32, {"seq_start": torch.tensor([17, 3]),
+                                                             "adaptive_threshold": -2.0}),
+    "cu-seqlens": (1, 100, None, 2, 1, 16, torch.float32, {"cu_seqlens": torch.tensor([0, 30, 31, 100])}),
+    "cu-seqlens-acp": (1, 129, None, 4, 2, 16, torch.float32, {"cu_seqlens": torch.tensor([0, 1, 47, 48, 129]),
+                                                               "adaptive_threshold": -2.5}),
+    "decode-split": (2, 3, 150, 2, 2, 16, torch.float32, {"adaptive_threshold": -4.0}),
+    "decode-1-seq-start": (2, 1, 77, 2, 1, 16, torch.float32, {"seq_start": torch.tensor([5, 40])}),
+    "fp16-d64-acp": (1, 97, None, 2, 1, 64, torch.float16, {"adaptive_threshold": "auto"}),
+    "fp16-d40": (1, 45, None, 2, 2, 40, torch.float16, {}),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_triton_matches_reference(ta, name):
+    B, Tq, Tk, H, Hkv, D, dtype, kwargs = CASES[name]
+    inputs = make_inputs(B, Tq, H, D, Tk=Tk, Hkv=Hkv, dtype=dtype, gate_logit=1.0)
+    got = run("triton", inputs, **kwargs)
+    want = run("reference", inputs, **kwargs)
+    check(got, want, 2e-5 if dtype == torch.float32 else 3e-3)
+
+
+def test_acp_actually_prunes(ta):
+    """The ACP cases above prune: otherwise they would only test the dense path."""
+    inputs = make_inputs(1, 129, 2, 16, gate_logit=1.0)
+    q, k, v, log_f = [t.to(DEVICE) for t in inputs]
+    _, stats = forgetting_attention(q, k, v, log_f, backend="triton", adaptive_threshold=-2.5, return_stats=True)
+    assert stats.kept_fraction < 0.6
+
+
+def test_decode_split_counts(ta, monkeypatch):
+    """The split-key decoding forward gives the same answer for any number of splits."""
+    inputs = make_inputs(1, 2, 2, 16, Tk=200, gate_logit=2.0)
+    outs = []
+    for splits in (1, 3, 7):
+        monkeypatch.setattr(ta, "_decode_splits", lambda *args, s=splits: s)
+        outs.append(run("triton", inputs, adaptive_threshold=-6.0)[0])
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[2], outs[0], atol=1e-5, rtol=1e-5)
+
+
+def _spec(B, H, Tq, Tk, *, packed=None, seq_start=None, delta=None, gate_logit=0.5):
+    """A MaskSpec built like the API builds it."""
+    from foxacp.ops import api
+
+    log_f = torch.nn.functional.logsigmoid(gate_logit + torch.randn(B, H, Tk)).float().to(DEVICE)
+    cu = None if packed is None else torch.tensor(packed, device=DEVICE)
+    start = None if seq_start is None else torch.tensor(seq_start, device=DEVICE)
+    lo, hi = api._sequence_bounds(start, cu, B, Tq, Tk, torch.device(DEVICE))
+    _, decay_global = api._cumulative_decay(log_f, lo, start is not None, cu is not None)
+    delta_t = None if delta is None else (delta * (1 + torch.rand(B, H))).float().to(DEVICE)
+    return MaskSpec(B, H, Tq, Tk, lo, hi, None if delta is None else decay_global, delta_t)
+
+
+@pytest.mark.parametrize("kind", ["causal", "tq<tk", "packed", "seq-start", "dense-packed"])
+def test_kernel_tile_bounds_match_plan(ta, kind):
+    """The ranges each kernel program finds for itself are exactly ``tile_bounds``'s plan."""
+    B, H, D = 2, 3, 64
+    if kind == "causal":
+        spec = _spec(B, H, 150, 150, delta=-3.0)
+    elif kind == "tq<tk":
+        spec = _spec(B, H, 70, 201, delta=-5.0)
+    elif kind == "packed":
+        spec = _spec(1, H, 190, 190, packed=[0, 17, 18, 100, 190], delta=-4.0)
+    elif kind == "seq-start":
+        spec = _spec(B, H, 120, 120, seq_start=[0, 45], delta=-2.0)
+    else:
+        spec = _spec(1, H, 90, 90, packed=[0, 33, 90])
+    plan = spec.plan(*ta.default_tiles(D))
+    mine = ta.acp_bounds(spec, D)
+    assert torch.equal(mine.to_dense(), plan.to_dense())
+    # the key-side ranges (used by the dK/dV kernel) describe the same tiles
+    m = torch.arange(plan.num_q_tiles, device=mine.q_begin.device)[None, None, :, None]
+    by_keys = (m >= mine.q_begin[:, :, None, :]) & (m < mine.q_end[:, :, None, :])
+    assert torch.equal(by_keys, plan.to_dense())
+
+
+def test_custom_op_opcheck(ta):
+    """Schema, fake (meta) implementation and autograd registration of the custom op."""
+    q, k, v, log_f = make_inputs(1, 20, 2, 16, Hkv=1)
+    q, k, v = (t.to(DEVICE).transpose(1, 2).requires_grad_(True) for t in (q, k, v))
+    decay = log_f.to(DEVICE).transpose(1, 2).cumsum(-1).requires_grad_(True)
+    delta = torch.full((1, 2), -3.0, device=DEVICE)
+    args = (q, k, v, decay, decay.detach().double(), None, None, delta, 0.25)
+    torch.library.opcheck(torch.ops.foxacp.fox_attn_fwd.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
