@@ -1,0 +1,209 @@
+"""Forgetting-attention speed on one GPU, every contender timed in the same run.
+
+Contenders: torch SDPA causal (no gate: the speed of light for the shape), foxacp triton dense,
+foxacp triton with ``adaptive_threshold="auto"``, FlexAttention with the gate as ``score_mod``
+(dense causal and with an ACP ``BlockMask`` built from the tile plan), fla's
+``parallel_forgetting_attn`` when importable. q and k are RMS-normalised (as QK-norm does).
+
+Gates: ``none`` (logit 30, nothing to prune), ``spread`` (per-head decay lengths log-spaced from 8
+to 65536 tokens, logit = log(f/(1-f)) + 0.3 N(0,1), f = exp(-1/tau)), ``fast`` (tau = 64).
+
+Usage: ``python benchmarks/attention.py [--quick] [--no-flex] [--json out.json]``. Prints a table
+(ms, dense-equivalent TFLOP/s, ratio to SDPA, kept-tile fraction) and writes JSON.
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import torch
+import triton
+
+from foxacp import forgetting_attention
+from foxacp.ops import triton_attention
+from foxacp.ops.acp import MaskSpec
+from foxacp.ops.api import _cumulative_decay, _threshold
+
+SHAPES = [  # (B, H, Hkv, T, D)
+    (8, 16, 16, 4096, 64),
+    (4, 16, 16, 8192, 64),
+    (2, 16, 16, 16384, 64),
+    (2, 8, 8, 16384, 128),
+    (4, 32, 8, 8192, 64),  # GQA 4:1
+]
+GATES = ["none", "spread", "fast"]
+
+
+def make_inputs(B, H, Hkv, T, D, gate, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(B, T, H, D, device="cuda", generator=g)
+    k = torch.randn(B, T, Hkv, D, device="cuda", generator=g)
+    v = torch.randn(B, T, Hkv, D, device="cuda", generator=g, dtype=dtype)
+    q = (q / q.pow(2).mean(-1, keepdim=True).sqrt()).to(dtype)
+    k = (k / k.pow(2).mean(-1, keepdim=True).sqrt()).to(dtype)
+    if gate == "none":
+        logit = torch.full((B, T, H), 30.0, device="cuda")
+    else:
+        if gate == "spread":
+            tau = torch.logspace(math.log10(8), math.log10(65536), H, device="cuda")
+        else:
+            tau = torch.full((H,), 64.0, device="cuda")
+        f = torch.exp(-1.0 / tau)
+        logit = torch.log(f / (1 - f)) + 0.3 * torch.randn(B, T, H, device="cuda", generator=g)
+    return q, k, v, torch.nn.functional.logsigmoid(logit).float()
+
+
+def bench(fn, backward: bool, grads=None):
+    """Median ms of fn (forward) or of forward + backward."""
+    if backward:
+        def step():
+            out = fn()
+            out.backward(grads)
+    else:
+        def step():
+            with torch.no_grad():
+                fn()
+    step()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
+
+
+def plan_for(q, k, log_f, block):
+    """The ACP tile plan at FlexAttention's block size, as the API would build it."""
+    qc, kc, gate = q.transpose(1, 2), k.transpose(1, 2), log_f.transpose(1, 2)
+    B, H, T, D = qc.shape
+    decay, decay_global = _cumulative_decay(gate, None, False, False)
+    delta = _threshold("auto", -10.0, qc, kc, 1 / math.sqrt(D), B, H, T)
+    spec = MaskSpec(B, H, T, T, None, None, decay_global, delta)
+    return spec.plan(block, block), decay
+
+
+def flex_contenders(q, k, v, log_f, H, Hkv):
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    B, T = q.shape[0], q.shape[1]
+    qh, kh, vh = (t.transpose(1, 2).detach().requires_grad_(True) for t in (q, k, v))
+    plan, decay = plan_for(q, k, log_f, 128)
+    decay = decay.contiguous()
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + decay[b, h, q_idx] - decay[b, h, kv_idx]
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    dense_mask = create_block_mask(causal, None, None, T, T, device="cuda")
+    # ACP BlockMask from tile bounds: blocks strictly below the diagonal are full, the diagonal partial
+    n = torch.arange(plan.num_k_tiles, device="cuda")
+    m = torch.arange(plan.num_q_tiles, device="cuda")[:, None]
+    kept = (n >= plan.kv_begin[..., None]) & (n < plan.kv_end[..., None])  # [B, H, M, N]
+    full = kept & (n < m)
+    part = kept & (n == m)
+
+    def to_idx(sel):
+        num = sel.sum(-1).to(torch.int32)
+        idx = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return num, idx
+
+    kv_num, kv_idx = to_idx(part)
+    full_num, full_idx = to_idx(full)
+    acp_mask = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=128, mask_mod=causal)
+    gqa = H != Hkv
+    return {
+        "flex dense": lambda: flex(qh, kh, vh, score_mod=score_mod, block_mask=dense_mask, enable_gqa=gqa),
+        "flex acp": lambda: flex(qh, kh, vh, score_mod=score_mod, block_mask=acp_mask, enable_gqa=gqa),
+    }, plan.kept_fraction()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="first shape only")
+    parser.add_argument("--no-flex", action="store_true")
+    parser.add_argument("--shapes", type=str, default=None, help="indices into SHAPES, e.g. 0,2")
+    parser.add_argument("--gates", type=str, default=",".join(GATES))
+    parser.add_argument("--json", type=str, default="attention_bench.json")
+    args = parser.parse_args()
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    if args.shapes:
+        shapes = [SHAPES[int(i)] for i in args.shapes.split(",")]
+    try:
+        from fla.ops.forgetting_attn import parallel_forgetting_attn
+    except ImportError:
+        parallel_forgetting_attn = None
+
+    device = torch.cuda.get_device_name()
+    rows = []
+    for B, H, Hkv, T, D in shapes:
+        flops_fwd = 4 * B * H * T * T * D / 2  # causal: half of the score matrix, QK^T and PV
+        for gate in args.gates.split(","):
+            q, k, v, log_f = make_inputs(B, H, Hkv, T, D, gate)
+            leaves = [t.detach().requires_grad_(True) for t in (q, k, v, log_f)]
+            grads = torch.randn_like(q)
+            qh, kh, vh = (t.transpose(1, 2) for t in leaves[:3])
+            contenders = {
+                "sdpa causal": lambda: torch.nn.functional.scaled_dot_product_attention(
+                    qh, kh, vh, is_causal=True, enable_gqa=H != Hkv).transpose(1, 2),
+                "fox dense": lambda: forgetting_attention(*leaves, backend="triton"),
+                "fox acp": lambda: forgetting_attention(*leaves, backend="triton", adaptive_threshold="auto"),
+            }
+            _, stats = forgetting_attention(q, k, v, log_f, backend="triton", adaptive_threshold="auto",
+                                            return_stats=True)
+            kept = {"fox acp": stats.kept_fraction}
+            if parallel_forgetting_attn is not None:
+                contenders["fla"] = lambda: parallel_forgetting_attn(*leaves[:3], leaves[3], scale=1 / math.sqrt(D))
+            if not args.no_flex:
+                try:
+                    flex, kept_flex = flex_contenders(*leaves, H, Hkv)
+                    flex = {name: (lambda f=f: f().transpose(1, 2)) for name, f in flex.items()}
+                    contenders.update(flex)
+                    kept["flex acp"] = kept_flex
+                except Exception as err:  # noqa: BLE001 - report and go on
+                    print(f"flex skipped: {type(err).__name__}: {err}", file=sys.stderr)
+            for mode in ("fwd", "fwd+bwd"):
+                base = None
+                for name, fn in contenders.items():
+                    try:
+                        ms = bench(fn, mode == "fwd+bwd", grads)
+                    except Exception as err:  # noqa: BLE001
+                        print(f"{name} {mode} failed: {type(err).__name__}: {err}", file=sys.stderr)
+                        continue
+                    base = ms if name == "sdpa causal" else base
+                    flops = flops_fwd * (3.5 if mode == "fwd+bwd" else 1.0)  # bwd ~2.5x fwd matmuls
+                    row = dict(device=device, B=B, H=H, Hkv=Hkv, T=T, D=D, gate=gate, mode=mode, contender=name,
+                               ms=ms, tflops=flops / ms / 1e9, vs_sdpa=ms / base if base else None,
+                               kept=kept.get(name, 1.0))
+                    rows.append(row)
+                    print(f"{B:>2} {H:>3} {Hkv:>3} {T:>6} {D:>4} {gate:>6} {mode:>7} {name:>12} "
+                          f"{ms:9.3f} ms {row['tflops']:7.1f} TF/s x{row['vs_sdpa'] or 0:5.2f} kept {row['kept']:.3f}",
+                          flush=True)
+            del q, k, v, log_f, leaves, contenders
+            torch.cuda.empty_cache()
+    with open(args.json, "w") as f:
+        json.dump({"device": device, "torch": torch.__version__, "triton": triton.__version__,
+                   "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}, f, indent=1)
+    print_table(rows)
+
+
+def print_table(rows):
+    print("\n| shape (B,H,Hkv,T,D) | gate | mode | SDPA ms | fox dense | fox ACP (kept) | flex dense | flex ACP |")
+    print("|---|---|---|---|---|---|---|---|")
+    keyed = {}
+    for r in rows:
+        keyed.setdefault((r["B"], r["H"], r["Hkv"], r["T"], r["D"], r["gate"], r["mode"]), {})[r["contender"]] = r
+    for key, group in keyed.items():
+        *shape, gate, mode = key
+        def cell(name):
+            r = group.get(name)
+            return "-" if r is None else f"{r['ms']:.2f} (x{r['vs_sdpa']:.2f})"
+        sdpa = group.get("sdpa causal")
+        acp = group.get("fox acp")
+        acp_cell = "-" if acp is None else f"{acp['ms']:.2f} (x{acp['vs_sdpa']:.2f}, {acp['kept']:.2f})"
+        print(f"| {tuple(shape)} | {gate} | {mode} | {sdpa['ms'] if sdpa else float('nan'):.2f} | "
+              f"{cell('fox dense')} | {acp_cell} | {cell('flex dense')} | {cell('flex acp')} |")
+
+
+if __name__ == "__main__":
+    main()
