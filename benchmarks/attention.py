@@ -87,7 +87,7 @@ def flex_contenders(q, k, v, log_f, H, Hkv):
     B, T = q.shape[0], q.shape[1]
     qh, kh, vh = (t.transpose(1, 2).detach().requires_grad_(True) for t in (q, k, v))
     plan, decay = plan_for(q, k, log_f, 128)
-    decay = decay.contiguous()
+    decay = decay.detach().contiguous()  # a captured tensor needing grad makes Flex materialise (B,H,T,T)
 
     def score_mod(score, b, h, q_idx, kv_idx):
         return score + decay[b, h, q_idx] - decay[b, h, kv_idx]
@@ -118,6 +118,74 @@ def flex_contenders(q, k, v, log_f, H, Hkv):
     }, plan.kept_fraction()
 
 
+def tune(json_path):
+    """Time the custom ops alone for candidate tile configs (no API preamble) and the preamble parts."""
+    from foxacp.ops.triton_attention import TileConfig, _CONFIGS, fox_attn_bwd, fox_attn_fwd
+    from foxacp.ops.acp import threshold_from_data
+
+    results = []
+    fwd_cands = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 128, 4, 3),
+                 (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 4, 3)]
+    bwd_cands = [(32, 64, 64, 32, 4, 3), (32, 64, 128, 32, 4, 3), (64, 64, 64, 64, 4, 2), (32, 128, 128, 32, 4, 3),
+                 (64, 128, 128, 64, 8, 2), (32, 128, 128, 32, 8, 2), (64, 64, 128, 64, 8, 2), (16, 64, 64, 16, 4, 3),
+                 (32, 64, 64, 32, 8, 2), (64, 128, 64, 64, 8, 3)]
+    for B, H, T, D in [(4, 16, 8192, 64), (2, 8, 16384, 128)]:
+        q, k, v, log_f = make_inputs(B, H, H, T, D, "none")
+        qc, kc, vc = (t.transpose(1, 2) for t in (q, k, v))
+        decay = log_f.transpose(1, 2).cumsum(-1)
+        dg = log_f.transpose(1, 2).double().cumsum(-1)
+        delta = torch.full((B, H), -1e9, device="cuda")
+        scale = 1 / math.sqrt(D)
+        dout = torch.randn_like(qc)
+        flops = 4 * B * H * T * T * D / 2
+        sdpa_f = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(
+            qc, kc, vc, is_causal=True), warmup=25, rep=100, return_mode="median")
+        print(f"D={D} sdpa fwd {sdpa_f:.3f} ms", flush=True)
+        base = _CONFIGS[D]
+        for bm, bn, w, st in fwd_cands:
+            _CONFIGS[D] = TileConfig(bm, bn, w, st, 16, 16, 16, 16, 4, 1)
+            try:
+                for acp in (False, True):
+                    args = (qc, kc, vc, decay, dg if acp else None, None, None, delta if acp else None, scale)
+                    ms = triton.testing.do_bench(lambda: fox_attn_fwd(*args), warmup=25, rep=100, return_mode="median")
+                    results.append(dict(D=D, kind="fwd", acp=acp, cfg=(bm, bn, w, st), ms=ms, vs_sdpa=ms / sdpa_f))
+                    print(f"D={D} fwd acp={acp:d} {(bm, bn, w, st)} {ms:.3f} ms x{ms / sdpa_f:.2f} "
+                          f"{flops / ms / 1e9:.0f} TF/s", flush=True)
+            except Exception as err:  # noqa: BLE001
+                print(f"D={D} fwd {(bm, bn, w, st)} failed: {type(err).__name__}: {str(err)[:200]}", flush=True)
+        _CONFIGS[D] = base
+        out, lse = fox_attn_fwd(qc, kc, vc, decay, None, None, None, None, scale)
+        qg, kg, vg = (t.detach().requires_grad_(True) for t in (qc, kc, vc))
+        o = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, is_causal=True)
+        sdpa_b = triton.testing.do_bench(lambda: torch.autograd.grad(o, (qg, kg, vg), dout, retain_graph=True),
+                                         warmup=25, rep=100, return_mode="median")
+        print(f"D={D} sdpa bwd {sdpa_b:.3f} ms", flush=True)
+        for m1, n1, m2, n2, w, st in bwd_cands:
+            _CONFIGS[D] = TileConfig(128, 128, 8, 3, m1, n1, m2, n2, w, st)
+            try:
+                for acp in (False, True):
+                    args = (dout, qc, kc, vc, decay, dg if acp else None, None, None, delta if acp else None,
+                            out, lse, scale)
+                    ms = triton.testing.do_bench(lambda: fox_attn_bwd(*args), warmup=25, rep=100, return_mode="median")
+                    results.append(dict(D=D, kind="bwd", acp=acp, cfg=(m1, n1, m2, n2, w, st), ms=ms,
+                                        vs_sdpa=ms / sdpa_b))
+                    print(f"D={D} bwd acp={acp:d} {(m1, n1, m2, n2, w, st)} {ms:.3f} ms x{ms / sdpa_b:.2f}", flush=True)
+            except Exception as err:  # noqa: BLE001
+                print(f"D={D} bwd {(m1, n1, m2, n2, w, st)} failed: {type(err).__name__}: {str(err)[:200]}", flush=True)
+        _CONFIGS[D] = base
+        # the API preamble: data threshold and the float64 decay cumsum
+        gate = log_f.transpose(1, 2)
+        for name, fn in [("threshold_from_data", lambda: threshold_from_data(qc, kc, scale, T)),
+                         ("cumulative_decay", lambda: _cumulative_decay(gate, None, False, False))]:
+            ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+            results.append(dict(D=D, kind=name, ms=ms))
+            print(f"D={D} {name} {ms:.3f} ms", flush=True)
+        del q, k, v, qc, kc, vc, out, lse, dout
+        torch.cuda.empty_cache()
+    with open(json_path, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "rows": results}, f, indent=1)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="first shape only")
@@ -125,7 +193,10 @@ def main():
     parser.add_argument("--shapes", type=str, default=None, help="indices into SHAPES, e.g. 0,2")
     parser.add_argument("--gates", type=str, default=",".join(GATES))
     parser.add_argument("--json", type=str, default="attention_bench.json")
+    parser.add_argument("--tune", action="store_true", help="time tile configs of the ops alone")
     args = parser.parse_args()
+    if args.tune:
+        return tune(args.json)
     shapes = SHAPES[:1] if args.quick else SHAPES
     if args.shapes:
         shapes = [SHAPES[int(i)] for i in args.shapes.split(",")]

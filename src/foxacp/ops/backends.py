@@ -8,8 +8,6 @@ canonical tensors (q ``(B, H, Tq, D)``, k/v ``(B, Hkv, Tk, D)``, decay ``(B, H, 
 
 from __future__ import annotations
 
-import importlib
-
 _MODULES = {
     "reference": "foxacp.ops.reference",
     "torch": "foxacp.ops.blockwise",
@@ -21,9 +19,20 @@ def load(name: str):
     if name not in _MODULES:
         raise ValueError(f"backend must be one of {['auto', *_MODULES]}, got {name!r}")
     try:
-        return importlib.import_module(_MODULES[name])
+        return _import(name)
     except ImportError as err:
         raise ValueError(f"backend {name!r} is unavailable here: {err}") from None
+
+
+def _import(name: str):
+    # import statements, not importlib: torch.compile runs these while tracing (no graph break)
+    if name == "triton":
+        from . import triton_attention as module
+    elif name == "torch":
+        from . import blockwise as module
+    else:
+        from . import reference as module
+    return module
 
 
 def resolve(name: str, q, head_dim: int):

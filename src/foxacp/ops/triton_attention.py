@@ -37,8 +37,11 @@ MAX_HEAD_DIM = 256
 DECODE_MAX_Q = 64  # Tq at or below this takes the decoding forward (small query blocks, split keys)
 
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read once, as Triton itself does
+
+
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRET
 
 
 @dataclass(frozen=True)
@@ -262,7 +265,7 @@ def unavailable_reason(q) -> Optional[str]:
         return None
     if not q.is_cuda:
         return "no CUDA tensor (set TRITON_INTERPRET=1 to run the kernels on CPU)"
-    if torch.cuda.get_device_capability(q.device) < (8, 0):
+    if not torch.compiler.is_compiling() and torch.cuda.get_device_capability(q.device) < (8, 0):
         return "needs an sm80 or newer GPU"
     return None
 
