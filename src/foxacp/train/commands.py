@@ -59,7 +59,8 @@ def model_from_checkpoint(path: str | Path):
     ckpt = resolve_checkpoint(path)
     state = json.loads((ckpt / "trainer.json").read_text())
     model_cfg = state["config"]["model"]
-    config = preset_config(model_cfg["preset"], **{"vocab_size": state["vocab_size"], **model_cfg["overrides"]})
+    sizes = {key: state[key] for key in ("vocab_size", "bos_token_id", "eos_token_id")}
+    config = preset_config(model_cfg["preset"], **{**sizes, **model_cfg["overrides"]})
     model = FoxForCausalLM(config)
     checkpoint.load_model_weights(ckpt, model)
     return model, state

@@ -1,13 +1,12 @@
 """Process groups and model parallelisation (FSDP2). Models import nothing from here.
 
-``parallelize`` applies, in this order: activation checkpointing per block, ``torch.compile``
-per block, ``fully_shard`` per block and then on the root (parameters in bf16 for compute,
-gradients reduced in float32 when training in bf16).
+``parallelize`` applies, in this order: ``torch.compile`` per block, then ``fully_shard`` per
+block and on the root (parameters in bf16 for compute, gradients reduced in float32 when training
+in bf16). Activation checkpointing is the model's own switch (``activation_checkpointing``).
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 
@@ -61,13 +60,8 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
 
 
 def parallelize(model: torch.nn.Module, blocks: list[torch.nn.Module], info: DistInfo, *, compile: bool,
-                activation_checkpointing: bool, bf16: bool) -> torch.nn.Module:
+                bf16: bool) -> torch.nn.Module:
     """Wrap ``blocks`` (the model's transformer layers) and the root for training."""
-    if activation_checkpointing:
-        from torch.utils.checkpoint import checkpoint
-
-        for block in blocks:  # keep only block inputs; recompute the block in backward
-            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
     if compile:
         for block in blocks:
             block.compile()

@@ -51,11 +51,13 @@ class Trainer:
         self.train_data = self._loader("train")
         self.val_data = self._loader("val")
 
-        overrides = {"vocab_size": self.store.vocab_size, **cfg.model.overrides}
+        overrides = {"vocab_size": self.store.vocab_size, "bos_token_id": self.store.bos_id,
+                     "eos_token_id": self.store.eot_id,
+                     "activation_checkpointing": cfg.run.activation_checkpointing, **cfg.model.overrides}
         self.model_config = preset_config(cfg.model.preset, **overrides)
         model = FoxForCausalLM(self.model_config).to(self.info.device)
+        model.collect_acp_stats(True)
         self.model = distributed.parallelize(model, list(model.model.layers), self.info, compile=cfg.run.compile,
-                                             activation_checkpointing=cfg.run.activation_checkpointing,
                                              bf16=self.bf16)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.step, self.tokens = 0, 0
@@ -91,6 +93,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         state = {"tokens": self.tokens, "loader": self.train_data.state_dict(), "config": self.cfg.to_dict(),
                  "world_size": self.info.world_size, "vocab_size": self.store.vocab_size,
+                 "bos_token_id": self.store.bos_id, "eos_token_id": self.store.eot_id,
                  "tokenizer": getattr(self.store, "tokenizer_name", None)}
         return checkpoint.save(self.out_dir, self.step, self.model, self.optimizer, state, self.cfg.run.keep_last)
 
@@ -204,11 +207,14 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _to_device(self, batch: dict) -> dict:
-        """Model inputs on the device; packed rows become one sequence with global ``cu_seqlens``."""
+        """Model inputs on the device (labels are already the next tokens); packed rows become
+        one sequence with global ``cu_seqlens``."""
         if "cu_seqlens" in batch:
             batch = flatten_packed(batch)
-        keys = ("input_ids", "labels", "cu_seqlens")
-        return {k: batch[k].to(self.info.device, non_blocking=True) for k in keys if k in batch}
+        inputs = {"input_ids": batch["input_ids"], "shift_labels": batch["labels"]}
+        if "cu_seqlens" in batch:
+            inputs["cu_seqlens"] = batch["cu_seqlens"]
+        return {"return_logits": False, **{k: v.to(self.info.device, non_blocking=True) for k, v in inputs.items()}}
 
     @contextlib.contextmanager
     def _signals_checkpoint(self):

@@ -1,0 +1,210 @@
+"""Trainer: config checks, schedule, exact resume (also after SIGKILL), signals, NaN stop,
+2-process FSDP2 (gloo) equals 1 process, export to Hugging Face."""
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from foxacp.data import prepare_store
+from foxacp.train import checkpoint
+from foxacp.train.config import OptimSection, load_config
+from foxacp.train.optim import lr_at
+from foxacp.train.trainer import Trainer, TrainingDiverged
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    """A small byte-level token store: 12 documents of pseudo-English."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    words = "the forget gate decays old keys while attention keeps what matters most".split()
+    for i in range(12):
+        (root / f"doc{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(700)))
+    out = root / "store"
+    prepare_store([root], "bytes", out, progress=False)
+    return out
+
+
+def overrides(store_dir, out_dir, **extra):
+    base = {
+        "data.source": store_dir, "data.seq_len": 128, "data.val_fraction": 0.2, "model.preset": "fox-pro-tiny",
+        "model.overrides.acp": True, "batch.global_tokens": 512, "batch.micro_batch": 2,
+        "optim.warmup_tokens": 1024, "optim.total_tokens": 512 * 8, "optim.lr": 0.003, "run.out_dir": out_dir,
+        "run.log_every": 1, "run.progress": False, "run.tensorboard": False, "run.eval_batches": 1,
+    }
+    base.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def train(store_dir, out_dir, resume=False, **extra) -> list[dict]:
+    trainer = Trainer(load_config(None, overrides(store_dir, out_dir, **extra)), resume=resume)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+
+
+def losses(out_dir) -> dict[int, float]:
+    records = [json.loads(line) for line in open(Path(out_dir) / "metrics.jsonl")]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="data.mode"):
+        load_config(None, ["data.mode=windows"])
+    with pytest.raises(ValueError, match="multiple of data.seq_len"):
+        load_config(None, ["batch.global_tokens=1000", "data.seq_len=512"])
+    with pytest.raises(ValueError, match="unknown keys"):
+        load_config(None, ["optim.learning_rate=1"])
+    with pytest.raises(ValueError, match="must be a number"):
+        load_config(None, ["optim.lr=fast"])
+    cfg = load_config(REPO / "configs" / "fox-pro-125m-16k.yaml", ["optim.lr=1e-4"])
+    assert cfg.optim.lr == 1e-4 and cfg.data.seq_len == 16384 and cfg.model.overrides["acp"] is True
+
+
+def test_schedule_warmup_then_cosine_to_zero():
+    cfg = OptimSection(lr=1.0, warmup_tokens=100, total_tokens=1100)
+    assert lr_at(0, cfg) == 0 and lr_at(50, cfg) == 0.5 and lr_at(100, cfg) == 1.0
+    assert math.isclose(lr_at(600, cfg), 0.5) and lr_at(1100, cfg) == 0.0 and lr_at(5000, cfg) == 0.0
+
+
+def test_all_paper_configs_load():
+    names = sorted(p.name for p in (REPO / "configs").glob("*-*m-*k.yaml"))
+    assert len(names) == 36
+    for name in names:
+        load_config(REPO / "configs" / name)
+
+
+def test_resume_is_exact(store_dir, tmp_path):
+    straight = tmp_path / "straight"
+    train(store_dir, straight, run__max_steps=6)
+    split = tmp_path / "split"
+    train(store_dir, split, run__max_steps=3)
+    train(store_dir, split, resume=True, run__max_steps=6)
+    assert losses(straight) == losses(split)  # bitwise
+
+
+def test_metrics_report_acp_flops(store_dir, tmp_path):
+    records = train(store_dir, tmp_path, run__max_steps=2, model__overrides__fgate_bias_init="zero",
+                    data__seq_len=512, batch__global_tokens=1024, data__val_fraction=0.1)
+    flops = records[-1]["flops_per_token"]
+    acp = records[-1]["acp"]
+    assert 0 < acp["kept_fraction"] < 1 and len(acp["layer_kept_fraction"]) == 2
+    assert all(t is not None and t < 0 for t in acp["layer_threshold"])
+    assert math.isclose(flops["attention_computed"], flops["attention_dense"] * acp["kept_fraction"])
+    assert flops["attention_skipped"] > 0
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(store_dir, tmp_path):
+    train(store_dir, tmp_path, run__max_steps=2)
+    good = checkpoint.latest(tmp_path)
+    trainer = Trainer(load_config(None, overrides(store_dir, tmp_path, run__max_steps=4)), resume=True)
+    with torch.no_grad():
+        trainer.model.model.embed_tokens.weight.fill_(float("nan"))
+    with pytest.raises(TrainingDiverged, match="last good checkpoint"):
+        trainer.fit()
+    trainer.close()
+    assert checkpoint.latest(tmp_path) == good
+
+
+def _cli(store_dir, out_dir, *extra, resume=False):
+    args = [sys.executable, "-m", "foxacp", "train", *(["--resume"] if resume else []),
+            *overrides(store_dir, out_dir, **dict(e.split("=", 1) for e in extra))]
+    return subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_checkpoint(out_dir, step, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = checkpoint.latest(out_dir)
+        if found is not None and int(found.name.split("_")[1]) >= step:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read())
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared")
+
+
+def test_sigkill_then_resume_matches_uninterrupted(store_dir, tmp_path):
+    straight = tmp_path / "straight"
+    train(store_dir, straight, run__max_steps=6)
+    killed = tmp_path / "killed"
+    proc = _cli(store_dir, killed, "run.max_steps=6", "run.ckpt_every=1")
+    _wait_for_checkpoint(killed, 2, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    resumed = _cli(store_dir, killed, "run.max_steps=6", "run.ckpt_every=1", resume=True)
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output
+    assert losses(killed) == losses(straight)  # later lines of a re-run step replace earlier ones
+
+
+def test_sigterm_writes_checkpoint(store_dir, tmp_path):
+    proc = _cli(store_dir, tmp_path, "run.max_steps=1000", "optim.total_tokens=10000000")
+    _wait_for_metrics(tmp_path, proc)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert "stopped by signal" in output
+    latest = checkpoint.latest(tmp_path)
+    state = json.loads((latest / "trainer.json").read_text())
+    assert state["step"] >= 1 and state["step"] == max(losses(tmp_path))
+
+
+def _wait_for_metrics(out_dir, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = Path(out_dir) / "metrics.jsonl"
+        if path.exists() and path.read_text().strip():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read())
+        time.sleep(0.05)
+    raise AssertionError("no metrics appeared")
+
+
+def test_two_process_fsdp_matches_one_process(store_dir, tmp_path):
+    one = tmp_path / "one"
+    train(store_dir, one, run__max_steps=3)
+    two = tmp_path / "two"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "foxacp",
+            "train", *overrides(store_dir, two, run__max_steps=3)]
+    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    a, b = losses(one), losses(two)
+    assert a.keys() == b.keys()
+    for step in a:
+        assert math.isclose(a[step], b[step], rel_tol=1e-5), (step, a[step], b[step])
+    # the sharded checkpoint loads into a single process (resharding 2 -> 1)
+    trainer = Trainer(load_config(None, overrides(store_dir, two, run__max_steps=4)), resume=True)
+    assert trainer.step == 3
+    trainer.fit()
+    trainer.close()
+
+
+def test_export_loads_with_auto_model(store_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import foxacp.models  # noqa: F401  (registers the auto classes)
+
+    train(store_dir, tmp_path / "run", run__max_steps=1)
+    out = tmp_path / "hf"
+    done = subprocess.run([sys.executable, "-m", "foxacp", "export", str(tmp_path / "run"), str(out)], cwd=REPO,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    model = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.randint(0, 200, (1, 16))
+    assert model(ids).logits.shape == (1, 16, model.config.vocab_size)
