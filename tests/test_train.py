@@ -208,3 +208,16 @@ def test_export_loads_with_auto_model(store_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out)
     ids = torch.randint(0, 200, (1, 16))
     assert model(ids).logits.shape == (1, 16, model.config.vocab_size)
+
+
+def test_acp_comparison_writes_report(store_dir, tmp_path):
+    from foxacp.train.demo import run_acp_comparison
+
+    summary = run_acp_comparison(None, overrides(store_dir, tmp_path, data__seq_len=256, batch__global_tokens=512,
+                                                 data__val_fraction=0.1), tmp_path, steps=2, title="t")
+    assert "speed-up" in summary
+    for name in ("report.md", "loss.png", "step_time.png", "kept_fraction.png", "summary.json"):
+        assert (tmp_path / name).stat().st_size > 0
+    data = json.loads((tmp_path / "summary.json").read_text())
+    assert data["runs"]["acp_off"]["mean_kept_fraction"] == 1.0
+    assert data["runs"]["acp_on"]["final_loss"] == pytest.approx(data["runs"]["acp_off"]["final_loss"], abs=1e-3)
