@@ -75,12 +75,19 @@ def threshold_from_data(q: torch.Tensor, k: torch.Tensor, sm_scale: float, seq_l
     """
     batch, heads = q.shape[0], q.shape[1]
     kv_heads = k.shape[1]
-    q_max = q.detach().float().norm(dim=-1).amax(dim=-1)  # [B, H]
-    k_max = k.detach().float().norm(dim=-1).amax(dim=-1)  # [B, Hkv]
+    q_max = _row_norms(q).amax(dim=-1)  # [B, H]
+    k_max = _row_norms(k).amax(dim=-1)  # [B, Hkv]
     group = heads // kv_heads
     q_max = q_max.view(batch, kv_heads, group).amax(dim=-1, keepdim=True).expand(-1, -1, group)
     bound = q_max.reshape(batch, heads) * k_max.repeat_interleave(group, dim=1) * sm_scale
     return -(2.0 * bound + math.log(max(seq_len, 1))) + log_eps
+
+
+def _row_norms(t: torch.Tensor) -> torch.Tensor:
+    """float32 norms over the last dim; half inputs accumulate in float32 without a float32 copy."""
+    if t.dtype in (torch.float16, torch.bfloat16):
+        return torch.linalg.vector_norm(t.detach(), dim=-1, dtype=torch.float32)
+    return t.detach().float().norm(dim=-1)
 
 
 @dataclass(frozen=True)

@@ -66,11 +66,12 @@ class TileConfig:
 
 
 # Keyed by the head dim padded to a power of two; sm80+ (Ampere, Hopper, Blackwell) defaults.
+# Picked on an H100 (docs/kernel-notes.md has the sweep): bwd 64x64 blocks, 4 warps, 2 stages.
 _CONFIGS = {
-    16: TileConfig(128, 64, 4, 3, 32, 64, 128, 32, 4, 3),
-    32: TileConfig(128, 64, 4, 3, 32, 64, 128, 32, 4, 3),
-    64: TileConfig(128, 64, 4, 3, 32, 64, 128, 32, 4, 3),
-    128: TileConfig(128, 64, 8, 3, 32, 64, 64, 32, 8, 2),
+    16: TileConfig(128, 64, 4, 3, 64, 64, 64, 64, 4, 2),
+    32: TileConfig(128, 64, 4, 3, 64, 64, 64, 64, 4, 2),
+    64: TileConfig(128, 64, 4, 3, 64, 64, 64, 64, 4, 2),
+    128: TileConfig(64, 64, 4, 3, 64, 64, 64, 64, 4, 2),
     256: TileConfig(64, 32, 8, 2, 16, 32, 32, 16, 8, 1),
 }
 _DEFAULT = TileConfig(64, 32, 4, 2, 16, 32, 32, 16, 4, 1)

@@ -135,11 +135,15 @@ def acp_bounds_kernel(LO, HI, DG, DELTA, KV_LO, KV_HI, Q_LO, Q_HI,
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, cq, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct, c_ref,
+def _fwd_inner(acc, l_i, m_i, q, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct, c_ref,
                offs_d, col_start, col_end, Tk, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                IS_VARLEN: tl.constexpr, EVEN_D: tl.constexpr):
-    """Online softmax over key blocks ``[col_start, col_end)``; MASKED applies causal/lo masks."""
+    """Online softmax over key blocks ``[col_start, col_end)``; MASKED applies causal/lo masks.
+
+    Scores here omit the per-row decay ``c_p``: a row constant cancels in the softmax, so each
+    element costs one FMA for the decay (``qk * scale - c_j``); the caller adds it to the lse.
+    """
     for start_n in range(col_start, col_end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         k_ptrs = K + cols[None, :] * stride_kt + offs_d[:, None]  # [D, BLOCK_N]
@@ -154,8 +158,8 @@ def _fwd_inner(acc, l_i, m_i, q, cq, pos_q, lo_q, K, V, C, stride_kt, stride_vt,
             kt = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
             ck = tl.load(C + cols * stride_ct)
         ck = (ck - c_ref) * 1.4426950408889634  # [BLOCK_N], log2 units
-        # scores in log2 units: s = scale*log2e*q.k + (c_p - c_j)*log2e   # [BLOCK_M, BLOCK_N]
-        s = tl.dot(q, kt) * qk_scale + (cq[:, None] - ck[None, :])
+        # scores in log2 units without the row term: s = scale*log2e*q.k - c_j*log2e   # [BLOCK_M, BLOCK_N]
+        s = tl.dot(q, kt) * qk_scale - ck[None, :]
         if MASKED:
             visible = cols[None, :] <= pos_q[:, None]
             if IS_VARLEN:
@@ -212,6 +216,11 @@ def fwd_kernel(Q, K, V, C, DG, LO, DELTA, OUT, LSE, ACC_PART, ML_PART,
     offs_d = tl.arange(0, D_PAD)
     row_ok = rows < Tq
     pos_q = rows + OFF
+    # loads first: their latency overlaps the ACP range search
+    q_ptrs = Q + rows[:, None] * stride_qt + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)  # [BLOCK_M, D]
+    c_ref = tl.load(C + (r0 + OFF) * stride_ct)
+    cq = (tl.load(C + pos_q * stride_ct, mask=row_ok, other=0.0) - c_ref) * 1.4426950408889634  # [BLOCK_M]
     delta = 0.0
     if HAS_ACP:
         delta = tl.load(DELTA + bh).to(tl.float64)
@@ -234,25 +243,22 @@ def fwd_kernel(Q, K, V, C, DG, LO, DELTA, OUT, LSE, ACC_PART, ML_PART,
         lo_q = tl.load(LO + pos_q, mask=row_ok, other=0)
     else:
         lo_q = rows * 0
-    c_ref = tl.load(C + (r0 + OFF) * stride_ct)
-    cq = (tl.load(C + pos_q * stride_ct, mask=row_ok, other=0.0) - c_ref) * 1.4426950408889634  # [BLOCK_M]
-    q_ptrs = Q + rows[:, None] * stride_qt + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)  # [BLOCK_M, D]
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     # full blocks first (no masks), then the two masked edges
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, cq, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct,
                                c_ref, offs_d, tl.maximum(a, my_lo), tl.minimum(b_full, my_hi), Tk, qk_scale,
                                HEAD_DIM, BLOCK_N, False, IS_VARLEN, EVEN_D)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, cq, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct,
                                c_ref, offs_d, tl.maximum(col_lo, my_lo), tl.minimum(a, my_hi), Tk, qk_scale,
                                HEAD_DIM, BLOCK_N, True, IS_VARLEN, EVEN_D)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, cq, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct,
                                c_ref, offs_d, tl.maximum(b_full, my_lo), tl.minimum(col_hi, my_hi), Tk, qk_scale,
                                HEAD_DIM, BLOCK_N, True, IS_VARLEN, EVEN_D)
 
+    m_i = m_i + cq  # the row's decay term, left out of the scores above
     if NUM_SPLITS > 1:
         # partial results: unnormalised acc, running max and sum (combined by combine_kernel)
         part = (split * tl.num_programs(1) + bh).to(tl.int64) * Tq
@@ -351,10 +357,9 @@ def _dkdv_inner(dk, dv, dc, k, v, ck, cols, Q, DO, C, LSE, DI, LO, stride_qt, st
             lse = tl.load(LSE + rows)
             di = tl.load(DI + rows)
             cq = tl.load(C + pos * stride_ct)
-        cq = (cq - c_ref) * 1.4426950408889634
-        # transposed scores sT[j, r] in log2 units   # [BLOCK_N, BLOCK_M]
-        st = tl.dot(k, qt) * qk_scale + (cq[None, :] - ck[:, None])
-        pt = tl.math.exp2(st - lse[None, :])
+        lse = lse - (cq - c_ref) * 1.4426950408889634  # fold the row's decay term into its lse
+        # transposed P^T[j, r] = exp2(s_rj - lse_r), s in log2 units   # [BLOCK_N, BLOCK_M]
+        pt = tl.math.exp2(tl.dot(k, qt) * qk_scale - ck[:, None] - lse[None, :])
         if MASKED:
             visible = cols[:, None] <= pos[None, :]
             if IS_VARLEN:
@@ -439,7 +444,7 @@ def bwd_dkdv_kernel(Q, K, V, C, DG, LO, HI, DELTA, DO, LSE, DI, DK, DV, DC,
 
 
 @triton.jit
-def _dq_inner(dq, q, do, cq, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct, c_ref,
+def _dq_inner(dq, q, do, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct, c_ref,
               offs_d, col_start, col_end, Tk, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
               IS_VARLEN: tl.constexpr, EVEN_D: tl.constexpr):
@@ -462,8 +467,8 @@ def _dq_inner(dq, q, do, cq, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_vt
             vt = tl.load(vt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
             ck = tl.load(C + cols * stride_ct)
         ck = (ck - c_ref) * 1.4426950408889634
-        s = tl.dot(q, kt) * qk_scale + (cq[:, None] - ck[None, :])  # [BLOCK_M, BLOCK_N]
-        p = tl.math.exp2(s - lse[:, None])
+        # P = exp2(s - lse), the row's decay term folded into lse by the caller   # [BLOCK_M, BLOCK_N]
+        p = tl.math.exp2(tl.dot(q, kt) * qk_scale - ck[None, :] - lse[:, None])
         if MASKED:
             visible = cols[None, :] <= pos_q[:, None]
             if IS_VARLEN:
@@ -527,12 +532,13 @@ def bwd_dq_kernel(Q, K, V, C, DG, LO, DELTA, DO, LSE, DI, DQ,
     di = tl.load(DI + rows, mask=row_ok, other=0.0)
     c_ref = tl.load(C + (r0 + OFF) * stride_ct)
     cq = (tl.load(C + pos_q * stride_ct, mask=row_ok, other=0.0) - c_ref) * 1.4426950408889634
+    lse = lse - cq  # the row's decay term, folded into its lse
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-    dq = _dq_inner(dq, q, do, cq, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct, c_ref,
+    dq = _dq_inner(dq, q, do, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct, c_ref,
                    offs_d, a, b_full, Tk, qk_scale, HEAD_DIM, BLOCK_N, False, IS_VARLEN, EVEN_D)
-    dq = _dq_inner(dq, q, do, cq, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct, c_ref,
+    dq = _dq_inner(dq, q, do, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct, c_ref,
                    offs_d, col_lo, a, Tk, qk_scale, HEAD_DIM, BLOCK_N, True, IS_VARLEN, EVEN_D)
-    dq = _dq_inner(dq, q, do, cq, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct, c_ref,
+    dq = _dq_inner(dq, q, do, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct, c_ref,
                    offs_d, b_full, col_hi, Tk, qk_scale, HEAD_DIM, BLOCK_N, True, IS_VARLEN, EVEN_D)
     dq_ptrs = DQ + b64 * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqt + offs_d[None, :]
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
