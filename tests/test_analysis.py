@@ -1,0 +1,236 @@
+"""`foxacp analyze` / `foxacp eval` on a tiny FoX (Pro) trained a few steps: figures, JSON vs report,
+per-head savings adding up, the ACP bound holding, ACP on/off parity, the needle generator."""
+
+import json
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from foxacp.cli import main
+from foxacp.data import get_tokenizer, prepare_store
+from foxacp.train.config import load_config
+from foxacp.train.trainer import Trainer
+
+SEQ_LEN = 256
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    words = "the forget gate decays old keys while attention keeps what matters most".split()
+    for i in range(10):
+        (root / f"doc{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(450)))
+    out = root / "store"
+    prepare_store([root], "bytes", out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(store_dir, tmp_path_factory):
+    """Three training steps of fox-pro-tiny with spread gates (decay 2..64 tokens) and ACP on."""
+    out = tmp_path_factory.mktemp("run")
+    overrides = {
+        "data.source": store_dir, "data.seq_len": SEQ_LEN, "data.val_fraction": 0.2, "model.preset": "fox-pro-tiny",
+        "model.overrides.acp": True, "model.overrides.fgate_bias_init": "spread",
+        "model.overrides.fgate_min_decay": 2, "model.overrides.fgate_max_decay": 64,
+        "batch.global_tokens": 2 * SEQ_LEN, "batch.micro_batch": 2, "optim.warmup_tokens": 512,
+        "optim.total_tokens": 3 * 2 * SEQ_LEN, "optim.lr": 0.003, "run.out_dir": out, "run.log_every": 1,
+        "run.progress": False, "run.tensorboard": False, "run.eval_batches": 1,
+    }
+    trainer = Trainer(load_config(None, [f"{k}={v}" for k, v in overrides.items()]))
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_dir(run_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf") / "model"
+    assert main(["export", str(run_dir), str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def analysis(run_dir, store_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("analysis")
+    assert main(["analyze", str(run_dir), "--data", str(store_dir), "--out", str(out), "--lengths", "128", "512",
+                 "--num-seqs", "2"]) == 0
+    return out, json.loads((out / "analysis.json").read_text())
+
+
+def test_analyze_writes_every_figure(analysis):
+    out, res = analysis
+    assert res["settings"]["seq_len"] == SEQ_LEN  # taken from the training run
+    assert [r["length"] for r in res["savings_vs_length"]] == [128, 256, 512]
+    figures = res["figures"]
+    assert {"head_savings_sorted", "head_savings_hist", "savings_vs_length", "gate_decay_lengths",
+            "thresholds"} <= set(figures)
+    assert sum(k.startswith("pattern_") for k in figures) == len(res["patterns"]) >= 2
+    report = (out / "report.md").read_text()
+    for name in figures.values():
+        assert (out / name).stat().st_size > 1000, name
+        assert f"({name})" in report
+    assert (out / "patterns.npz").stat().st_size > 0
+
+
+def test_analyze_report_matches_json(analysis):
+    out, res = analysis
+    report = (out / "report.md").read_text()
+    for r in res["savings_vs_length"]:
+        row = re.search(rf"^\| {r['length']} \| .*? \| ([0-9.]+) \| ([0-9.]+)% \|", report, re.M)
+        assert row, r["length"]
+        assert float(row.group(1)) == pytest.approx(r["kept_fraction"], abs=6e-4)
+        assert float(row.group(2)) == pytest.approx(100 * r["flops_saved_fraction"], abs=0.06)
+    hs = res["per_head_summary"]
+    top = re.search(r"top 10% of heads \((\d+) of (\d+)\) provide ([0-9.]+)%", report)
+    assert int(top.group(1)) == hs["top10_heads"] and int(top.group(2)) == hs["heads"] == 8
+    assert float(top.group(3)) == pytest.approx(100 * hs["top10_share_of_savings"], abs=0.06)
+    for t in res["thresholds"]:
+        row = re.search(rf"^\| {t['layer']} \| (-?[0-9.]+)\.\.", report, re.M)
+        assert float(row.group(1)) == pytest.approx(min(t["delta"]), abs=6e-3)
+
+
+def test_per_head_savings_add_up(analysis):
+    _, res = analysis
+    at = next(r for r in res["savings_vs_length"] if r["length"] == SEQ_LEN)
+    heads = res["per_head"]
+    saved = sum(h["flops_saved"] for h in heads)
+    dense = sum(h["flops_dense"] for h in heads)
+    assert dense == pytest.approx(at["flops_dense"])
+    assert saved == pytest.approx(at["flops_dense"] - at["flops_done"])
+    assert saved / dense == pytest.approx(at["flops_saved_fraction"])
+    assert res["per_head_summary"]["flops_saved_fraction"] == pytest.approx(at["flops_saved_fraction"])
+    ranked = sorted((h["flops_saved"] for h in heads), reverse=True)
+    n_top = res["per_head_summary"]["top10_heads"]
+    assert res["per_head_summary"]["top10_share_of_savings"] == pytest.approx(sum(ranked[:n_top]) / saved)
+    # spread gates (decay 2..64 tokens): ACP prunes, more at longer contexts
+    by_len = {r["length"]: r["flops_saved_fraction"] for r in res["savings_vs_length"]}
+    assert 0 < by_len[SEQ_LEN] < by_len[512] < 1
+    assert {h["class"] for h in heads} == {"local", "global"}
+
+
+def test_thresholds_bound_holds(analysis):
+    """The bound U the threshold assumes is >= the Cauchy-Schwarz bound >= the largest actual logit;
+    the tight threshold prunes at least as much; the recomputed plan matches the forward's."""
+    _, res = analysis
+    at = next(r for r in res["savings_vs_length"] if r["length"] == SEQ_LEN)
+    for t, layer in zip(res["thresholds"], at["per_layer"]):
+        for u, cs, actual in zip(t["bound_U"], t["cauchy_schwarz_bound"], t["max_abs_logit"]):
+            assert u >= cs - 1e-4 and cs >= actual - 1e-4 and actual > 0
+        assert t["kept_fraction"] == pytest.approx(layer["kept_fraction"])
+        assert t["kept_fraction_tight_bound"] <= t["kept_fraction"] + 1e-12
+    for g in res["gates"]:
+        assert g["mean_log_f"] < 0 and g["decay_length"] == pytest.approx(-1 / g["mean_log_f"])
+        assert g["decay_length_p10"] <= g["decay_length_p50"] <= g["decay_length_p90"]
+
+
+@pytest.fixture(scope="module")
+def evaluation(run_dir, hf_dir, store_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    assert main(["eval", str(run_dir), str(hf_dir), "--names", "ckpt", "hf", "--data", str(store_dir), "--out",
+                 str(out), "--num-seqs", "2", "--needle-lengths", "128", "256", "--needle-depths", "0", "0.5", "1",
+                 "--needle-trials", "1", "--decode-tokens", "4", "--repeats", "1", "--throughput-len", "64"]) == 0
+    return out, json.loads((out / "eval.json").read_text())
+
+
+def test_eval_acp_parity_and_report(evaluation):
+    out, res = evaluation
+    assert res["settings"]["seq_len"] == SEQ_LEN
+    assert len(res["loss"]) == 4  # two models x ACP on/off
+    for name, p in res["acp_parity"].items():
+        # at most eps = e^-10 of attention mass moves per layer; the loss barely moves
+        assert p["max_abs_token_loss_difference"] <= 1e-3, name
+        assert abs(p["loss_acp_on"] - p["loss_acp_off"]) <= 1e-4
+    # the checkpoint and its export are the same model on the same tokens
+    ckpt, hf = res["acp_parity"]["ckpt"], res["acp_parity"]["hf"]
+    assert ckpt["loss_acp_off"] == pytest.approx(hf["loss_acp_off"], abs=1e-6)
+    report = (out / "report.md").read_text()
+    for v in res["loss"]:
+        row = re.search(rf"^\| {v['model']} \| {v['acp']} \| ([0-9.]+) \| ([0-9.]+) \|", report, re.M)
+        assert float(row.group(1)) == pytest.approx(v["loss"], abs=6e-5)
+        assert float(row.group(2)) == pytest.approx(v["perplexity"], rel=1e-3)
+    for name in res["figures"].values():
+        assert (out / name).stat().st_size > 1000, name
+        assert f"({name})" in report
+    assert len(res["needle"]) == 4 and len(res["throughput"]) == 4
+    for grid in res["needle"].values():
+        assert len(grid["accuracy"]) == 2 and len(grid["accuracy"][0]) == 3
+    for t in res["throughput"]:
+        assert t["prefill_tokens_per_s"] > 0 and t["decode_tokens_per_s"] > 0
+    curve = next(iter(res["position"].values()))
+    assert len(curve["smoothed"]) == SEQ_LEN
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.3, 0.5, 1.0])
+def test_needle_goes_where_it_says(depth):
+    from foxacp.analysis.evaluation import make_needle_prompt, score_answer
+
+    tok = get_tokenizer("bytes")
+    hay = list(b"lorem ipsum dolor sit amet " * 40)
+    p = make_needle_prompt(tok, hay, 300, depth, random.Random(1))
+    assert len(p.input_ids) == 300 and p.input_ids[0] == tok.bos_id
+    assert p.input_ids[p.needle_start:p.needle_start + len(p.needle_ids)] == p.needle_ids
+    assert tok.decode(p.needle_ids) == f" The secret number of {p.name} is {p.answer}. "
+    hay_len = 300 - 1 - len(p.needle_ids) - len(tok.encode(f" What is the secret number of {p.name}? "
+                                                          f"The secret number of {p.name} is"))
+    assert p.needle_start - 1 == round(depth * hay_len)
+    assert p.input_ids[1:p.needle_start] == hay[:p.needle_start - 1]  # haystack order is kept
+    assert tok.decode(p.input_ids).endswith(f"The secret number of {p.name} is")
+    assert score_answer(f" {p.answer}.", p.answer) and not score_answer(f" {p.answer}7", p.answer)
+    assert not score_answer(" none", p.answer)
+
+
+def test_needle_is_answerable_by_a_copying_model():
+    """Exact match works end to end: a 'model' that copies the number after the needle scores 1."""
+    from foxacp.analysis import evaluation as E
+
+    tok = get_tokenizer("bytes")
+    p = E.make_needle_prompt(tok, list(b"abc " * 100), 200, 0.5, random.Random(3))
+    text = tok.decode(p.input_ids)
+    answer = re.search(rf"secret number of {p.name} is (\d+)\.", text).group(1)
+    assert E.score_answer(" " + answer, p.answer)
+
+
+def test_moving_average_and_position_curve():
+    from foxacp.analysis.evaluation import moving_average, position_curve
+
+    x = torch.arange(10, dtype=torch.float64).numpy()
+    assert moving_average(x, 1).tolist() == x.tolist()
+    assert moving_average(x, 3).tolist()[:4] == [0.0, 0.5, 1.0, 2.0]
+    losses = torch.tensor([[1.0, 2.0, float("nan"), 4.0], [3.0, 2.0, 2.0, 0.0]], dtype=torch.float64)
+    curve = position_curve(losses, 2)
+    assert curve["mean"] == [2.0, 2.0, 2.0, 2.0]
+
+
+def test_hf_tokenizer_bytes_matches_foxacp():
+    from foxacp.analysis.hf_tokenizer import hf_tokenizer
+
+    text = "héllo wörld\n\tx"
+    tok = hf_tokenizer("bytes")
+    assert tok.encode(text, add_special_tokens=False) == get_tokenizer("bytes").encode(text)
+    assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+    assert tok.eos_token_id == 256
+
+
+def test_commands_module_imports_light():
+    code = ("import sys, foxacp.analysis.commands; "
+            "bad = [m for m in ('matplotlib', 'transformers', 'foxacp.models') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_analyze_rejects_transformer(tmp_path, store_dir):
+    from foxacp.models import FoxForCausalLM, preset_config
+
+    FoxForCausalLM(preset_config("transformer-pro-tiny", vocab_size=257)).save_pretrained(tmp_path / "tf")
+    with pytest.raises(ValueError, match="needs a FoX model"):
+        main(["analyze", str(tmp_path / "tf"), "--data", str(store_dir), "--out", str(tmp_path / "o"),
+              "--seq-len", "128", "--lengths", "128", "--num-seqs", "1"])
