@@ -85,9 +85,12 @@ def threshold_from_data(q: torch.Tensor, k: torch.Tensor, sm_scale: float, seq_l
 
 def _row_norms(t: torch.Tensor) -> torch.Tensor:
     """float32 norms over the last dim; half inputs accumulate in float32 without a float32 copy."""
-    if t.dtype in (torch.float16, torch.bfloat16):
-        return torch.linalg.vector_norm(t.detach(), dim=-1, dtype=torch.float32)
-    return t.detach().float().norm(dim=-1)
+    t = t.detach()
+    if t.dtype not in (torch.float16, torch.bfloat16):
+        return t.float().norm(dim=-1)
+    if t.dim() == 4 and t.transpose(1, 2).is_contiguous():  # (B, T, H, D) memory: reduce it as laid out
+        return torch.linalg.vector_norm(t.transpose(1, 2), dim=-1, dtype=torch.float32).transpose(1, 2)
+    return torch.linalg.vector_norm(t, dim=-1, dtype=torch.float32)
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ Layers (kernels live in :mod:`foxacp.ops.triton_kernels`):
 * the backend interface of :mod:`foxacp.ops.backends`: ``attend``, ``default_tiles``,
   ``unavailable_reason``.
 
-ACP: the kernels find their own tile ranges from the float64 global decay (see the kernels'
-module docstring); the plan tiles are the forward tiles ``default_tiles(head_dim)``, so
+ACP: one tiny parallel pre-pass finds every tile's range from the float64 global decay (see the
+kernels' module docstring); the plan tiles are the forward tiles ``default_tiles(head_dim)``, so
 ``spec.plan(*default_tiles(head_dim))`` describes exactly what the kernels computed. ``attend``
 returns no plan: the API builds it only when stats are asked for.
 """
@@ -110,8 +110,16 @@ def _decode_splits(batch_heads: int, seqlen_k: int, block_n: int, device) -> int
 # ----------------------------------------------------------------------------- launchers
 
 
-def _strides3(t: Optional[torch.Tensor]):
-    return (0, 0, 0) if t is None else t.stride()
+def _acp_tiles(decay_global, delta, B, H, Tq, Tk, plan_m, plan_n):
+    """The ACP pre-pass: first kept key tile per query tile, end of kept query tiles per key tile."""
+    nqt, nkt = triton.cdiv(Tq, plan_m), triton.cdiv(Tk, plan_n)
+    acp_kv = torch.empty((B * H, nqt), dtype=torch.int32, device=decay_global.device)
+    acp_q = torch.empty((B * H, nkt), dtype=torch.int32, device=decay_global.device)
+    kernels.acp_tiles_kernel[(max(nqt, nkt), B * H)](
+        decay_global, delta, acp_kv, acp_q, *decay_global.stride(), H, Tq, Tk, Tk - Tq, nqt, nkt,
+        PLAN_M=plan_m, PLAN_N=plan_n, SEARCH=_search_block(), num_warps=4,
+    )
+    return acp_kv, acp_q
 
 
 def _forward(q, k, v, decay, decay_global, key_lo, key_hi, delta, sm_scale: float):
@@ -129,7 +137,7 @@ def _forward(q, k, v, decay, decay_global, key_lo, key_hi, delta, sm_scale: floa
         warps = 4
         splits = _decode_splits(B * H * triton.cdiv(Tq, block_m), Tk, block_n, q.device)
     stages = _stages(stages, q.dtype, D)
-    dg = decay_global if has_acp else decay
+    acp_kv = _acp_tiles(decay_global, delta, B, H, Tq, Tk, cfg.block_m, cfg.block_n)[0] if has_acp else lse
     lo = key_lo if varlen else decay
     if splits > 1:
         acc_part = torch.empty((splits, B * H, Tq, d_pad), dtype=torch.float32, device=q.device)
@@ -138,13 +146,12 @@ def _forward(q, k, v, decay, decay_global, key_lo, key_hi, delta, sm_scale: floa
         acc_part = ml_part = lse
     grid = (triton.cdiv(Tq, block_m), B * H, splits)
     kernels.fwd_kernel[grid](
-        q, k, v, decay, dg, lo, delta if has_acp else decay, out, lse, acc_part, ml_part,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *decay.stride(),
-        *(_strides3(decay_global) if has_acp else (0, 0, 0)), key_lo.stride(0) if varlen else 0,
+        q, k, v, decay, acp_kv, lo, out, lse, acc_part, ml_part,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *decay.stride(), key_lo.stride(0) if varlen else 0,
         *out.stride()[:3],
-        H, H // Hkv, Tq, Tk, Tk - Tq, sm_scale * kernels.LOG2E,
+        H, H // Hkv, Tq, Tk, Tk - Tq, triton.cdiv(Tq, cfg.block_m), sm_scale * kernels.LOG2E,
         HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n, PLAN_M=cfg.block_m, PLAN_N=cfg.block_n,
-        SEARCH=_search_block(), NUM_SPLITS=splits, IS_VARLEN=varlen, HAS_ACP=has_acp, EVEN_D=D == d_pad,
+        NUM_SPLITS=splits, IS_VARLEN=varlen, HAS_ACP=has_acp, EVEN_D=D == d_pad,
         num_warps=warps, num_stages=stages,
     )
     if splits > 1:
@@ -170,26 +177,26 @@ def _backward(dout, q, k, v, decay, decay_global, key_lo, key_hi, delta, out, ls
     )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dc = torch.empty_like(decay, dtype=torch.float32)
-    dg = decay_global if has_acp else decay
+    if has_acp:
+        acp_kv, acp_q = _acp_tiles(decay_global, delta, B, H, Tq, Tk, cfg.block_m, cfg.block_n)
+    else:
+        acp_kv = acp_q = di
     lo = key_lo if varlen else decay
     hi = key_hi if varlen else decay
-    dlt = delta if has_acp else decay
-    common = dict(HEAD_DIM=D, D_PAD=d_pad, PLAN_M=cfg.block_m, PLAN_N=cfg.block_n, SEARCH=_search_block(),
-                  IS_VARLEN=varlen, HAS_ACP=has_acp, EVEN_D=D == d_pad, num_warps=cfg.bwd_warps,
+    common = dict(HEAD_DIM=D, D_PAD=d_pad, PLAN_M=cfg.block_m, PLAN_N=cfg.block_n, IS_VARLEN=varlen, HAS_ACP=has_acp, EVEN_D=D == d_pad, num_warps=cfg.bwd_warps,
                   num_stages=_stages(cfg.bwd_stages, q.dtype, D))
     base_strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *decay.stride(),
-                    *(_strides3(decay_global) if has_acp else (0, 0, 0)), key_lo.stride(0) if varlen else 0,
-                    *dout.stride()[:3])
+                    key_lo.stride(0) if varlen else 0, *dout.stride()[:3])
     kernels.bwd_dkdv_kernel[(triton.cdiv(Tk, cfg.n1), B * Hkv)](
-        q, k, v, decay, dg, lo, hi, dlt, dout, lse, di, dk, dv, dc,
+        q, k, v, decay, acp_q, lo, hi, dout, lse, di, dk, dv, dc,
         *base_strides, *dk.stride()[:3], *dv.stride()[:3], *dc.stride(),
-        H, Hkv, H // Hkv, Tq, Tk, Tk - Tq, sm_scale, sm_scale * kernels.LOG2E,
+        H, Hkv, H // Hkv, Tq, Tk, Tk - Tq, triton.cdiv(Tk, cfg.block_n), sm_scale, sm_scale * kernels.LOG2E,
         BLOCK_M=cfg.m1, BLOCK_N=cfg.n1, **common,
     )
     kernels.bwd_dq_kernel[(triton.cdiv(Tq, cfg.m2), B * H)](
-        q, k, v, decay, dg, lo, dlt, dout, lse, di, dq,
+        q, k, v, decay, acp_kv, lo, dout, lse, di, dq,
         *base_strides, *dq.stride()[:3],
-        H, H // Hkv, Tq, Tk, Tk - Tq, sm_scale, sm_scale * kernels.LOG2E,
+        H, H // Hkv, Tq, Tk, Tk - Tq, triton.cdiv(Tq, cfg.block_m), sm_scale, sm_scale * kernels.LOG2E,
         BLOCK_M=cfg.m2, BLOCK_N=cfg.n2, **common,
     )
     return dq, dk, dv, dc
@@ -297,13 +304,15 @@ def acp_bounds(spec: MaskSpec, head_dim: int):
     out = [torch.empty((B, H, n), dtype=torch.int32, device=device) for n in (nqt, nqt, nkt, nkt)]
     varlen, has_acp = spec.key_lo is not None, spec.has_acp
     dummy = out[0]
-    dg = spec.decay if has_acp else dummy
+    if has_acp:
+        acp_kv, acp_q = _acp_tiles(spec.decay, spec.delta.contiguous(), B, H, Tq, Tk, bm, bn)
+    else:
+        acp_kv = acp_q = dummy
     lo = spec.key_lo.contiguous() if varlen else dummy
     hi = spec.key_hi.contiguous() if varlen else dummy
     kernels.acp_bounds_kernel[(max(nqt, nkt), B * H)](
-        lo, hi, dg, spec.delta.contiguous() if has_acp else dummy, *out,
-        lo.stride(0) if varlen else 0, *(dg.stride() if has_acp else (0, 0, 0)), H, Tq, Tk, Tk - Tq, nqt, nkt,
-        PLAN_M=bm, PLAN_N=bn, SEARCH=_search_block(), IS_VARLEN=varlen, HAS_ACP=has_acp,
+        lo, hi, acp_kv, acp_q, *out, lo.stride(0) if varlen else 0, H, Tq, Tk, Tk - Tq, nqt, nkt,
+        PLAN_M=bm, PLAN_N=bn, IS_VARLEN=varlen, HAS_ACP=has_acp,
     )
     col_lo, col_hi, row_lo, row_hi = (t.long() for t in out)
     empty_q = col_lo >= col_hi

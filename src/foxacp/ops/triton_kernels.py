@@ -11,11 +11,12 @@ cumulative decays lose no precision (the shift cancels in every score).
 
 ACP (HAS_ACP). The plan is defined on ``PLAN_M x PLAN_N`` tiles (the forward tiles): plan tile
 ``(m, n)`` is kept iff ``DG[first query position of m] - DG[last key of n] >= delta`` with ``DG`` the
-monotone float64 global decay. Each program finds its own range with one vectorised count over
-the monotone ``DG`` (no sequential scan, no pre-pass); the kernels' own blocks divide the plan
-tiles, so pruning never cuts through a block. ``_query_block_keys`` and ``_key_block_queries`` are
-the single source of these ranges for every kernel here, and ``acp_bounds_kernel`` exposes them
-for tests.
+monotone float64 global decay. ``acp_tiles_kernel``, one tiny parallel pre-pass (one program per
+plan tile, a vectorised count over the monotone ``DG``; no sequential scan), writes the first kept
+key tile of every query tile and the end of the kept query tiles of every key tile; each
+attention program then reads one int. The kernels' own blocks divide the plan tiles, so pruning
+never cuts through a block. ``_query_block_keys`` and ``_key_block_queries`` are the single
+source of the ranges for every kernel here; ``acp_bounds_kernel`` exposes them for tests.
 """
 
 import triton
@@ -28,13 +29,50 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _query_block_keys(LO, DG, stride_dgt, delta, r0, Tq, Tk, OFF,
+def acp_tiles_kernel(DG, DELTA, ACP_KV, ACP_Q, stride_dgb, stride_dgh, stride_dgt, H, Tq, Tk, OFF,
+                     NUM_QT, NUM_KT, PLAN_M: tl.constexpr, PLAN_N: tl.constexpr, SEARCH: tl.constexpr):
+    """ACP pre-pass, one program per (plan tile, batch*head), all in parallel.
+
+    ``ACP_KV[bh, m]``: the first key tile that query tile m keeps (plan tile n is kept iff
+    ``DG[first query of m] - DG[last key of n] >= delta``; false on a prefix of n because DG is
+    non-increasing, so counting the pruned tiles gives the index). ``ACP_Q[bh, n]``: one past the
+    last query tile that keeps key tile n (true on a prefix of m). Same float64 arithmetic as
+    :func:`foxacp.ops.acp.tile_bounds`, so the ranges agree exactly.
+    """
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    DG += b.to(tl.int64) * stride_dgb + h * stride_dgh
+    delta = tl.load(DELTA + bh).to(tl.float64)
+    if t < NUM_QT:
+        val = -tl.load(DG + (t * PLAN_M + OFF) * stride_dgt) + delta
+        n_end = (tl.minimum(t * PLAN_M + PLAN_M, Tq) - 1 + OFF) // PLAN_N + 1  # causal key tiles
+        pruned = 0
+        for start in range(0, n_end, SEARCH):
+            n = start + tl.arange(0, SEARCH)
+            k_last = tl.minimum(n * PLAN_N + PLAN_N - 1, Tk - 1)
+            e_k = -tl.load(DG + k_last.to(tl.int64) * stride_dgt, mask=n < n_end, other=0.0)
+            pruned += tl.sum(((e_k < val) & (n < n_end)).to(tl.int32), axis=0)
+        tl.store(ACP_KV + bh * NUM_QT + t, pruned)
+    if t < NUM_KT:
+        val = -tl.load(DG + tl.minimum(t * PLAN_N + PLAN_N - 1, Tk - 1) * stride_dgt) - delta
+        kept = 0
+        for start in range(0, NUM_QT, SEARCH):
+            m = start + tl.arange(0, SEARCH)
+            e_q = -tl.load(DG + (m * PLAN_M + OFF).to(tl.int64) * stride_dgt, mask=m < NUM_QT, other=0.0)
+            kept += tl.sum(((e_q <= val) & (m < NUM_QT)).to(tl.int32), axis=0)
+        tl.store(ACP_Q + bh * NUM_KT + t, kept)
+
+
+@triton.jit
+def _query_block_keys(LO, ACP_KV, r0, Tq, OFF,
                       BLOCK_M: tl.constexpr, PLAN_M: tl.constexpr, PLAN_N: tl.constexpr,
-                      SEARCH: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_ACP: tl.constexpr):
+                      IS_VARLEN: tl.constexpr, HAS_ACP: tl.constexpr):
     """Key columns ``[col_lo, col_hi)`` that query rows ``[r0, r0 + BLOCK_M)`` compute.
 
     Also returns ``lo_max``, the largest ``lo`` among the rows (keys at or above it are visible
-    to every row up to the causal edge). ``LO``/``DG`` already point at this batch / head.
+    to every row up to the causal edge). ``LO``/``ACP_KV`` already point at this batch / head.
     """
     r_last = tl.minimum(r0 + BLOCK_M, Tq) - 1
     p_first = r0 + OFF
@@ -46,27 +84,15 @@ def _query_block_keys(LO, DG, stride_dgt, delta, r0, Tq, Tk, OFF,
     else:
         col_lo = p_first * 0
         lo_max = p_first * 0
-    if HAS_ACP:
-        # plan tile n kept iff DG[first query of the plan tile] - DG[last key of n] >= delta;
-        # false on a prefix of n (DG non-increasing): count the pruned tiles in range
-        pf = (r0 // PLAN_M) * PLAN_M + OFF
-        val = -tl.load(DG + pf * stride_dgt) + delta
-        n_begin = col_lo // PLAN_N
-        n_end = (col_hi + PLAN_N - 1) // PLAN_N
-        pruned = 0
-        for start in range(n_begin, n_end, SEARCH):
-            n = start + tl.arange(0, SEARCH)
-            k_last = tl.minimum(n * PLAN_N + PLAN_N - 1, Tk - 1)
-            e_k = -tl.load(DG + k_last.to(tl.int64) * stride_dgt, mask=n < n_end, other=0.0)
-            pruned += tl.sum(((e_k < val) & (n < n_end)).to(tl.int32), axis=0)
-        col_lo = tl.maximum(col_lo, (n_begin + pruned) * PLAN_N)
+    if HAS_ACP:  # first kept key tile of this block's plan tile (BLOCK_M divides PLAN_M)
+        col_lo = tl.maximum(col_lo, tl.load(ACP_KV + r0 // PLAN_M) * PLAN_N)
     return col_lo, col_hi, lo_max
 
 
 @triton.jit
-def _key_block_queries(LO, HI, DG, stride_dgt, delta, c0, Tq, Tk, OFF,
+def _key_block_queries(LO, HI, ACP_Q, c0, Tq, Tk, OFF,
                        BLOCK_N: tl.constexpr, PLAN_M: tl.constexpr, PLAN_N: tl.constexpr,
-                       SEARCH: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_ACP: tl.constexpr):
+                       IS_VARLEN: tl.constexpr, HAS_ACP: tl.constexpr):
     """Query rows ``[row_lo, row_hi)`` that use key columns ``[c0, c0 + BLOCK_N)``.
 
     Also returns ``[full_lo, full_hi)``: rows that see every column of the block (no mask).
@@ -84,49 +110,29 @@ def _key_block_queries(LO, HI, DG, stride_dgt, delta, c0, Tq, Tk, OFF,
         hi_first = tl.load(HI + c0)
         # rows after c0's sequence start after c0 (lo > c0); padding keys are seen by no one
         full_hi = tl.where(tl.load(LO + hi_first) > c0, 0, tl.minimum(full_hi, hi_first - OFF + 1))
-    if HAS_ACP:
-        # plan query tile m keeps this key tile iff DG[first query of m] - DG[last key] >= delta;
-        # true on a prefix of m: count the kept tiles in range
-        n_plan = c0 // PLAN_N
-        k_last = tl.minimum(n_plan * PLAN_N + PLAN_N - 1, Tk - 1)
-        val = -tl.load(DG + k_last * stride_dgt) - delta
-        m_begin = row_lo // PLAN_M
-        m_end = (row_hi + PLAN_M - 1) // PLAN_M
-        kept = 0
-        for start in range(m_begin, m_end, SEARCH):
-            m = start + tl.arange(0, SEARCH)
-            pf = m * PLAN_M + OFF
-            e_q = -tl.load(DG + pf.to(tl.int64) * stride_dgt, mask=m < m_end, other=0.0)
-            kept += tl.sum(((e_q <= val) & (m < m_end)).to(tl.int32), axis=0)
-        row_hi = tl.minimum(row_hi, (m_begin + kept) * PLAN_M)
+    if HAS_ACP:  # query tiles keeping this block's plan tile end here (BLOCK_N divides PLAN_N)
+        row_hi = tl.minimum(row_hi, tl.load(ACP_Q + c0 // PLAN_N) * PLAN_M)
     return row_lo, row_hi, full_lo, full_hi
 
 
 @triton.jit
-def acp_bounds_kernel(LO, HI, DG, DELTA, KV_LO, KV_HI, Q_LO, Q_HI,
-                      stride_lob, stride_dgb, stride_dgh, stride_dgt, H, Tq, Tk, OFF,
-                      NUM_QT, NUM_KT,
-                      PLAN_M: tl.constexpr, PLAN_N: tl.constexpr, SEARCH: tl.constexpr,
+def acp_bounds_kernel(LO, HI, ACP_KV, ACP_Q, KV_LO, KV_HI, Q_LO, Q_HI, stride_lob, H, Tq, Tk, OFF,
+                      NUM_QT, NUM_KT, PLAN_M: tl.constexpr, PLAN_N: tl.constexpr,
                       IS_VARLEN: tl.constexpr, HAS_ACP: tl.constexpr):
     """Element ranges of every plan tile, as the attention kernels compute them (debug / stats)."""
     t = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
-    h = bh % H
     LO += b * stride_lob
     HI += b * stride_lob
-    DG += b.to(tl.int64) * stride_dgb + h * stride_dgh
-    delta = 0.0
-    if HAS_ACP:
-        delta = tl.load(DELTA + bh).to(tl.float64)
     if t < NUM_QT:
-        col_lo, col_hi, _ = _query_block_keys(LO, DG, stride_dgt, delta, t * PLAN_M, Tq, Tk, OFF,
-                                              PLAN_M, PLAN_M, PLAN_N, SEARCH, IS_VARLEN, HAS_ACP)
+        col_lo, col_hi, _ = _query_block_keys(LO, ACP_KV + bh * NUM_QT, t * PLAN_M, Tq, OFF,
+                                              PLAN_M, PLAN_M, PLAN_N, IS_VARLEN, HAS_ACP)
         tl.store(KV_LO + bh * NUM_QT + t, col_lo)
         tl.store(KV_HI + bh * NUM_QT + t, col_hi)
     if t < NUM_KT:
-        row_lo, row_hi, _, _ = _key_block_queries(LO, HI, DG, stride_dgt, delta, t * PLAN_N, Tq, Tk, OFF,
-                                                  PLAN_N, PLAN_M, PLAN_N, SEARCH, IS_VARLEN, HAS_ACP)
+        row_lo, row_hi, _, _ = _key_block_queries(LO, HI, ACP_Q + bh * NUM_KT, t * PLAN_N, Tq, Tk, OFF,
+                                                  PLAN_N, PLAN_M, PLAN_N, IS_VARLEN, HAS_ACP)
         tl.store(Q_LO + bh * NUM_KT + t, row_lo)
         tl.store(Q_HI + bh * NUM_KT + t, row_hi)
 
@@ -186,14 +192,13 @@ def _fwd_inner(acc, l_i, m_i, q, pos_q, lo_q, K, V, C, stride_kt, stride_vt, str
 
 
 @triton.jit
-def fwd_kernel(Q, K, V, C, DG, LO, DELTA, OUT, LSE, ACC_PART, ML_PART,
+def fwd_kernel(Q, K, V, C, ACP_KV, LO, OUT, LSE, ACC_PART, ML_PART,
                stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-               stride_vb, stride_vh, stride_vt, stride_cb, stride_ch, stride_ct,
-               stride_dgb, stride_dgh, stride_dgt, stride_lob,
+               stride_vb, stride_vh, stride_vt, stride_cb, stride_ch, stride_ct, stride_lob,
                stride_ob, stride_oh, stride_ot,
-               H, GROUP, Tq, Tk, OFF, qk_scale,
+               H, GROUP, Tq, Tk, OFF, NUM_QT, qk_scale,
                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               PLAN_M: tl.constexpr, PLAN_N: tl.constexpr, SEARCH: tl.constexpr, NUM_SPLITS: tl.constexpr,
+               PLAN_M: tl.constexpr, PLAN_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
                IS_VARLEN: tl.constexpr, HAS_ACP: tl.constexpr, EVEN_D: tl.constexpr):
     """One program per (query block, batch*head, key split). NUM_SPLITS > 1: flash-decoding partials."""
     pid_m = tl.program_id(0)
@@ -207,7 +212,7 @@ def fwd_kernel(Q, K, V, C, DG, LO, DELTA, OUT, LSE, ACC_PART, ML_PART,
     K += b64 * stride_kb + hk * stride_kh
     V += b64 * stride_vb + hk * stride_vh
     C += b64 * stride_cb + h * stride_ch
-    DG += b64 * stride_dgb + h * stride_dgh
+    ACP_KV += bh * NUM_QT
     LO += b * stride_lob
     OUT += b64 * stride_ob + h * stride_oh
 
@@ -216,16 +221,11 @@ def fwd_kernel(Q, K, V, C, DG, LO, DELTA, OUT, LSE, ACC_PART, ML_PART,
     offs_d = tl.arange(0, D_PAD)
     row_ok = rows < Tq
     pos_q = rows + OFF
-    # loads first: their latency overlaps the ACP range search
     q_ptrs = Q + rows[:, None] * stride_qt + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)  # [BLOCK_M, D]
     c_ref = tl.load(C + (r0 + OFF) * stride_ct)
     cq = (tl.load(C + pos_q * stride_ct, mask=row_ok, other=0.0) - c_ref) * 1.4426950408889634  # [BLOCK_M]
-    delta = 0.0
-    if HAS_ACP:
-        delta = tl.load(DELTA + bh).to(tl.float64)
-    col_lo, col_hi, lo_max = _query_block_keys(LO, DG, stride_dgt, delta, r0, Tq, Tk, OFF,
-                                               BLOCK_M, PLAN_M, PLAN_N, SEARCH, IS_VARLEN, HAS_ACP)
+    col_lo, col_hi, lo_max = _query_block_keys(LO, ACP_KV, r0, Tq, OFF, BLOCK_M, PLAN_M, PLAN_N, IS_VARLEN, HAS_ACP)
     # phases: [col_lo, a) masked (lo edge), [a, b) full blocks, [b, col_hi) masked (causal edge)
     col_lo = col_lo // BLOCK_N * BLOCK_N
     a = tl.minimum(tl.maximum((lo_max + BLOCK_N - 1) // BLOCK_N * BLOCK_N, col_lo), col_hi)
@@ -375,16 +375,15 @@ def _dkdv_inner(dk, dv, dc, k, v, ck, cols, Q, DO, C, LSE, DI, LO, stride_qt, st
 
 
 @triton.jit
-def bwd_dkdv_kernel(Q, K, V, C, DG, LO, HI, DELTA, DO, LSE, DI, DK, DV, DC,
+def bwd_dkdv_kernel(Q, K, V, C, ACP_Q, LO, HI, DO, LSE, DI, DK, DV, DC,
                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-                    stride_vb, stride_vh, stride_vt, stride_cb, stride_ch, stride_ct,
-                    stride_dgb, stride_dgh, stride_dgt, stride_lob,
+                    stride_vb, stride_vh, stride_vt, stride_cb, stride_ch, stride_ct, stride_lob,
                     stride_dob, stride_doh, stride_dot,
                     stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
                     stride_dcb, stride_dch, stride_dct,
-                    H, HKV, GROUP, Tq, Tk, OFF, sm_scale, qk_scale,
+                    H, HKV, GROUP, Tq, Tk, OFF, NUM_KT, sm_scale, qk_scale,
                     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    PLAN_M: tl.constexpr, PLAN_N: tl.constexpr, SEARCH: tl.constexpr,
+                    PLAN_M: tl.constexpr, PLAN_N: tl.constexpr,
                     IS_VARLEN: tl.constexpr, HAS_ACP: tl.constexpr, EVEN_D: tl.constexpr):
     """One program per (key block, batch*kv head): loops over the GQA group's query heads."""
     pid_n = tl.program_id(0)
@@ -411,14 +410,10 @@ def bwd_dkdv_kernel(Q, K, V, C, DG, LO, HI, DELTA, DO, LSE, DI, DK, DV, DC,
         Qh = Q + b64 * stride_qb + h * stride_qh
         DOh = DO + b64 * stride_dob + h * stride_doh
         Ch = C + b64 * stride_cb + h * stride_ch
-        DGh = DG + b64 * stride_dgb + h * stride_dgh
         LSEh = LSE + bh.to(tl.int64) * Tq
         DIh = DI + bh.to(tl.int64) * Tq
-        delta = 0.0
-        if HAS_ACP:
-            delta = tl.load(DELTA + bh).to(tl.float64)
-        row_lo, row_hi, full_lo, full_hi = _key_block_queries(LO, HI, DGh, stride_dgt, delta, c0, Tq, Tk, OFF,
-                                                              BLOCK_N, PLAN_M, PLAN_N, SEARCH, IS_VARLEN, HAS_ACP)
+        row_lo, row_hi, full_lo, full_hi = _key_block_queries(LO, HI, ACP_Q + bh * NUM_KT, c0, Tq, Tk, OFF,
+                                                              BLOCK_N, PLAN_M, PLAN_N, IS_VARLEN, HAS_ACP)
         # phases: [row_lo, a) masked (causal edge), [a, b) full blocks, [b, row_hi) masked (other sequences)
         row_lo = row_lo // BLOCK_M * BLOCK_M
         a = tl.minimum(tl.maximum((full_lo + BLOCK_M - 1) // BLOCK_M * BLOCK_M, row_lo), tl.maximum(row_hi, row_lo))
@@ -481,14 +476,13 @@ def _dq_inner(dq, q, do, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_vt, st
 
 
 @triton.jit
-def bwd_dq_kernel(Q, K, V, C, DG, LO, DELTA, DO, LSE, DI, DQ,
+def bwd_dq_kernel(Q, K, V, C, ACP_KV, LO, DO, LSE, DI, DQ,
                   stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-                  stride_vb, stride_vh, stride_vt, stride_cb, stride_ch, stride_ct,
-                  stride_dgb, stride_dgh, stride_dgt, stride_lob,
+                  stride_vb, stride_vh, stride_vt, stride_cb, stride_ch, stride_ct, stride_lob,
                   stride_dob, stride_doh, stride_dot, stride_dqb, stride_dqh, stride_dqt,
-                  H, GROUP, Tq, Tk, OFF, sm_scale, qk_scale,
+                  H, GROUP, Tq, Tk, OFF, NUM_QT, sm_scale, qk_scale,
                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  PLAN_M: tl.constexpr, PLAN_N: tl.constexpr, SEARCH: tl.constexpr,
+                  PLAN_M: tl.constexpr, PLAN_N: tl.constexpr,
                   IS_VARLEN: tl.constexpr, HAS_ACP: tl.constexpr, EVEN_D: tl.constexpr):
     """One program per (query block, batch*head)."""
     pid_m = tl.program_id(0)
@@ -502,7 +496,7 @@ def bwd_dq_kernel(Q, K, V, C, DG, LO, DELTA, DO, LSE, DI, DQ,
     K += b64 * stride_kb + hk * stride_kh
     V += b64 * stride_vb + hk * stride_vh
     C += b64 * stride_cb + h * stride_ch
-    DG += b64 * stride_dgb + h * stride_dgh
+    ACP_KV += bh * NUM_QT
     LO += b * stride_lob
     LSE += bh.to(tl.int64) * Tq
     DI += bh.to(tl.int64) * Tq
@@ -512,11 +506,7 @@ def bwd_dq_kernel(Q, K, V, C, DG, LO, DELTA, DO, LSE, DI, DQ,
     offs_d = tl.arange(0, D_PAD)
     row_ok = rows < Tq
     pos_q = rows + OFF
-    delta = 0.0
-    if HAS_ACP:
-        delta = tl.load(DELTA + bh).to(tl.float64)
-    col_lo, col_hi, lo_max = _query_block_keys(LO, DG, stride_dgt, delta, r0, Tq, Tk, OFF,
-                                               BLOCK_M, PLAN_M, PLAN_N, SEARCH, IS_VARLEN, HAS_ACP)
+    col_lo, col_hi, lo_max = _query_block_keys(LO, ACP_KV, r0, Tq, OFF, BLOCK_M, PLAN_M, PLAN_N, IS_VARLEN, HAS_ACP)
     col_lo = col_lo // BLOCK_N * BLOCK_N
     a = tl.minimum(tl.maximum((lo_max + BLOCK_N - 1) // BLOCK_N * BLOCK_N, col_lo), col_hi)
     b_full = tl.maximum(tl.minimum((r0 + OFF + 1) // BLOCK_N * BLOCK_N, col_hi), a)
