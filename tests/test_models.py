@@ -385,3 +385,19 @@ def test_acp_decoding_matches_full_forward():
         first = model(ids[:, :130], past_key_values=cache, use_cache=True).logits
         rest = [model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(130, 150)]
     torch.testing.assert_close(torch.cat([first, *rest], 1), full, rtol=1e-3, atol=1e-3)
+
+
+def test_runtime_switches():
+    model = tiny("fox-pro")
+    ids = torch.randint(0, VOCAB, (1, 16))
+    with torch.no_grad():
+        base = model(ids).logits
+        model.set_attention_backend("reference")
+        torch.testing.assert_close(model(ids).logits, base, rtol=1e-5, atol=1e-5)
+        model.set_acp(True, log_eps=-12.0)
+        assert model.config.acp and model.acp_thresholds(16)[0].shape == (4,)
+        torch.testing.assert_close(model(ids).logits, base, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="forget gate"):
+        tiny("transformer-llama").set_acp(True)
+    with pytest.raises(ValueError, match="attention_backend"):
+        model.set_attention_backend("flash")

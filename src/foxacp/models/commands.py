@@ -103,9 +103,7 @@ def _generate(args) -> int:
     if args.acp:
         if not model.config.uses_forget_gate:
             raise SystemExit(f"--acp needs a FoX model, this is {model.config.architecture}")
-        for module in model.modules():
-            if hasattr(module, "acp") and hasattr(module, "acp_threshold"):
-                module.acp = True
+        model.set_acp(True)
     model = model.to(device).eval()
     tokenizer = None
     if args.prompt_ids is not None:

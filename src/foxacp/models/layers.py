@@ -8,10 +8,20 @@ from torch import nn
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``x / rms(x) * weight`` over the last dim, computed in float32, returned in x's dtype."""
+    """``x / rms(x) * weight`` over the last dim (float32 statistics), returned in x's dtype.
+
+    Uses the fused ``F.rms_norm`` where torch has it (one kernel instead of five on GPU).
+    """
+    if _HAS_FUSED_RMS_NORM:
+        if weight.dim() == 1:
+            return F.rms_norm(x, weight.shape, weight.to(x.dtype), eps).to(x.dtype)
+        return (F.rms_norm(x, weight.shape[-1:], None, eps) * weight.to(x.dtype)).to(x.dtype)  # per-head scales
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (xf * weight.float()).to(x.dtype)
+
+
+_HAS_FUSED_RMS_NORM = hasattr(F, "rms_norm")
 
 
 class RMSNorm(nn.Module):
@@ -64,9 +74,9 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` ``(B, T, H, D)`` by position (half-split pairing ``(i, i + D/2)``, as LLaMA in HF)."""
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # tables in float32, the rotation in x's dtype (as HF)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
 def kv_shift(x: torch.Tensor, alpha: torch.Tensor, previous: torch.Tensor | None = None,
@@ -85,5 +95,4 @@ def kv_shift(x: torch.Tensor, alpha: torch.Tensor, previous: torch.Tensor | None
     shifted = torch.cat([previous, x[:, :-1]], dim=1)
     if restart is not None:
         shifted = shifted.masked_fill(restart[:, :, None, None], 0.0)
-    a = alpha[..., None]
-    return (a * shifted + (1.0 - a) * x).to(x.dtype)
+    return torch.lerp(x, shifted, alpha[..., None].to(x.dtype))  # x + a (shifted - x)

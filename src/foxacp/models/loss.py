@@ -27,6 +27,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight_grad else None
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        device_type = hidden.device.type
+        autocast = torch.is_autocast_enabled(device_type) if device_type in ("cuda", "cpu") else False
+        matmul_dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
         for start in range(0, n_tokens, chunk_size):
             h = hidden[start:start + chunk_size]  # [n, d]
             t = targets[start:start + chunk_size]  # [n]
@@ -39,13 +42,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             picked = logits.gather(1, t_safe[:, None]).squeeze(1)
             loss_sum += torch.where(valid, lse - picked, torch.zeros_like(lse)).sum()
             if need_hidden_grad or need_weight_grad:
-                probs = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place of the logits
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
                 probs[torch.arange(probs.shape[0], device=probs.device), t_safe] -= 1.0
-                grad_logits = probs.mul_(valid[:, None]).to(h.dtype)  # d(sum loss)/d logits
+                # d(sum loss)/d logits = (softmax - onehot) on valid rows; the row mask is applied
+                # to the d-wide factors below instead of this V-wide block.
+                grad_logits = probs.to(matmul_dtype)
+                row_mask = valid[:, None].to(matmul_dtype)
                 if need_hidden_grad:
-                    grad_hidden[start:start + chunk_size] = grad_logits @ weight.to(h.dtype)
+                    grad_hidden[start:start + chunk_size] = (grad_logits @ weight.to(matmul_dtype)) * row_mask
                 if need_weight_grad:
-                    grad_weight += (grad_logits.t() @ h).float()
+                    grad_weight += (grad_logits.t() @ (h.to(matmul_dtype) * row_mask)).float()
         ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight) if g is not None))
         ctx.has = (need_hidden_grad, need_weight_grad)
         ctx.weight_dtype = weight.dtype

@@ -155,6 +155,31 @@ class FoxPreTrainedModel(PreTrainedModel):
                 "flops_done": done, "flops_dense": dense,
                 "kept_fraction_per_layer": [s.kept_fraction for s in stats]}
 
+    def set_acp(self, enabled: bool, log_eps: float | None = None) -> None:
+        """Switch ACP on or off in every forgetting-attention layer (and the config) at run time."""
+        if enabled and not self.config.uses_forget_gate:
+            raise ValueError(f"ACP needs a forget gate; architecture {self.config.architecture!r} has none")
+        if log_eps is not None and not log_eps < 0:
+            raise ValueError(f"log_eps must be negative, got {log_eps}")
+        self.config.acp = bool(enabled)
+        if log_eps is not None:
+            self.config.acp_log_eps = float(log_eps)
+        for layer in self._fox_layers():
+            if isinstance(layer, ForgettingAttentionLayer):
+                layer.acp = bool(enabled)
+                layer.acp_log_eps = self.config.acp_log_eps
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Use ``backend`` ("auto", "reference", "torch", "triton") for forgetting attention."""
+        from .config import ATTENTION_BACKENDS
+
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {list(ATTENTION_BACKENDS)}, got {backend!r}")
+        self.config.attention_backend = backend
+        for layer in self._fox_layers():
+            if isinstance(layer, ForgettingAttentionLayer):
+                layer.backend = backend
+
     def acp_thresholds(self, seq_len: int) -> list:
         """Per layer, the ACP threshold used at key length ``seq_len`` (see
         :meth:`ForgettingAttentionLayer.acp_threshold`)."""
