@@ -1,5 +1,14 @@
-import pytest
+import os
+import sys
+
 import torch
+
+# Triton kernels run in the interpreter on machines without CUDA. The variable must be set
+# before Triton is first imported (by any test module), so it is set here, before collection.
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

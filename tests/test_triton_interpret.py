@@ -1,23 +1,14 @@
 """backend="triton" against the reference: outputs, all four gradients, ACP tile bounds.
 
-On a machine without CUDA the kernels run in Triton's interpreter. TRITON_INTERPRET=1 must be
-set before Triton itself is imported (its own ``tl.zeros`` etc. are jitted at import), but other
-test modules import Triton indirectly (through transformers / torch) while pytest collects them.
-When that happened in this process, the whole file reruns once in a fresh interpreter process
-(``test_interpreter_in_fresh_process``) and the in-process copies skip. bf16 is left to
-tests/gpu: the interpreter's bf16 ``tl.dot`` is wrong.
+On a machine without CUDA the kernels run in Triton's interpreter: tests/conftest.py sets
+TRITON_INTERPRET=1 before anything imports Triton. bf16 is left to tests/gpu: the interpreter's
+bf16 ``tl.dot`` is wrong.
 """
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-
-_TRITON_ALREADY_COMPILED_MODE = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 triton = pytest.importorskip("triton")
 
@@ -30,25 +21,11 @@ from conftest import make_inputs  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
-RERUN = DEVICE == "cpu" and _TRITON_ALREADY_COMPILED_MODE
-
-
-@pytest.mark.skipif(not RERUN, reason="this process runs the interpreter tests itself")
-def test_interpreter_in_fresh_process():
-    """Triton was imported here before TRITON_INTERPRET was set: run this file in a new process."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
-                            env=env, capture_output=True, text=True, timeout=900,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    assert " passed" in result.stdout and "fresh_process" not in result.stdout
 
 
 @pytest.fixture
 def ta(monkeypatch):
     """The triton backend, with the reference pruning on the same plan tiles."""
-    if RERUN:
-        pytest.skip("rerun in a fresh process by test_interpreter_in_fresh_process")
     from foxacp.ops import triton_attention
 
     monkeypatch.setattr(reference, "ACP_TILES", triton_attention.default_tiles(64))

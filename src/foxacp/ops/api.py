@@ -47,7 +47,8 @@ def forgetting_attention(
         sm_scale: score scale, default ``1/sqrt(D)``.
         adaptive_threshold: ACP. ``None``: dense. ``"auto"``: ``delta = -(2U + ln Tk) + log_eps``,
             ``U = max|q_i| max|k_j| sm_scale`` per (batch, head). A float or a tensor
-            broadcastable to ``(B, H)``: delta itself (<= 0). A (query tile, key tile) pair
+            broadcastable to ``(B, H)``: delta itself (<= 0; a CUDA tensor is checked without a host
+            sync, so a bad value fails as a device-side assert). A (query tile, key tile) pair
             whose largest decay ``c[first query] - c[last key]`` is below delta is skipped; the
             attention mass removed from any query is then <= ``e^log_eps``.
         seq_start: ``(B,)`` ints; positions before ``seq_start[b]`` are left padding, never
@@ -222,6 +223,9 @@ def _threshold(adaptive_threshold, log_eps: float, q, k, sm_scale: float, batch:
     except RuntimeError:
         raise ValueError(f"adaptive_threshold tensor of shape {tuple(delta.shape)} does not "
                          f"broadcast to (B, H) = ({batch}, {heads})") from None
-    if bool(torch.isnan(delta).any()) or bool((delta > 0).any()):
+    valid = ~(torch.isnan(delta) | (delta > 0)).any()
+    if delta.is_cuda:  # no host sync on the hot path: a bad value stops at the next CUDA call
+        torch._assert_async(valid)
+    elif not bool(valid):
         raise ValueError(f"adaptive_threshold must be <= 0 and not NaN (a log-decay), got {adaptive_threshold}")
     return delta
