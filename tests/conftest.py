@@ -30,3 +30,18 @@ def make_inputs(B, Tq, H, D, *, Tk=None, Hkv=None, dtype=torch.float32, gate_log
         for t in tensors:
             t.requires_grad_(True)
     return tensors
+
+
+def write_byte_store(root, n_docs: int, words_per_doc: int):
+    """A byte-level token store of ``n_docs`` pseudo-English documents under ``root/store``."""
+    import random
+
+    from foxacp.data import prepare_store
+
+    rng = random.Random(0)
+    words = "the forget gate decays old keys while attention keeps what matters most".split()
+    for i in range(n_docs):
+        (root / f"doc{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(words_per_doc)))
+    out = root / "store"
+    prepare_store([root], "bytes", out, progress=False)
+    return out

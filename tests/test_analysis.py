@@ -6,29 +6,23 @@ import random
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from foxacp.cli import main
-from foxacp.data import get_tokenizer, prepare_store
+from foxacp.data import get_tokenizer
 from foxacp.train.config import load_config
 from foxacp.train.trainer import Trainer
+
+from conftest import write_byte_store
 
 SEQ_LEN = 256
 
 
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    words = "the forget gate decays old keys while attention keeps what matters most".split()
-    for i in range(10):
-        (root / f"doc{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(450)))
-    out = root / "store"
-    prepare_store([root], "bytes", out, progress=False)
-    return out
+    return write_byte_store(tmp_path_factory.mktemp("corpus"), n_docs=10, words_per_doc=450)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@
 import json
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -14,11 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from foxacp.data import prepare_store
+
 from foxacp.train import checkpoint
 from foxacp.train.config import OptimSection, load_config
 from foxacp.train.optim import lr_at
 from foxacp.train.trainer import Trainer, TrainingDiverged
+
+from conftest import write_byte_store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,14 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory):
     """A small byte-level token store: 12 documents of pseudo-English."""
-    root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    words = "the forget gate decays old keys while attention keeps what matters most".split()
-    for i in range(12):
-        (root / f"doc{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(700)))
-    out = root / "store"
-    prepare_store([root], "bytes", out, progress=False)
-    return out
+    return write_byte_store(tmp_path_factory.mktemp("corpus"), n_docs=12, words_per_doc=700)
 
 
 def overrides(store_dir, out_dir, **extra):
@@ -124,16 +118,23 @@ def _cli(store_dir, out_dir, *extra, resume=False):
     return subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _wait_for_checkpoint(out_dir, step, proc, timeout=120):
+def _wait_until(ready, proc, what: str, timeout=120):
+    """Poll ``ready()`` while the subprocess runs; fail with its output if it exits first."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        found = checkpoint.latest(out_dir)
-        if found is not None and int(found.name.split("_")[1]) >= step:
+        if ready():
             return
         if proc.poll() is not None:
             raise AssertionError(proc.stdout.read())
         time.sleep(0.05)
-    raise AssertionError("no checkpoint appeared")
+    raise AssertionError(f"no {what} appeared")
+
+
+def _wait_for_checkpoint(out_dir, step, proc):
+    def ready():
+        found = checkpoint.latest(out_dir)
+        return found is not None and int(found.name.split("_")[1]) >= step
+    _wait_until(ready, proc, f"checkpoint of step {step}")
 
 
 def test_sigkill_then_resume_matches_uninterrupted(store_dir, tmp_path):
@@ -163,16 +164,9 @@ def test_sigterm_writes_checkpoint(store_dir, tmp_path):
     assert state["step"] >= 1 and state["step"] == max(losses(tmp_path))
 
 
-def _wait_for_metrics(out_dir, proc, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        path = Path(out_dir) / "metrics.jsonl"
-        if path.exists() and path.read_text().strip():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(proc.stdout.read())
-        time.sleep(0.05)
-    raise AssertionError("no metrics appeared")
+def _wait_for_metrics(out_dir, proc):
+    path = Path(out_dir) / "metrics.jsonl"
+    _wait_until(lambda: path.exists() and path.read_text().strip(), proc, "metrics line")
 
 
 def test_two_process_fsdp_matches_one_process(store_dir, tmp_path):

@@ -3,7 +3,7 @@
 See :mod:`foxacp.ops.acp` for the bound and its proof.
 """
 
-from .ops.acp import (  # noqa: F401
+from .ops.acp import (
     AcpStats,
     MaskSpec,
     TilePlan,
@@ -11,3 +11,5 @@ from .ops.acp import (  # noqa: F401
     threshold_from_qk_norm,
     tile_bounds,
 )
+
+__all__ = ["AcpStats", "MaskSpec", "TilePlan", "threshold_from_data", "threshold_from_qk_norm", "tile_bounds"]

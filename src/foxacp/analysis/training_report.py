@@ -52,19 +52,13 @@ def plot_runs(runs: dict[str, Path], out_dir: Path) -> dict[str, str]:
     data = {name: _step_records(path / "metrics.jsonl") for name, path in runs.items()}
     figures = {}
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, recs in data.items():
-        ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], label=name)
-    ax.set(xlabel="step", ylabel="training loss", title="Loss")
-    ax.legend()
-    figures["loss"] = _save(fig, out_dir / "loss.png")
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, recs in data.items():
-        ax.plot([r["step"] for r in recs], [r["step_time_s"] for r in recs], label=name)
-    ax.set(xlabel="step", ylabel="seconds", title="Step time")
-    ax.legend()
-    figures["step_time"] = _save(fig, out_dir / "step_time.png")
+    for key, ylabel, title in (("loss", "training loss", "Loss"), ("step_time_s", "seconds", "Step time")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, recs in data.items():
+            ax.plot([r["step"] for r in recs], [r[key] for r in recs], label=name)
+        ax.set(xlabel="step", ylabel=ylabel, title=title)
+        ax.legend()
+        figures[key.removesuffix("_s")] = _save(fig, out_dir / f"{key.removesuffix('_s')}.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, recs in data.items():
