@@ -19,14 +19,11 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    distributed: bool = False  # launched by torchrun: FSDP2 and sharded checkpoints, even on one GPU
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
 
 
 def init(device: str = "auto") -> DistInfo:
@@ -42,9 +39,10 @@ def init(device: str = "auto") -> DistInfo:
         dev = torch.device("cuda", local)
     else:
         dev = torch.device("cpu")
-    if world > 1 and not torch.distributed.is_initialized():
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # torchrun sets both
+    if launched and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
-    return DistInfo(rank, world, local, dev)
+    return DistInfo(rank, world, local, dev, distributed=launched)
 
 
 def shutdown() -> None:
