@@ -186,6 +186,83 @@ def tune(json_path):
         json.dump({"device": torch.cuda.get_device_name(), "rows": results}, f, indent=1)
 
 
+def overhead(json_path):
+    """ACP cost when nothing is prunable, per component (CUDA-event medians via do_bench)."""
+    from foxacp.ops import acp as acp_mod
+    from foxacp.ops.triton_attention import _acp_tiles, default_tiles, fox_attn_bwd, fox_attn_fwd
+
+    def ms(fn):
+        fn()
+        torch.cuda.synchronize()
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+    def torch_threshold(qc, kc, scale, T):  # the PyTorch path (before the fused kernels)
+        B, H, Hkv = qc.shape[0], qc.shape[1], kc.shape[1]
+        q_max = acp_mod._row_norms(qc).amax(-1)
+        k_max = acp_mod._row_norms(kc).amax(-1)
+        g = H // Hkv
+        q_max = q_max.view(B, Hkv, g).amax(-1, keepdim=True).expand(-1, -1, g)
+        return -(2.0 * q_max.reshape(B, H) * k_max.repeat_interleave(g, 1) * scale + math.log(T)) - 10.0
+
+    rows = []
+    for B, H, Hkv, T, D in [SHAPES[0], SHAPES[2], SHAPES[3], SHAPES[4]]:
+        q, k, v, log_f = make_inputs(B, H, Hkv, T, D, "none")
+        qc, kc, vc = (t.transpose(1, 2) for t in (q, k, v))
+        gate = log_f.transpose(1, 2)
+        scale = 1 / math.sqrt(D)
+        decay, dg = _cumulative_decay(gate, None, False, False)
+        delta = _threshold("auto", -10.0, qc, kc, scale, B, H, T)
+        bm, bn = default_tiles(D)
+        out, lse = fox_attn_fwd(qc, kc, vc, decay, None, None, None, None, scale)
+        dout = torch.randn_like(qc)
+        leaves = [t.detach().requires_grad_(True) for t in (q, k, v, log_f)]
+        grads = torch.randn_like(q)
+        r = dict(shape=(B, H, Hkv, T, D))
+        r["threshold torch"] = ms(lambda: torch_threshold(qc, kc, scale, T))
+        r["threshold fused"] = ms(lambda: _threshold("auto", -10.0, qc, kc, scale, B, H, T))
+        r["decay f64 (old: .double().cumsum)"] = ms(lambda: (torch.cumsum(gate.double(), -1).float()))
+        r["decay f64 (cumsum dtype=f64)"] = ms(lambda: _cumulative_decay(gate, None, False, False))
+        r["decay f32 cumsum"] = ms(lambda: torch.cumsum(gate, -1))
+        r["acp pre-pass"] = ms(lambda: _acp_tiles(dg, delta, B, H, T, T, bm, bn))
+        r["op fwd dense"] = ms(lambda: fox_attn_fwd(qc, kc, vc, decay, None, None, None, None, scale))
+        r["op fwd acp"] = ms(lambda: fox_attn_fwd(qc, kc, vc, decay, dg, None, None, delta, scale))
+        r["op bwd dense"] = ms(lambda: fox_attn_bwd(dout, qc, kc, vc, decay, None, None, None, None, out, lse, scale))
+        r["op bwd acp"] = ms(lambda: fox_attn_bwd(dout, qc, kc, vc, decay, dg, None, None, delta, out, lse, scale))
+        with torch.no_grad():
+            r["api fwd dense"] = ms(lambda: forgetting_attention(q, k, v, log_f, backend="triton"))
+            r["api fwd acp auto"] = ms(lambda: forgetting_attention(q, k, v, log_f, backend="triton",
+                                                                    adaptive_threshold="auto"))
+            r["api fwd acp delta tensor"] = ms(lambda: forgetting_attention(q, k, v, log_f, backend="triton",
+                                                                            adaptive_threshold=delta))
+        r["api fwd+bwd dense"] = bench(lambda: forgetting_attention(*leaves, backend="triton"), True, grads)
+        r["api fwd+bwd acp auto"] = bench(lambda: forgetting_attention(*leaves, backend="triton",
+                                                                       adaptive_threshold="auto"), True, grads)
+        # host time per API call (enqueue only): is the CPU on the critical path?
+        with torch.no_grad():
+            for name, kw in [("host us/call fwd dense", {}), ("host us/call fwd acp", {"adaptive_threshold": "auto"})]:
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(20):
+                    forgetting_attention(q, k, v, log_f, backend="triton", **kw)
+                r[name] = (time.perf_counter() - t0) / 20 * 1e6
+                torch.cuda.synchronize()
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+        # per-kernel GPU times of one ACP forward + backward through the API
+        if (B, H, T) == (8, 16, 4096):
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    forgetting_attention(*leaves, backend="triton", adaptive_threshold="auto").backward(grads)
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60),
+                  flush=True)
+        del q, k, v, log_f, qc, kc, vc, out, lse, dout, leaves, grads
+        torch.cuda.empty_cache()
+    with open(json_path, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="first shape only")
@@ -194,9 +271,12 @@ def main():
     parser.add_argument("--gates", type=str, default=",".join(GATES))
     parser.add_argument("--json", type=str, default="attention_bench.json")
     parser.add_argument("--tune", action="store_true", help="time tile configs of the ops alone")
+    parser.add_argument("--overhead", action="store_true", help="ACP cost per component, nothing prunable")
     args = parser.parse_args()
     if args.tune:
         return tune(args.json)
+    if args.overhead:
+        return overhead(args.json)
     shapes = SHAPES[:1] if args.quick else SHAPES
     if args.shapes:
         shapes = [SHAPES[int(i)] for i in args.shapes.split(",")]

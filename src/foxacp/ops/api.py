@@ -80,7 +80,8 @@ def forgetting_attention(
     if cumulative_gate:
         if cu_seqlens is not None:
             raise ValueError("cumulative_gate=True cannot be combined with cu_seqlens")
-        decay, decay_global = gate, gate.detach().double()
+        # the float64 copy only serves the ACP search
+        decay, decay_global = gate, (None if adaptive_threshold is None else gate.detach().double())
     else:
         decay, decay_global = _cumulative_decay(gate, key_lo, seq_start is not None, cu_seqlens is not None)
 
@@ -108,7 +109,7 @@ def _cumulative_decay(gate, key_lo, left_padded: bool, packed: bool):
     if left_padded:  # gates inside the padding never enter a visible decay
         padding = torch.arange(gate.shape[-1], device=gate.device)[None, None, :] < key_lo[:, None, :]
         gate = gate.masked_fill(padding, 0.0)
-    decay_global = torch.cumsum(gate.double(), dim=-1)
+    decay_global = torch.cumsum(gate, dim=-1, dtype=torch.float64)  # no separate float64 copy of gate
     decay = decay_global - _value_before(decay_global, key_lo) if packed else decay_global
     return decay.float(), decay_global.detach()
 

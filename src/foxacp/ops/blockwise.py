@@ -6,9 +6,11 @@ the kept fraction. Heads whose key range agrees for a query tile are batched int
 
 Backward recomputes the probabilities from the saved log-sum-exp ``lse``:
 ``dV = P^T dO``, ``dP = dO V^T``, ``dS = P * (dP - rowsum(dO * O))``, ``dQ = sm_scale dS K``,
-``dK = sm_scale dS^T Q`` and, since ``s_ij`` holds ``+c_i - c_j``, ``dc_j = -sum_i dS_ij``.
-The query-side term ``sum_j dS_ij`` is zero: each row of ``dS`` sums to zero over the keys
-the forward computed.
+``dK = sm_scale dS^T Q`` and, since ``s_ij`` holds ``+c_i - c_j``,
+``dc = sum_j dS_ij (at query positions) - sum_i dS_ij (at key positions)``. The query-side term is
+zero in exact arithmetic (each row of ``dS`` sums to zero over the keys the forward computed) but
+is kept: it is exactly the rounding error of ``rowsum(dO * O)`` and cancels it, so the reverse
+cumsum that gives dlog_fgate does not accumulate those errors over T (as in the Triton kernels).
 """
 
 from __future__ import annotations
@@ -120,5 +122,6 @@ class _BlockwiseAttention(torch.autograd.Function):
             dq[heads, i0:i1] = torch.matmul(ds, ws.k[kv, j0:j1]) * sm_scale
             dk[:, j0:j1].index_add_(0, kv, torch.matmul(ds.transpose(1, 2), ws.q[heads, i0:i1]) * sm_scale)
             dc[heads, j0:j1] -= ds.sum(1)
+            dc[heads, ws.offset + i0:ws.offset + i1] += ds.sum(2)
         return (dq.view(q.shape).to(q.dtype), dk.view(k.shape).to(k.dtype), dv.view(v.shape).to(v.dtype),
                 dc.view(decay.shape).to(decay.dtype), None, None, None)

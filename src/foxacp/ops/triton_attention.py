@@ -17,6 +17,7 @@ kernels' module docstring); the plan tiles are the forward tiles ``default_tiles
 returns no plan: the API builds it only when stats are asked for.
 """
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -194,8 +195,8 @@ def _backward(dout, q, k, v, decay, decay_global, key_lo, key_hi, delta, out, ls
         BLOCK_M=cfg.m1, BLOCK_N=cfg.n1, **common,
     )
     kernels.bwd_dq_kernel[(triton.cdiv(Tq, cfg.m2), B * H)](
-        q, k, v, decay, acp_kv, lo, dout, lse, di, dq,
-        *base_strides, *dq.stride()[:3],
+        q, k, v, decay, acp_kv, lo, dout, lse, di, dq, dc,
+        *base_strides, *dq.stride()[:3], *dc.stride(),
         H, H // Hkv, Tq, Tk, Tk - Tq, triton.cdiv(Tq, cfg.block_m), sm_scale, sm_scale * kernels.LOG2E,
         BLOCK_M=cfg.m2, BLOCK_N=cfg.n2, **common,
     )
@@ -226,7 +227,7 @@ def fox_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
                  decay_global: Optional[torch.Tensor], key_lo: Optional[torch.Tensor],
                  key_hi: Optional[torch.Tensor], delta: Optional[torch.Tensor], out: torch.Tensor,
                  lse: torch.Tensor, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward: ``(dq, dk, dv, d decay)``; d decay is float32 (key-side term only, see kernels)."""
+    """Backward: ``(dq, dk, dv, d decay)``; d decay is float32 (key- and query-side terms, see kernels)."""
     return _backward(dout, q, k, v, decay, decay_global, key_lo, key_hi, delta, out, lse, sm_scale)
 
 
@@ -251,6 +252,43 @@ def _backward_rule(ctx, dout, dlse):
 
 
 fox_attn_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- ACP data threshold
+
+
+def _data_threshold(q, k, sm_scale: float, seq_len: int, log_eps: float) -> torch.Tensor:
+    """:func:`foxacp.ops.acp.threshold_from_data` in two launches: one read of q and k for the
+    largest row norms (in their memory layout, float32 accumulation), one tiny finishing kernel."""
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+    block_t = 16 if _interpreting() else max(16, min(128, 8192 // _pad(D)))
+    chunk = block_t * (2 if _interpreting() else max(1, 32768 // (block_t * _pad(D))))
+    num_chunks = triton.cdiv(max(Tq, Tk), chunk)
+    part = torch.empty((B * (H + Hkv), num_chunks), dtype=torch.float32, device=q.device)
+    kernels.row_norm_max_kernel[(num_chunks, B * (H + Hkv))](
+        q, k, part, *q.stride()[:3], *k.stride()[:3], H, Hkv, Tq, Tk, num_chunks,
+        HEAD_DIM=D, D_PAD=_pad(D), BLOCK_T=block_t, CHUNK=chunk, num_warps=4,
+    )
+    delta = torch.empty((B, H), dtype=torch.float32, device=q.device)
+    kernels.data_threshold_kernel[(B * Hkv,)](
+        part, delta, H, Hkv, num_chunks, float(sm_scale), float(log_eps) - math.log(max(seq_len, 1)),
+        GROUP=H // Hkv, BLOCK=16 if _interpreting() else 256, num_warps=4,
+    )
+    return delta
+
+
+@torch.library.custom_op("foxacp::acp_data_threshold", mutates_args=())
+def acp_data_threshold(q: torch.Tensor, k: torch.Tensor, sm_scale: float, seq_len: int,
+                       log_eps: float) -> torch.Tensor:
+    """ACP threshold ``(B, H)`` float32 from q ``(B, H, Tq, D)`` and k ``(B, Hkv, Tk, D)`` (no grad)."""
+    return _data_threshold(q, k, sm_scale, seq_len, log_eps)
+
+
+@acp_data_threshold.register_fake
+def _(q, k, sm_scale, seq_len, log_eps):
+    return q.new_empty((q.shape[0], q.shape[1]), dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------- backend interface

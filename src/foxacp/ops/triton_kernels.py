@@ -17,6 +17,13 @@ key tile of every query tile and the end of the kept query tiles of every key ti
 attention program then reads one int. The kernels' own blocks divide the plan tiles, so pruning
 never cuts through a block. ``_query_block_keys`` and ``_key_block_queries`` are the single
 source of the ranges for every kernel here; ``acp_bounds_kernel`` exposes them for tests.
+
+dlog_fgate. Scores hold ``+c_p - c_j``, so ``dc = (row term at query positions) - (column term at
+key positions)``: ``dc_p += sum_j dS_pj`` (bwd_dq_kernel) and ``dc_j -= sum_r dS_rj``
+(bwd_dkdv_kernel). The row term is 0 in exact arithmetic, but ``Di = rowsum(dO * O)`` comes from the
+rounded bf16/fp16 O, so each row of ``P * (dP - Di)`` sums to ``(true Di - Di)`` instead; the row
+term is exactly that error and cancels it. Without it the reverse cumsum that turns dc into
+dlog_fgate adds the row errors up over T (bf16: 6.7e-2 relative error on an H100 instead of < 1e-2).
 """
 
 import triton
@@ -66,13 +73,15 @@ def acp_tiles_kernel(DG, DELTA, ACP_KV, ACP_Q, stride_dgb, stride_dgh, stride_dg
 
 
 @triton.jit
-def _query_block_keys(LO, ACP_KV, r0, Tq, OFF,
+def _query_block_keys(LO, acp_first, r0, Tq, OFF,
                       BLOCK_M: tl.constexpr, PLAN_M: tl.constexpr, PLAN_N: tl.constexpr,
                       IS_VARLEN: tl.constexpr, HAS_ACP: tl.constexpr):
     """Key columns ``[col_lo, col_hi)`` that query rows ``[r0, r0 + BLOCK_M)`` compute.
 
     Also returns ``lo_max``, the largest ``lo`` among the rows (keys at or above it are visible
-    to every row up to the causal edge). ``LO``/``ACP_KV`` already point at this batch / head.
+    to every row up to the causal edge). ``LO`` already points at this batch; ``acp_first`` is
+    ``ACP_KV[bh, r0 // PLAN_M]``, loaded by the caller at the top of the kernel so that its latency
+    overlaps the q loads (it gates the first key loop).
     """
     r_last = tl.minimum(r0 + BLOCK_M, Tq) - 1
     p_first = r0 + OFF
@@ -85,7 +94,7 @@ def _query_block_keys(LO, ACP_KV, r0, Tq, OFF,
         col_lo = p_first * 0
         lo_max = p_first * 0
     if HAS_ACP:  # first kept key tile of this block's plan tile (BLOCK_M divides PLAN_M)
-        col_lo = tl.maximum(col_lo, tl.load(ACP_KV + r0 // PLAN_M) * PLAN_N)
+        col_lo = tl.maximum(col_lo, acp_first * PLAN_N)
     return col_lo, col_hi, lo_max
 
 
@@ -126,7 +135,8 @@ def acp_bounds_kernel(LO, HI, ACP_KV, ACP_Q, KV_LO, KV_HI, Q_LO, Q_HI, stride_lo
     LO += b * stride_lob
     HI += b * stride_lob
     if t < NUM_QT:
-        col_lo, col_hi, _ = _query_block_keys(LO, ACP_KV + bh * NUM_QT, t * PLAN_M, Tq, OFF,
+        acp_first = tl.load(ACP_KV + bh * NUM_QT + t) if HAS_ACP else 0
+        col_lo, col_hi, _ = _query_block_keys(LO, acp_first, t * PLAN_M, Tq, OFF,
                                               PLAN_M, PLAN_M, PLAN_N, IS_VARLEN, HAS_ACP)
         tl.store(KV_LO + bh * NUM_QT + t, col_lo)
         tl.store(KV_HI + bh * NUM_QT + t, col_hi)
@@ -217,6 +227,7 @@ def fwd_kernel(Q, K, V, C, ACP_KV, LO, OUT, LSE, ACC_PART, ML_PART,
     OUT += b64 * stride_ob + h * stride_oh
 
     r0 = pid_m * BLOCK_M
+    acp_first = tl.load(ACP_KV + r0 // PLAN_M) if HAS_ACP else 0  # first, so its latency overlaps q's
     rows = r0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     row_ok = rows < Tq
@@ -225,7 +236,7 @@ def fwd_kernel(Q, K, V, C, ACP_KV, LO, OUT, LSE, ACC_PART, ML_PART,
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)  # [BLOCK_M, D]
     c_ref = tl.load(C + (r0 + OFF) * stride_ct)
     cq = (tl.load(C + pos_q * stride_ct, mask=row_ok, other=0.0) - c_ref) * 1.4426950408889634  # [BLOCK_M]
-    col_lo, col_hi, lo_max = _query_block_keys(LO, ACP_KV, r0, Tq, OFF, BLOCK_M, PLAN_M, PLAN_N, IS_VARLEN, HAS_ACP)
+    col_lo, col_hi, lo_max = _query_block_keys(LO, acp_first, r0, Tq, OFF, BLOCK_M, PLAN_M, PLAN_N, IS_VARLEN, HAS_ACP)
     # phases: [col_lo, a) masked (lo edge), [a, b) full blocks, [b, col_hi) masked (causal edge)
     col_lo = col_lo // BLOCK_N * BLOCK_N
     a = tl.minimum(tl.maximum((lo_max + BLOCK_N - 1) // BLOCK_N * BLOCK_N, col_lo), col_hi)
@@ -439,11 +450,11 @@ def bwd_dkdv_kernel(Q, K, V, C, ACP_Q, LO, HI, DO, LSE, DI, DK, DV, DC,
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct, c_ref,
+def _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct, c_ref,
               offs_d, col_start, col_end, Tk, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
               IS_VARLEN: tl.constexpr, EVEN_D: tl.constexpr):
-    """Accumulate dQ of one query block over key blocks ``[col_start, col_end)``."""
+    """Accumulate dQ and the row sums of dS (query-side dc term) over key blocks ``[col_start, col_end)``."""
     for start_n in range(col_start, col_end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         kt_ptrs = K + cols[None, :] * stride_kt + offs_d[:, None]  # [D, BLOCK_N]
@@ -472,19 +483,28 @@ def _dq_inner(dq, q, do, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_vt, st
         dp = tl.dot(do, vt)  # dP = dO V^T
         ds = p * (dp - di[:, None])
         dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq)  # dQ += dS K (sm_scale applied at the end)
-    return dq
+        dcq += tl.sum(ds, 1)  # query-side dc term: cancels the rounding of Di (see bwd_dq_kernel)
+    return dq, dcq
 
 
 @triton.jit
-def bwd_dq_kernel(Q, K, V, C, ACP_KV, LO, DO, LSE, DI, DQ,
+def bwd_dq_kernel(Q, K, V, C, ACP_KV, LO, DO, LSE, DI, DQ, DC,
                   stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                   stride_vb, stride_vh, stride_vt, stride_cb, stride_ch, stride_ct, stride_lob,
                   stride_dob, stride_doh, stride_dot, stride_dqb, stride_dqh, stride_dqt,
+                  stride_dcb, stride_dch, stride_dct,
                   H, GROUP, Tq, Tk, OFF, NUM_QT, sm_scale, qk_scale,
                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   PLAN_M: tl.constexpr, PLAN_N: tl.constexpr,
                   IS_VARLEN: tl.constexpr, HAS_ACP: tl.constexpr, EVEN_D: tl.constexpr):
-    """One program per (query block, batch*head)."""
+    """One program per (query block, batch*head); runs after bwd_dkdv_kernel.
+
+    Besides dQ it adds the query-side term ``sum_j dS_rj`` to ``DC`` at the rows' positions
+    (``DC`` already holds the key-side ``-sum_r dS_rj``). Mathematically that term is 0 (each row
+    of dS sums to zero over the computed keys); numerically it is exactly the error of ``Di``,
+    computed from the rounded (bf16/fp16) O, and adding it cancels that error, which the reverse
+    cumsum turning dc into dlog_fgate would otherwise accumulate over T.
+    """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -502,11 +522,12 @@ def bwd_dq_kernel(Q, K, V, C, ACP_KV, LO, DO, LSE, DI, DQ,
     DI += bh.to(tl.int64) * Tq
 
     r0 = pid_m * BLOCK_M
+    acp_first = tl.load(ACP_KV + r0 // PLAN_M) if HAS_ACP else 0
     rows = r0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     row_ok = rows < Tq
     pos_q = rows + OFF
-    col_lo, col_hi, lo_max = _query_block_keys(LO, ACP_KV, r0, Tq, OFF, BLOCK_M, PLAN_M, PLAN_N, IS_VARLEN, HAS_ACP)
+    col_lo, col_hi, lo_max = _query_block_keys(LO, acp_first, r0, Tq, OFF, BLOCK_M, PLAN_M, PLAN_N, IS_VARLEN, HAS_ACP)
     col_lo = col_lo // BLOCK_N * BLOCK_N
     a = tl.minimum(tl.maximum((lo_max + BLOCK_N - 1) // BLOCK_N * BLOCK_N, col_lo), col_hi)
     b_full = tl.maximum(tl.minimum((r0 + OFF + 1) // BLOCK_N * BLOCK_N, col_hi), a)
@@ -524,11 +545,77 @@ def bwd_dq_kernel(Q, K, V, C, ACP_KV, LO, DO, LSE, DI, DQ,
     cq = (tl.load(C + pos_q * stride_ct, mask=row_ok, other=0.0) - c_ref) * 1.4426950408889634
     lse = lse - cq  # the row's decay term, folded into its lse
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-    dq = _dq_inner(dq, q, do, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct, c_ref,
-                   offs_d, a, b_full, Tk, qk_scale, HEAD_DIM, BLOCK_N, False, IS_VARLEN, EVEN_D)
-    dq = _dq_inner(dq, q, do, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct, c_ref,
-                   offs_d, col_lo, a, Tk, qk_scale, HEAD_DIM, BLOCK_N, True, IS_VARLEN, EVEN_D)
-    dq = _dq_inner(dq, q, do, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct, c_ref,
-                   offs_d, b_full, col_hi, Tk, qk_scale, HEAD_DIM, BLOCK_N, True, IS_VARLEN, EVEN_D)
+    dcq = tl.zeros([BLOCK_M], dtype=tl.float32)
+    dq, dcq = _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct, c_ref,
+                        offs_d, a, b_full, Tk, qk_scale, HEAD_DIM, BLOCK_N, False, IS_VARLEN, EVEN_D)
+    dq, dcq = _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct, c_ref,
+                        offs_d, col_lo, a, Tk, qk_scale, HEAD_DIM, BLOCK_N, True, IS_VARLEN, EVEN_D)
+    dq, dcq = _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct, c_ref,
+                        offs_d, b_full, col_hi, Tk, qk_scale, HEAD_DIM, BLOCK_N, True, IS_VARLEN, EVEN_D)
     dq_ptrs = DQ + b64 * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqt + offs_d[None, :]
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
+    # dc at the rows' positions: key-side term (written by bwd_dkdv_kernel) + query-side term;
+    # each (row, head) belongs to exactly one program here, so the read-modify-write is race-free
+    dc_ptrs = DC + b64 * stride_dcb + h * stride_dch + pos_q * stride_dct
+    tl.store(dc_ptrs, tl.load(dc_ptrs, mask=row_ok, other=0.0) + dcq, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------- ACP data threshold
+
+
+@triton.jit
+def row_norm_max_kernel(Q, K, PART, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                        H, HKV, Tq, Tk, NUM_CHUNKS,
+                        HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_T: tl.constexpr, CHUNK: tl.constexpr):
+    """Largest squared row norm of q (programs ``bh < B*H``) or k (the rest) over ``CHUNK`` rows.
+
+    ``PART[idx, chunk]`` float32, idx over ``B*H`` q heads then ``B*HKV`` k heads; reads q and k in
+    their memory layout (usually ``(B, T, H, D)``), each element once.
+    """
+    chunk = tl.program_id(0)
+    idx = tl.program_id(1)
+    n_q = tl.num_programs(1) // (H + HKV) * H  # B*H
+    if idx < n_q:
+        b = idx // H
+        h = idx % H
+        base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
+        stride_t = stride_qt
+        T = Tq
+    else:
+        b = (idx - n_q) // HKV
+        h = (idx - n_q) % HKV
+        base = K + b.to(tl.int64) * stride_kb + h * stride_kh
+        stride_t = stride_kt
+        T = Tk
+    offs_d = tl.arange(0, D_PAD)
+    best = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for start in range(chunk * CHUNK, chunk * CHUNK + CHUNK, BLOCK_T):
+        rows = start + tl.arange(0, BLOCK_T)
+        x = tl.load(base + rows[:, None].to(tl.int64) * stride_t + offs_d[None, :],
+                    mask=(rows[:, None] < T) & (offs_d[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
+        best = tl.maximum(best, tl.sum(x * x, 1))
+    tl.store(PART + idx * NUM_CHUNKS + chunk, tl.max(best, 0))
+
+
+@triton.jit
+def data_threshold_kernel(PART, DELTA, H, HKV, NUM_CHUNKS, sm_scale, offset,
+                          GROUP: tl.constexpr, BLOCK: tl.constexpr):
+    """``DELTA[b, h] = -2 * max|q| * max|k| * sm_scale + offset`` (max|q| over h's GQA group),
+    ``offset = log_eps - ln(seq_len)``; one program per (batch, kv head)."""
+    bhk = tl.program_id(0)
+    b = bhk // HKV
+    hk = bhk % HKV
+    n_q = tl.num_programs(0) // HKV * H  # B*H
+    q_best = tl.zeros([BLOCK], dtype=tl.float32)
+    k_best = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, NUM_CHUNKS, BLOCK):
+        c = start + tl.arange(0, BLOCK)
+        for g in range(GROUP):
+            q_row = b * H + hk * GROUP + g
+            q_best = tl.maximum(q_best, tl.load(PART + q_row * NUM_CHUNKS + c, mask=c < NUM_CHUNKS, other=0.0))
+        k_row = n_q + bhk
+        k_best = tl.maximum(k_best, tl.load(PART + k_row * NUM_CHUNKS + c, mask=c < NUM_CHUNKS, other=0.0))
+    bound = tl.sqrt(tl.max(q_best, 0)) * tl.sqrt(tl.max(k_best, 0)) * sm_scale
+    delta = -2.0 * bound + offset
+    for g in range(GROUP):
+        tl.store(DELTA + b * H + hk * GROUP + g, delta)
