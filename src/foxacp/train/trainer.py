@@ -118,7 +118,8 @@ class Trainer:
                 records.append(record)
                 if self.step % self.cfg.run.log_every == 0 or self.step == self.total_steps:
                     self.metrics.log(record)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                mfu = "-" if record["mfu"] is None else f"{record['mfu']:.1%}"
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", mfu=mfu,
                                 kept=f"{record['acp']['kept_fraction']:.2f}")
                 bar.update(1)
                 if self.cfg.run.eval_every and self.step % self.cfg.run.eval_every == 0:
