@@ -188,9 +188,10 @@ def _sequence_bounds(seq_start, cu_seqlens, batch: int, seqlen_q: int, seqlen_k:
         cu = cu_seqlens.to(device=device, dtype=torch.long)
         if cu.dim() != 1 or cu.numel() < 2:
             raise ValueError(f"cu_seqlens must be 1-D with >= 2 offsets, got shape {tuple(cu.shape)}")
-        if int(cu[0]) != 0 or int(cu[-1]) != seqlen_k:
+        ends_ok, increasing = torch.stack([(cu[0] == 0) & (cu[-1] == seqlen_k), (cu[1:] > cu[:-1]).all()]).tolist()
+        if not ends_ok:  # (one host sync for both checks)
             raise ValueError(f"cu_seqlens must start at 0 and end at T={seqlen_k}, got {cu.tolist()}")
-        if bool((cu[1:] <= cu[:-1]).any()):
+        if not increasing:
             raise ValueError(f"cu_seqlens must be strictly increasing, got {cu.tolist()}")
         seq_id = torch.searchsorted(cu, positions, right=True) - 1
         lo = cu[seq_id].to(torch.int32)[None].contiguous()
