@@ -138,10 +138,6 @@ class MaskSpec:
     def has_acp(self) -> bool:
         return self.delta is not None
 
-    @property
-    def is_plain_causal(self) -> bool:
-        return self.key_lo is None and self.delta is None
-
     def plan(self, block_m: int, block_n: int) -> "TilePlan":
         return tile_bounds(self, block_m, block_n)
 
