@@ -26,6 +26,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from foxacp.data import open_store
@@ -76,8 +77,10 @@ class Launcher:
                *self.common, f"run.device={self.device}", f"run.out_dir={out_dir}", *overrides]
         print(f"[{name}] {' '.join(cmd[2:])}", flush=True)
         log = self.log_dir / f"{name}.log"
+        start = time.perf_counter()
         with open(log, "w") as handle:
             done = subprocess.run(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT)
+        print(f"[{name}] exit {done.returncode} after {time.perf_counter() - start:.0f} s", flush=True)
         if done.returncode != 0:
             print(log.read_text()[-4000:], flush=True)
             raise SystemExit(f"[{name}] failed with exit code {done.returncode}; log {log}")

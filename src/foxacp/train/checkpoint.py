@@ -41,9 +41,13 @@ def latest(out_dir: str | Path) -> Path | None:
 
 
 def rng_state() -> dict:
+    """CPU, Python and this process's current CUDA device's generator states.
+
+    Only the current device: a process may resume where another number of GPUs is visible.
+    """
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -51,7 +55,7 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _is_distributed() -> bool:
