@@ -13,6 +13,7 @@ Usage: ``python benchmarks/attention.py [--quick] [--no-flex] [--json out.json]`
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -119,16 +120,33 @@ def flex_contenders(q, k, v, log_f, H, Hkv):
 
 
 def tune(json_path):
-    """Time the custom ops alone for candidate tile configs (no API preamble) and the preamble parts."""
+    """Time the custom ops alone for candidate tile configs, with and without TMA descriptors (no
+    API preamble), and the preamble parts. ACP (nothing prunable) only for the default config."""
     from foxacp.ops.triton_attention import TileConfig, _CONFIGS, fox_attn_bwd, fox_attn_fwd
     from foxacp.ops.acp import threshold_from_data
 
     results = []
-    fwd_cands = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 128, 4, 3),
-                 (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 4, 3)]
-    bwd_cands = [(32, 64, 64, 32, 4, 3), (32, 64, 128, 32, 4, 3), (64, 64, 64, 64, 4, 2), (32, 128, 128, 32, 4, 3),
-                 (64, 128, 128, 64, 8, 2), (32, 128, 128, 32, 8, 2), (64, 64, 128, 64, 8, 2), (16, 64, 64, 16, 4, 3),
-                 (32, 64, 64, 32, 8, 2), (64, 128, 64, 64, 8, 3)]
+    fwd_cands = [(128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 4, 2), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)]
+    bwd_cands = [(64, 64, 64, 64, 4, 2), (64, 64, 64, 64, 4, 3), (32, 64, 64, 32, 4, 3), (32, 128, 128, 32, 4, 2),
+                 (64, 128, 128, 64, 8, 2)]
+
+    def timed(kind, D, cfg, make_config, run, baseline, flops=None):
+        default = _CONFIGS[D]
+        for tma in (False, True):
+            triton_attention.TMA_ENABLED = tma
+            _CONFIGS[D] = make_config(cfg)
+            for acp in ((False, True) if _CONFIGS[D] == default else (False,)):
+                try:
+                    ms = triton.testing.do_bench(lambda: run(acp), warmup=25, rep=100, return_mode="median")
+                except Exception as err:  # noqa: BLE001
+                    print(f"D={D} {kind} {cfg} tma={tma:d} failed: {type(err).__name__}: {str(err)[:200]}", flush=True)
+                    continue
+                results.append(dict(D=D, kind=kind, acp=acp, tma=tma, cfg=cfg, ms=ms, vs_sdpa=ms / baseline))
+                print(f"D={D} {kind} acp={acp:d} tma={tma:d} {cfg} {ms:.3f} ms x{ms / baseline:.2f}"
+                      + (f" {flops / ms / 1e9:.0f} TF/s" if flops else ""), flush=True)
+        _CONFIGS[D] = default
+        triton_attention.TMA_ENABLED = True
+
     for B, H, T, D in [(4, 16, 8192, 64), (2, 8, 16384, 128)]:
         q, k, v, log_f = make_inputs(B, H, H, T, D, "none")
         qc, kc, vc = (t.transpose(1, 2) for t in (q, k, v))
@@ -142,37 +160,20 @@ def tune(json_path):
             qc, kc, vc, is_causal=True), warmup=25, rep=100, return_mode="median")
         print(f"D={D} sdpa fwd {sdpa_f:.3f} ms", flush=True)
         base = _CONFIGS[D]
-        for bm, bn, w, st in fwd_cands:
-            _CONFIGS[D] = TileConfig(bm, bn, w, st, 16, 16, 16, 16, 4, 1)
-            try:
-                for acp in (False, True):
-                    args = (qc, kc, vc, decay, dg if acp else None, None, None, delta if acp else None, scale)
-                    ms = triton.testing.do_bench(lambda: fox_attn_fwd(*args), warmup=25, rep=100, return_mode="median")
-                    results.append(dict(D=D, kind="fwd", acp=acp, cfg=(bm, bn, w, st), ms=ms, vs_sdpa=ms / sdpa_f))
-                    print(f"D={D} fwd acp={acp:d} {(bm, bn, w, st)} {ms:.3f} ms x{ms / sdpa_f:.2f} "
-                          f"{flops / ms / 1e9:.0f} TF/s", flush=True)
-            except Exception as err:  # noqa: BLE001
-                print(f"D={D} fwd {(bm, bn, w, st)} failed: {type(err).__name__}: {str(err)[:200]}", flush=True)
-        _CONFIGS[D] = base
+        for cand in fwd_cands:
+            timed("fwd", D, cand, lambda c: TileConfig(*c, *dataclasses.astuple(base)[4:]),
+                  lambda acp: fox_attn_fwd(qc, kc, vc, decay, dg if acp else None, None, None,
+                                           delta if acp else None, scale), sdpa_f, flops)
         out, lse = fox_attn_fwd(qc, kc, vc, decay, None, None, None, None, scale)
         qg, kg, vg = (t.detach().requires_grad_(True) for t in (qc, kc, vc))
         o = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, is_causal=True)
         sdpa_b = triton.testing.do_bench(lambda: torch.autograd.grad(o, (qg, kg, vg), dout, retain_graph=True),
                                          warmup=25, rep=100, return_mode="median")
         print(f"D={D} sdpa bwd {sdpa_b:.3f} ms", flush=True)
-        for m1, n1, m2, n2, w, st in bwd_cands:
-            _CONFIGS[D] = TileConfig(128, 128, 8, 3, m1, n1, m2, n2, w, st)
-            try:
-                for acp in (False, True):
-                    args = (dout, qc, kc, vc, decay, dg if acp else None, None, None, delta if acp else None,
-                            out, lse, scale)
-                    ms = triton.testing.do_bench(lambda: fox_attn_bwd(*args), warmup=25, rep=100, return_mode="median")
-                    results.append(dict(D=D, kind="bwd", acp=acp, cfg=(m1, n1, m2, n2, w, st), ms=ms,
-                                        vs_sdpa=ms / sdpa_b))
-                    print(f"D={D} bwd acp={acp:d} {(m1, n1, m2, n2, w, st)} {ms:.3f} ms x{ms / sdpa_b:.2f}", flush=True)
-            except Exception as err:  # noqa: BLE001
-                print(f"D={D} bwd {(m1, n1, m2, n2, w, st)} failed: {type(err).__name__}: {str(err)[:200]}", flush=True)
-        _CONFIGS[D] = base
+        for cand in bwd_cands:
+            timed("bwd", D, cand, lambda c: TileConfig(base.block_m, base.block_n, base.fwd_warps, base.fwd_stages, *c),
+                  lambda acp: fox_attn_bwd(dout, qc, kc, vc, decay, dg if acp else None, None, None,
+                                           delta if acp else None, out, lse, scale), sdpa_b)
         # the API preamble: data threshold and the float64 decay cumsum
         gate = log_f.transpose(1, 2)
         for name, fn in [("threshold_from_data", lambda: threshold_from_data(qc, kc, scale, T)),
@@ -272,6 +273,7 @@ def main():
     parser.add_argument("--json", type=str, default="attention_bench.json")
     parser.add_argument("--tune", action="store_true", help="time tile configs of the ops alone")
     parser.add_argument("--overhead", action="store_true", help="ACP cost per component, nothing prunable")
+    parser.add_argument("--compare-tma", action="store_true", help="also time fox dense without TMA descriptors")
     args = parser.parse_args()
     if args.tune:
         return tune(args.json)
@@ -303,6 +305,8 @@ def main():
             _, stats = forgetting_attention(q, k, v, log_f, backend="triton", adaptive_threshold="auto",
                                             return_stats=True)
             kept = {"fox acp": stats.kept_fraction}
+            if args.compare_tma:
+                contenders["fox dense no-tma"] = contenders["fox dense"]  # timed with TMA off, below
             if parallel_forgetting_attn is not None:
                 contenders["fla"] = lambda: parallel_forgetting_attn(*leaves[:3], leaves[3], scale=1 / math.sqrt(D))
             # Flex: (B,H,T,T)-sized buffers at T=16k (OOM on 80 GB) and 185 ms at D=128 in earlier runs
@@ -317,11 +321,14 @@ def main():
             for mode in ("fwd", "fwd+bwd"):
                 base = None
                 for name, fn in contenders.items():
+                    triton_attention.TMA_ENABLED = not name.endswith("no-tma")
                     try:
                         ms = bench(fn, mode == "fwd+bwd", grads)
                     except Exception as err:  # noqa: BLE001
                         print(f"{name} {mode} failed: {type(err).__name__}: {err}", file=sys.stderr)
                         continue
+                    finally:
+                        triton_attention.TMA_ENABLED = True
                     base = ms if name == "sdpa causal" else base
                     flops = flops_fwd * (3.5 if mode == "fwd+bwd" else 1.0)  # bwd ~2.5x fwd matmuls
                     row = dict(device=device, B=B, H=H, Hkv=Hkv, T=T, D=D, gate=gate, mode=mode, contender=name,
@@ -340,8 +347,9 @@ def main():
 
 
 def print_table(rows):
-    print("\n| shape (B,H,Hkv,T,D) | gate | mode | SDPA ms | fox dense | fox ACP (kept) | flex dense | flex ACP |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| shape (B,H,Hkv,T,D) | gate | mode | SDPA ms | fox dense | fox dense no-TMA | fox ACP (kept) "
+          "| flex dense | flex ACP |")
+    print("|---|---|---|---|---|---|---|---|---|")
     keyed = {}
     for r in rows:
         keyed.setdefault((r["B"], r["H"], r["Hkv"], r["T"], r["D"], r["gate"], r["mode"]), {})[r["contender"]] = r
@@ -354,7 +362,7 @@ def print_table(rows):
         acp = group.get("fox acp")
         acp_cell = "-" if acp is None else f"{acp['ms']:.2f} (x{acp['vs_sdpa']:.2f}, {acp['kept']:.2f})"
         print(f"| {tuple(shape)} | {gate} | {mode} | {sdpa['ms'] if sdpa else float('nan'):.2f} | "
-              f"{cell('fox dense')} | {acp_cell} | {cell('flex dense')} | {cell('flex acp')} |")
+              f"{cell('fox dense')} | {cell('fox dense no-tma')} | {acp_cell} | {cell('flex dense')} | {cell('flex acp')} |")
 
 
 if __name__ == "__main__":

@@ -88,6 +88,14 @@ def test_triton_matches_reference(ta, name):
     check(got, want, 2e-5 if dtype == torch.float32 else 3e-3)
 
 
+@pytest.mark.parametrize("name", ["acp-gqa-odd-d", "tq<tk-dense-prefill", "cu-seqlens-acp", "decode-split",
+                                  "fp16-d40"])
+def test_pointer_loads_match_reference(ta, monkeypatch, name):
+    """The per-thread-load path (GPUs before Hopper, rows not 16-byte aligned) without TMA descriptors."""
+    monkeypatch.setattr(ta, "TMA_ENABLED", False)
+    test_triton_matches_reference(ta, name)
+
+
 def test_acp_actually_prunes(ta):
     """The ACP cases above prune: otherwise they would only test the dense path."""
     inputs = make_inputs(1, 129, 2, 16, gate_logit=1.0)

@@ -117,6 +117,13 @@ def test_gpu_matches_reference(ta, name, dtype):
     compare(ta, make(B, Tq, H, D, Tk=Tk, Hkv=Hkv, dtype=dtype), dtype, **kwargs)
 
 
+@pytest.mark.parametrize("name", ["acp-4k-gqa", "acp-odd-T-d96", "cu-seqlens", "decode-1"])
+def test_gpu_pointer_loads(ta, monkeypatch, name):
+    """The per-thread-load path (pre-Hopper GPUs, unaligned rows) without TMA descriptors."""
+    monkeypatch.setattr(ta, "TMA_ENABLED", False)
+    test_gpu_matches_reference(ta, name, torch.bfloat16)
+
+
 @pytest.mark.parametrize("acp", [None, "auto"])
 def test_gpu_16k(ta, acp):
     compare(ta, make(1, 16384, 2, 64, Hkv=1, tau=[64.0, 8192.0]), torch.bfloat16, adaptive_threshold=acp)

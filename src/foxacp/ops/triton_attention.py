@@ -39,6 +39,9 @@ DECODE_MAX_Q = 64  # Tq at or below this takes the decoding forward (small query
 
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read once, as Triton itself does
+# Hopper+: stream K/V (forward, dQ) and q/dO (dK/dV) blocks through tensor descriptors (TMA).
+# FOXACP_TRITON_TMA=0 turns it off (benchmarks compare both; older GPUs never use it).
+TMA_ENABLED = os.environ.get("FOXACP_TRITON_TMA", "1") != "0"
 
 
 def _interpreting() -> bool:
@@ -92,6 +95,29 @@ def tile_config(head_dim: int) -> TileConfig:
 def _stages(stages: int, dtype: torch.dtype, head_dim: int) -> int:
     # float32 tiles take twice the shared memory: keep one stage for wide heads
     return 1 if dtype == torch.float32 and _pad(head_dim) >= 128 else stages
+
+
+def _use_tma(*tensors) -> bool:
+    """Tensor descriptors for these ``(B, H, T, D)`` tensors: Hopper or newer (or the interpreter),
+    rows and every batch/head offset 16-byte aligned. Sets Triton's allocator for the on-device
+    descriptors' workspace (Triton asks for it at launch; it is a context variable, so it is set
+    in the launching thread, e.g. autograd's)."""
+    if not TMA_ENABLED:
+        return False
+    if not _interpreting() and torch.cuda.get_device_capability(tensors[0].device) < (9, 0):
+        return False
+    for t in tensors:
+        size = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or (t.shape[-1] * size) % 16:
+            return False
+        if any((stride * size) % 16 for stride in t.stride()[:-1]):
+            return False
+    triton.set_allocator(_descriptor_workspace)
+    return True
+
+
+def _descriptor_workspace(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda" if not _interpreting() else "cpu")
 
 
 def _search_block() -> int:
@@ -152,7 +178,7 @@ def _forward(q, k, v, decay, decay_global, key_lo, key_hi, delta, sm_scale: floa
         *out.stride()[:3],
         H, H // Hkv, Tq, Tk, Tk - Tq, triton.cdiv(Tq, cfg.block_m), sm_scale * kernels.LOG2E,
         HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n, PLAN_M=cfg.block_m, PLAN_N=cfg.block_n,
-        NUM_SPLITS=splits, IS_VARLEN=varlen, HAS_ACP=has_acp, EVEN_D=D == d_pad,
+        NUM_SPLITS=splits, IS_VARLEN=varlen, HAS_ACP=has_acp, EVEN_D=D == d_pad, USE_TMA=_use_tma(k, v),
         num_warps=warps, num_stages=stages,
     )
     if splits > 1:
@@ -192,13 +218,13 @@ def _backward(dout, q, k, v, decay, decay_global, key_lo, key_hi, delta, out, ls
         q, k, v, decay, acp_q, lo, hi, dout, lse, di, dk, dv, dc,
         *base_strides, *dk.stride()[:3], *dv.stride()[:3], *dc.stride(),
         H, Hkv, H // Hkv, Tq, Tk, Tk - Tq, triton.cdiv(Tk, cfg.block_n), sm_scale, sm_scale * kernels.LOG2E,
-        BLOCK_M=cfg.m1, BLOCK_N=cfg.n1, **common,
+        BLOCK_M=cfg.m1, BLOCK_N=cfg.n1, USE_TMA=_use_tma(q, dout), **common,
     )
     kernels.bwd_dq_kernel[(triton.cdiv(Tq, cfg.m2), B * H)](
         q, k, v, decay, acp_kv, lo, dout, lse, di, dq, dc,
         *base_strides, *dq.stride()[:3], *dc.stride(),
         H, H // Hkv, Tq, Tk, Tk - Tq, triton.cdiv(Tq, cfg.block_m), sm_scale, sm_scale * kernels.LOG2E,
-        BLOCK_M=cfg.m2, BLOCK_N=cfg.n2, **common,
+        BLOCK_M=cfg.m2, BLOCK_N=cfg.n2, USE_TMA=_use_tma(k, v), **common,
     )
     return dq, dk, dv, dc
 

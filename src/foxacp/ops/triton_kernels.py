@@ -147,14 +147,29 @@ def acp_bounds_kernel(LO, HI, ACP_KV, ACP_Q, KV_LO, KV_HI, Q_LO, Q_HI, stride_lo
         tl.store(Q_HI + bh * NUM_KT + t, row_hi)
 
 
+# ----------------------------------------------------------------------------- loads
+
+
+@triton.jit
+def _row_blocks(BASE, rows, stride_row, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, D_PAD: tl.constexpr,
+                USE_TMA: tl.constexpr):
+    """A tensor descriptor over one head's ``[rows, HEAD_DIM]`` matrix (row stride ``stride_row``),
+    loading ``[BLOCK, D_PAD]`` blocks, zero-filled outside; None unless USE_TMA."""
+    if USE_TMA:
+        return tl.make_tensor_descriptor(BASE, shape=[rows, HEAD_DIM], strides=[stride_row, 1],
+                                         block_shape=[BLOCK, D_PAD])
+    else:
+        return None
+
+
 # ----------------------------------------------------------------------------- forward
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct, c_ref,
+def _fwd_inner(acc, l_i, m_i, q, pos_q, lo_q, K, V, C, K_DESC, V_DESC, stride_kt, stride_vt, stride_ct, c_ref,
                offs_d, col_start, col_end, Tk, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-               IS_VARLEN: tl.constexpr, EVEN_D: tl.constexpr, ADVANCE: tl.constexpr):
+               IS_VARLEN: tl.constexpr, EVEN_D: tl.constexpr, ADVANCE: tl.constexpr, USE_TMA: tl.constexpr):
     """Online softmax over key blocks ``[col_start, col_end)``; MASKED applies causal/lo masks.
 
     Scores here omit the per-row decay ``c_p``: a row constant cancels in the softmax, so each
@@ -164,6 +179,8 @@ def _fwd_inner(acc, l_i, m_i, q, pos_q, lo_q, K, V, C, stride_kt, stride_vt, str
     step of the full-block loop at D=64 (697 vs 650, sm_90 SASS); advancing removes them (633).
     Measured (H100, 3 reps): ACP forward -2..-4% at D=64, +4% at D=128, dense unchanged; so the
     caller sets it for the ACP variant at head dims <= 64 only (kernel-notes attempt 8).
+    USE_TMA: K and V blocks come through the tensor descriptors ``K_DESC``/``V_DESC`` (Hopper's
+    bulk copy engine; zero outside ``[Tk, HEAD_DIM]``, so no masks) instead of per-thread loads.
     """
     c_ptrs0 = C + (col_start + tl.arange(0, BLOCK_N)) * stride_ct
     k_ptrs0 = K + (col_start + tl.arange(0, BLOCK_N))[None, :] * stride_kt + offs_d[:, None]
@@ -178,7 +195,10 @@ def _fwd_inner(acc, l_i, m_i, q, pos_q, lo_q, K, V, C, stride_kt, stride_vt, str
             k_ptrs = K + cols[None, :] * stride_kt + offs_d[:, None]  # [D, BLOCK_N]
             v_ptrs = V + cols[:, None] * stride_vt + offs_d[None, :]  # [BLOCK_N, D]
             c_ptrs = C + cols * stride_ct
-        if MASKED:
+        if USE_TMA:
+            kt = tl.trans(K_DESC.load([start_n, 0]))
+            ck = tl.load(c_ptrs, mask=cols < Tk, other=0.0) if MASKED else tl.load(c_ptrs)
+        elif MASKED:
             kt = tl.load(k_ptrs, mask=(cols[None, :] < Tk) & (offs_d[:, None] < HEAD_DIM), other=0.0)
             ck = tl.load(c_ptrs, mask=cols < Tk, other=0.0)
         elif EVEN_D:
@@ -204,7 +224,9 @@ def _fwd_inner(acc, l_i, m_i, q, pos_q, lo_q, K, V, C, stride_kt, stride_vt, str
         p = tl.math.exp2(s - m_use[:, None])  # [BLOCK_M, BLOCK_N]
         alpha = tl.math.exp2(m_i - m_use)  # rescale of the old accumulator
         l_i = l_i * alpha + tl.sum(p, 1)
-        if MASKED:
+        if USE_TMA:
+            v = V_DESC.load([start_n, 0])
+        elif MASKED:
             v = tl.load(v_ptrs, mask=(cols[:, None] < Tk) & (offs_d[None, :] < HEAD_DIM), other=0.0)
         elif EVEN_D:
             v = tl.load(v_ptrs)
@@ -227,7 +249,7 @@ def fwd_kernel(Q, K, V, C, ACP_KV, LO, OUT, LSE, ACC_PART, ML_PART,
                H, GROUP, Tq, Tk, OFF, NUM_QT, qk_scale,
                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                PLAN_M: tl.constexpr, PLAN_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-               IS_VARLEN: tl.constexpr, HAS_ACP: tl.constexpr, EVEN_D: tl.constexpr):
+               IS_VARLEN: tl.constexpr, HAS_ACP: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr):
     """One program per (query block, batch*head, key split). NUM_SPLITS > 1: flash-decoding partials."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -243,6 +265,8 @@ def fwd_kernel(Q, K, V, C, ACP_KV, LO, OUT, LSE, ACC_PART, ML_PART,
     ACP_KV += bh * NUM_QT
     LO += b * stride_lob
     OUT += b64 * stride_ob + h * stride_oh
+    K_DESC = _row_blocks(K, Tk, stride_kt, HEAD_DIM, BLOCK_N, D_PAD, USE_TMA)
+    V_DESC = _row_blocks(V, Tk, stride_vt, HEAD_DIM, BLOCK_N, D_PAD, USE_TMA)
 
     r0 = pid_m * BLOCK_M
     acp_first = tl.load(ACP_KV + r0 // PLAN_M) if HAS_ACP else 0  # first, so its latency overlaps q's
@@ -277,15 +301,15 @@ def fwd_kernel(Q, K, V, C, ACP_KV, LO, OUT, LSE, ACC_PART, ML_PART,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     # full blocks first (no masks), then the two masked edges
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, pos_q, lo_q, K, V, C, K_DESC, V_DESC, stride_kt, stride_vt, stride_ct,
                                c_ref, offs_d, tl.maximum(a, my_lo), tl.minimum(b_full, my_hi), Tk, qk_scale,
-                               HEAD_DIM, BLOCK_N, False, IS_VARLEN, EVEN_D, HAS_ACP and D_PAD <= 64)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct,
+                               HEAD_DIM, BLOCK_N, False, IS_VARLEN, EVEN_D, HAS_ACP and D_PAD <= 64, USE_TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, pos_q, lo_q, K, V, C, K_DESC, V_DESC, stride_kt, stride_vt, stride_ct,
                                c_ref, offs_d, tl.maximum(col_lo, my_lo), tl.minimum(a, my_hi), Tk, qk_scale,
-                               HEAD_DIM, BLOCK_N, True, IS_VARLEN, EVEN_D, HAS_ACP and D_PAD <= 64)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct,
+                               HEAD_DIM, BLOCK_N, True, IS_VARLEN, EVEN_D, HAS_ACP and D_PAD <= 64, USE_TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, pos_q, lo_q, K, V, C, K_DESC, V_DESC, stride_kt, stride_vt, stride_ct,
                                c_ref, offs_d, tl.maximum(b_full, my_lo), tl.minimum(col_hi, my_hi), Tk, qk_scale,
-                               HEAD_DIM, BLOCK_N, True, IS_VARLEN, EVEN_D, HAS_ACP and D_PAD <= 64)
+                               HEAD_DIM, BLOCK_N, True, IS_VARLEN, EVEN_D, HAS_ACP and D_PAD <= 64, USE_TMA)
 
     m_i = m_i + cq  # the row's decay term, left out of the scores above
     if NUM_SPLITS > 1:
@@ -359,30 +383,38 @@ def bwd_preprocess_kernel(OUT, DO, DI, stride_ob, stride_oh, stride_ot, stride_d
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, dc, k, v, ck, cols, Q, DO, C, LSE, DI, LO, stride_qt, stride_dot, stride_ct,
+def _dkdv_inner(dk, dv, dc, k, v, ck, cols, Q, DO, C, LSE, DI, LO, Q_DESC, DO_DESC, stride_qt, stride_dot, stride_ct,
                 c_ref, offs_d, row_start, row_end, Tq, OFF, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-                IS_VARLEN: tl.constexpr, EVEN_D: tl.constexpr):
-    """Accumulate dK, dV, dc of one key block over query blocks ``[row_start, row_end)``."""
+                IS_VARLEN: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr):
+    """Accumulate dK, dV, dc of one key block over query blocks ``[row_start, row_end)``
+    (USE_TMA: q and dO blocks through the tensor descriptors, see _fwd_inner)."""
     for start_m in range(row_start, row_end, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         pos = rows + OFF
         qt_ptrs = Q + rows[None, :] * stride_qt + offs_d[:, None]  # [D, BLOCK_M]
         do_ptrs = DO + rows[:, None] * stride_dot + offs_d[None, :]  # [BLOCK_M, D]
+        if USE_TMA:
+            q_rows = Q_DESC.load([start_m, 0])  # [BLOCK_M, D]
+            qt = tl.trans(q_rows)
+            do = DO_DESC.load([start_m, 0])
+        elif MASKED:
+            qt = tl.load(qt_ptrs, mask=(rows[None, :] < Tq) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+            do = tl.load(do_ptrs, mask=(rows[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        elif EVEN_D:
+            qt = tl.load(qt_ptrs)
+            do = tl.load(do_ptrs)
+        else:
+            qt = tl.load(qt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+            do = tl.load(do_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        if not USE_TMA:
+            q_rows = tl.trans(qt)
         if MASKED:
             row_ok = rows < Tq
-            qt = tl.load(qt_ptrs, mask=row_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-            do = tl.load(do_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
             lse = tl.load(LSE + rows, mask=row_ok, other=float("inf"))
             di = tl.load(DI + rows, mask=row_ok, other=0.0)
             cq = tl.load(C + pos * stride_ct, mask=row_ok, other=0.0)
         else:
-            if EVEN_D:
-                qt = tl.load(qt_ptrs)
-                do = tl.load(do_ptrs)
-            else:
-                qt = tl.load(qt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-                do = tl.load(do_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
             lse = tl.load(LSE + rows)
             di = tl.load(DI + rows)
             cq = tl.load(C + pos * stride_ct)
@@ -398,7 +430,7 @@ def _dkdv_inner(dk, dv, dc, k, v, ck, cols, Q, DO, C, LSE, DI, LO, stride_qt, st
         dv = tl.dot(pt.to(do.dtype), do, dv)  # dV += P^T dO
         dpt = tl.dot(v, tl.trans(do))  # dP^T = V dO^T   # [BLOCK_N, BLOCK_M]
         dst = pt * (dpt - di[None, :])  # dS^T = P^T * (dP^T - Di)
-        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk)  # dK += dS^T Q (sm_scale applied at the end)
+        dk = tl.dot(dst.to(q_rows.dtype), q_rows, dk)  # dK += dS^T Q (sm_scale applied at the end)
         dc -= tl.sum(dst, 1)  # dc_j = -sum_r dS_rj
     return dk, dv, dc
 
@@ -413,7 +445,7 @@ def bwd_dkdv_kernel(Q, K, V, C, ACP_Q, LO, HI, DO, LSE, DI, DK, DV, DC,
                     H, HKV, GROUP, Tq, Tk, OFF, NUM_KT, sm_scale, qk_scale,
                     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     PLAN_M: tl.constexpr, PLAN_N: tl.constexpr,
-                    IS_VARLEN: tl.constexpr, HAS_ACP: tl.constexpr, EVEN_D: tl.constexpr):
+                    IS_VARLEN: tl.constexpr, HAS_ACP: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr):
     """One program per (key block, batch*kv head): loops over the GQA group's query heads."""
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -441,6 +473,8 @@ def bwd_dkdv_kernel(Q, K, V, C, ACP_Q, LO, HI, DO, LSE, DI, DK, DV, DC,
         Ch = C + b64 * stride_cb + h * stride_ch
         LSEh = LSE + bh.to(tl.int64) * Tq
         DIh = DI + bh.to(tl.int64) * Tq
+        Q_DESC = _row_blocks(Qh, Tq, stride_qt, HEAD_DIM, BLOCK_M, D_PAD, USE_TMA)
+        DO_DESC = _row_blocks(DOh, Tq, stride_dot, HEAD_DIM, BLOCK_M, D_PAD, USE_TMA)
         row_lo, row_hi, full_lo, full_hi = _key_block_queries(LO, HI, ACP_Q + bh * NUM_KT, c0, Tq, Tk, OFF,
                                                               BLOCK_N, PLAN_M, PLAN_N, IS_VARLEN, HAS_ACP)
         # phases: [row_lo, a) masked (causal edge), [a, b) full blocks, [b, row_hi) masked (other sequences)
@@ -451,15 +485,18 @@ def bwd_dkdv_kernel(Q, K, V, C, ACP_Q, LO, HI, DO, LSE, DI, DK, DV, DC,
         ck = tl.load(Ch + cols * stride_ct, mask=col_ok, other=0.0)
         ck = (ck - c_ref) * 1.4426950408889634  # [BLOCK_N]
         dc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, ck, cols, Qh, DOh, Ch, LSEh, DIh, LO, stride_qt, stride_dot,
+        dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, ck, cols, Qh, DOh, Ch, LSEh, DIh, LO, Q_DESC, DO_DESC,
+                                 stride_qt, stride_dot,
                                  stride_ct, c_ref, offs_d, a, b_full, Tq, OFF, qk_scale,
-                                 HEAD_DIM, BLOCK_M, False, IS_VARLEN, EVEN_D)
-        dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, ck, cols, Qh, DOh, Ch, LSEh, DIh, LO, stride_qt, stride_dot,
+                                 HEAD_DIM, BLOCK_M, False, IS_VARLEN, EVEN_D, USE_TMA)
+        dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, ck, cols, Qh, DOh, Ch, LSEh, DIh, LO, Q_DESC, DO_DESC,
+                                 stride_qt, stride_dot,
                                  stride_ct, c_ref, offs_d, row_lo, a, Tq, OFF, qk_scale,
-                                 HEAD_DIM, BLOCK_M, True, IS_VARLEN, EVEN_D)
-        dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, ck, cols, Qh, DOh, Ch, LSEh, DIh, LO, stride_qt, stride_dot,
+                                 HEAD_DIM, BLOCK_M, True, IS_VARLEN, EVEN_D, USE_TMA)
+        dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, ck, cols, Qh, DOh, Ch, LSEh, DIh, LO, Q_DESC, DO_DESC,
+                                 stride_qt, stride_dot,
                                  stride_ct, c_ref, offs_d, b_full, row_hi, Tq, OFF, qk_scale,
-                                 HEAD_DIM, BLOCK_M, True, IS_VARLEN, EVEN_D)
+                                 HEAD_DIM, BLOCK_M, True, IS_VARLEN, EVEN_D, USE_TMA)
         tl.store(DC + b64 * stride_dcb + h * stride_dch + cols * stride_dct, dc, mask=col_ok)
     dk_ptrs = DK + b64 * stride_dkb + hk * stride_dkh + cols[:, None] * stride_dkt + offs_d[None, :]
     dv_ptrs = DV + b64 * stride_dvb + hk * stride_dvh + cols[:, None] * stride_dvt + offs_d[None, :]
@@ -468,16 +505,22 @@ def bwd_dkdv_kernel(Q, K, V, C, ACP_Q, LO, HI, DO, LSE, DI, DK, DV, DC,
 
 
 @triton.jit
-def _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct, c_ref,
+def _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, K_DESC, V_DESC, stride_kt, stride_vt, stride_ct, c_ref,
               offs_d, col_start, col_end, Tk, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-              IS_VARLEN: tl.constexpr, EVEN_D: tl.constexpr):
-    """Accumulate dQ and the row sums of dS (query-side dc term) over key blocks ``[col_start, col_end)``."""
+              IS_VARLEN: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr):
+    """Accumulate dQ and the row sums of dS (query-side dc term) over key blocks ``[col_start, col_end)``
+    (USE_TMA: k and v blocks through the tensor descriptors, see _fwd_inner)."""
     for start_n in range(col_start, col_end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         kt_ptrs = K + cols[None, :] * stride_kt + offs_d[:, None]  # [D, BLOCK_N]
         vt_ptrs = V + cols[None, :] * stride_vt + offs_d[:, None]  # [D, BLOCK_N]
-        if MASKED:
+        if USE_TMA:
+            k_rows = K_DESC.load([start_n, 0])  # [BLOCK_N, D]
+            kt = tl.trans(k_rows)
+            vt = tl.trans(V_DESC.load([start_n, 0]))
+            ck = tl.load(C + cols * stride_ct, mask=cols < Tk, other=0.0) if MASKED else tl.load(C + cols * stride_ct)
+        elif MASKED:
             m = (cols[None, :] < Tk) & (offs_d[:, None] < HEAD_DIM)
             kt = tl.load(kt_ptrs, mask=m, other=0.0)
             vt = tl.load(vt_ptrs, mask=m, other=0.0)
@@ -490,6 +533,8 @@ def _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_v
             kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
             vt = tl.load(vt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
             ck = tl.load(C + cols * stride_ct)
+        if not USE_TMA:
+            k_rows = tl.trans(kt)
         ck = (ck - c_ref) * 1.4426950408889634
         # P = exp2(s - lse), the row's decay term folded into lse by the caller   # [BLOCK_M, BLOCK_N]
         p = tl.math.exp2(tl.dot(q, kt) * qk_scale - ck[None, :] - lse[:, None])
@@ -500,7 +545,7 @@ def _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_v
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, vt)  # dP = dO V^T
         ds = p * (dp - di[:, None])
-        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq)  # dQ += dS K (sm_scale applied at the end)
+        dq = tl.dot(ds.to(k_rows.dtype), k_rows, dq)  # dQ += dS K (sm_scale applied at the end)
         dcq += tl.sum(ds, 1)  # query-side dc term: cancels the rounding of Di (see bwd_dq_kernel)
     return dq, dcq
 
@@ -514,7 +559,7 @@ def bwd_dq_kernel(Q, K, V, C, ACP_KV, LO, DO, LSE, DI, DQ, DC,
                   H, GROUP, Tq, Tk, OFF, NUM_QT, sm_scale, qk_scale,
                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   PLAN_M: tl.constexpr, PLAN_N: tl.constexpr,
-                  IS_VARLEN: tl.constexpr, HAS_ACP: tl.constexpr, EVEN_D: tl.constexpr):
+                  IS_VARLEN: tl.constexpr, HAS_ACP: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr):
     """One program per (query block, batch*head); runs after bwd_dkdv_kernel.
 
     Besides dQ it adds the query-side term ``sum_j dS_rj`` to ``DC`` at the rows' positions
@@ -538,6 +583,8 @@ def bwd_dq_kernel(Q, K, V, C, ACP_KV, LO, DO, LSE, DI, DQ, DC,
     LO += b * stride_lob
     LSE += bh.to(tl.int64) * Tq
     DI += bh.to(tl.int64) * Tq
+    K_DESC = _row_blocks(K, Tk, stride_kt, HEAD_DIM, BLOCK_N, D_PAD, USE_TMA)
+    V_DESC = _row_blocks(V, Tk, stride_vt, HEAD_DIM, BLOCK_N, D_PAD, USE_TMA)
 
     r0 = pid_m * BLOCK_M
     acp_first = tl.load(ACP_KV + r0 // PLAN_M) if HAS_ACP else 0
@@ -564,12 +611,15 @@ def bwd_dq_kernel(Q, K, V, C, ACP_KV, LO, DO, LSE, DI, DQ, DC,
     lse = lse - cq  # the row's decay term, folded into its lse
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     dcq = tl.zeros([BLOCK_M], dtype=tl.float32)
-    dq, dcq = _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct, c_ref,
-                        offs_d, a, b_full, Tk, qk_scale, HEAD_DIM, BLOCK_N, False, IS_VARLEN, EVEN_D)
-    dq, dcq = _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct, c_ref,
-                        offs_d, col_lo, a, Tk, qk_scale, HEAD_DIM, BLOCK_N, True, IS_VARLEN, EVEN_D)
-    dq, dcq = _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct, c_ref,
-                        offs_d, b_full, col_hi, Tk, qk_scale, HEAD_DIM, BLOCK_N, True, IS_VARLEN, EVEN_D)
+    dq, dcq = _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, K_DESC, V_DESC, stride_kt, stride_vt,
+                        stride_ct, c_ref,
+                        offs_d, a, b_full, Tk, qk_scale, HEAD_DIM, BLOCK_N, False, IS_VARLEN, EVEN_D, USE_TMA)
+    dq, dcq = _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, K_DESC, V_DESC, stride_kt, stride_vt,
+                        stride_ct, c_ref,
+                        offs_d, col_lo, a, Tk, qk_scale, HEAD_DIM, BLOCK_N, True, IS_VARLEN, EVEN_D, USE_TMA)
+    dq, dcq = _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, K_DESC, V_DESC, stride_kt, stride_vt,
+                        stride_ct, c_ref,
+                        offs_d, b_full, col_hi, Tk, qk_scale, HEAD_DIM, BLOCK_N, True, IS_VARLEN, EVEN_D, USE_TMA)
     dq_ptrs = DQ + b64 * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqt + offs_d[None, :]
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
     # dc at the rows' positions: key-side term (written by bwd_dkdv_kernel) + query-side term;
