@@ -13,7 +13,6 @@ Usage: ``python benchmarks/attention.py [--quick] [--no-flex] [--json out.json]`
 """
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
@@ -126,16 +125,18 @@ def tune(json_path):
     from foxacp.ops.acp import threshold_from_data
 
     results = []
-    fwd_cands = [(128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 4, 2), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)]
+    # (block_m, block_n, warps, stages) per head dim; configs whose TMA variant crashes ptxas 12.8 left out
+    fwd_cands = {64: [(128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+                 128: [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 3)]}
     bwd_cands = [(64, 64, 64, 64, 4, 2), (64, 64, 64, 64, 4, 3), (32, 64, 64, 32, 4, 3), (32, 128, 128, 32, 4, 2),
                  (64, 128, 128, 64, 8, 2)]
 
-    def timed(kind, D, cfg, make_config, run, baseline, flops=None):
+    def timed(kind, D, cfg, make_config, run, baseline, flops=None, with_acp=False):
         default = _CONFIGS[D]
         for tma in (False, True):
             triton_attention.TMA_ENABLED = tma
             _CONFIGS[D] = make_config(cfg)
-            for acp in ((False, True) if _CONFIGS[D] == default else (False,)):
+            for acp in ((False, True) if with_acp else (False,)):
                 try:
                     ms = triton.testing.do_bench(lambda: run(acp), warmup=25, rep=100, return_mode="median")
                 except Exception as err:  # noqa: BLE001
@@ -160,10 +161,11 @@ def tune(json_path):
             qc, kc, vc, is_causal=True), warmup=25, rep=100, return_mode="median")
         print(f"D={D} sdpa fwd {sdpa_f:.3f} ms", flush=True)
         base = _CONFIGS[D]
-        for cand in fwd_cands:
-            timed("fwd", D, cand, lambda c: TileConfig(*c, *dataclasses.astuple(base)[4:]),
+        for cand in fwd_cands[D]:
+            timed("fwd", D, cand, lambda c: TileConfig(*c, 16, 16, 16, 16, base.bwd_warps, base.bwd_stages),
                   lambda acp: fox_attn_fwd(qc, kc, vc, decay, dg if acp else None, None, None,
-                                           delta if acp else None, scale), sdpa_f, flops)
+                                           delta if acp else None, scale), sdpa_f, flops,
+                  cand == (base.block_m, base.block_n, base.fwd_warps, base.fwd_stages))
         out, lse = fox_attn_fwd(qc, kc, vc, decay, None, None, None, None, scale)
         qg, kg, vg = (t.detach().requires_grad_(True) for t in (qc, kc, vc))
         o = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, is_causal=True)
@@ -171,9 +173,10 @@ def tune(json_path):
                                          warmup=25, rep=100, return_mode="median")
         print(f"D={D} sdpa bwd {sdpa_b:.3f} ms", flush=True)
         for cand in bwd_cands:
-            timed("bwd", D, cand, lambda c: TileConfig(base.block_m, base.block_n, base.fwd_warps, base.fwd_stages, *c),
+            timed("bwd", D, cand, lambda c: TileConfig(128, 128, base.fwd_warps, base.fwd_stages, *c),
                   lambda acp: fox_attn_bwd(dout, qc, kc, vc, decay, dg if acp else None, None, None,
-                                           delta if acp else None, out, lse, scale), sdpa_b)
+                                           delta if acp else None, out, lse, scale), sdpa_b, None,
+                  cand == (base.m1, base.n1, base.m2, base.n2, base.bwd_warps, base.bwd_stages))
         # the API preamble: data threshold and the float64 decay cumsum
         gate = log_f.transpose(1, 2)
         for name, fn in [("threshold_from_data", lambda: threshold_from_data(qc, kc, scale, T)),

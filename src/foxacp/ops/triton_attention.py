@@ -19,6 +19,7 @@ returns no plan: the API builds it only when stats are asked for.
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -26,6 +27,8 @@ import torch
 
 try:
     import triton
+    import triton.errors
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
     from . import triton_kernels as kernels
 except ImportError as _err:  # pragma: no cover - depends on the environment
@@ -39,7 +42,7 @@ DECODE_MAX_Q = 64  # Tq at or below this takes the decoding forward (small query
 
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read once, as Triton itself does
-# Hopper+: stream K/V (forward, dQ) and q/dO (dK/dV) blocks through tensor descriptors (TMA).
+# Hopper+: stream K/V (forward, dQ) and q/dO (dK/dV) blocks through host tensor descriptors (TMA).
 # FOXACP_TRITON_TMA=0 turns it off (benchmarks compare both; older GPUs never use it).
 TMA_ENABLED = os.environ.get("FOXACP_TRITON_TMA", "1") != "0"
 
@@ -99,25 +102,52 @@ def _stages(stages: int, dtype: torch.dtype, head_dim: int) -> int:
 
 def _use_tma(*tensors) -> bool:
     """Tensor descriptors for these ``(B, H, T, D)`` tensors: Hopper or newer (or the interpreter),
-    rows and every batch/head offset 16-byte aligned. Sets Triton's allocator for the on-device
-    descriptors' workspace (Triton asks for it at launch; it is a context variable, so it is set
-    in the launching thread, e.g. autograd's)."""
+    last dim contiguous, base and every other stride 16-byte aligned (TMA's rules)."""
     if not TMA_ENABLED:
         return False
     if not _interpreting() and torch.cuda.get_device_capability(tensors[0].device) < (9, 0):
         return False
     for t in tensors:
         size = t.element_size()
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or (t.shape[-1] * size) % 16:
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any((st * size) % 16 for st in t.stride()[:-1]):
             return False
-        if any((stride * size) % 16 for stride in t.stride()[:-1]):
-            return False
-    triton.set_allocator(_descriptor_workspace)
     return True
 
 
-def _descriptor_workspace(size: int, alignment: int, stream):
-    return torch.empty(size, dtype=torch.int8, device="cuda" if not _interpreting() else "cpu")
+def _descriptors(tensors, block: int, d_pad: int):
+    """``(use_tma, args)``: host tensor descriptors with ``[1, 1, block, d_pad]`` blocks over each
+    ``(B, H, T, D)`` tensor when TMA applies, else the tensors themselves (the kernels ignore them)."""
+    if not _use_tma(*tensors):
+        return False, list(tensors)
+    return True, [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block, d_pad]) for t in tensors]
+
+
+_TMA_FAILED: set = set()  # kernel specialisations whose TMA variant did not compile
+
+
+def _launch(kernel, grid, args: list, desc_slice: slice, desc_tensors, block: int, d_pad: int, allow_tma: bool = True,
+            **meta):
+    """Launch ``kernel`` with the TMA variant where it applies, else (or if it fails to compile)
+    the per-thread-load variant. ``args[desc_slice]`` are the descriptor slots.
+
+    The fallback exists because ptxas 12.8 (Triton 3.6's) segfaults on some TMA specialisations
+    (docs/kernel-notes.md attempt 9: the known ones are avoided up front, ``allow_tma`` and the
+    dQ kernel's V loads); a failure is remembered per specialisation so it compiles once more at most.
+    """
+    int_spec = tuple((a == 1, a % 16 == 0) for a in args if isinstance(a, int))  # Triton specialises on these
+    key = (kernel.fn.__name__, tuple(sorted(meta.items())), int_spec, desc_tensors[0].dtype, block, d_pad)
+    use_tma, descs = (_descriptors(desc_tensors, block, d_pad) if allow_tma and key not in _TMA_FAILED
+                      else (False, desc_tensors))
+    if use_tma:
+        args[desc_slice] = descs
+        try:
+            return kernel[grid](*args, USE_TMA=True, **meta)
+        except triton.errors.TritonError as err:  # compile-time only: nothing ran
+            _TMA_FAILED.add(key)
+            warnings.warn(f"foxacp: {kernel.fn.__name__} with TMA failed to compile ({type(err).__name__}); "
+                          "using per-thread loads for this configuration", RuntimeWarning, stacklevel=3)
+    args[desc_slice] = list(desc_tensors)
+    return kernel[grid](*args, USE_TMA=False, **meta)
 
 
 def _search_block() -> int:
@@ -172,13 +202,15 @@ def _forward(q, k, v, decay, decay_global, key_lo, key_hi, delta, sm_scale: floa
     else:
         acc_part = ml_part = lse
     grid = (triton.cdiv(Tq, block_m), B * H, splits)
-    kernels.fwd_kernel[grid](
-        q, k, v, decay, acp_kv, lo, out, lse, acc_part, ml_part,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *decay.stride(), key_lo.stride(0) if varlen else 0,
-        *out.stride()[:3],
-        H, H // Hkv, Tq, Tk, Tk - Tq, triton.cdiv(Tq, cfg.block_m), sm_scale * kernels.LOG2E,
+    _launch(
+        kernels.fwd_kernel, grid,
+        [q, k, v, decay, acp_kv, lo, out, lse, acc_part, ml_part, None, None,
+         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *decay.stride(), key_lo.stride(0) if varlen else 0,
+         *out.stride()[:3],
+         H, H // Hkv, Tq, Tk, Tk - Tq, triton.cdiv(Tq, cfg.block_m), sm_scale * kernels.LOG2E],
+        slice(10, 12), (k, v), block_n, d_pad, d_pad <= 128,  # ptxas 12.8 crashes on the wide-head TMA forward
         HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n, PLAN_M=cfg.block_m, PLAN_N=cfg.block_n,
-        NUM_SPLITS=splits, IS_VARLEN=varlen, HAS_ACP=has_acp, EVEN_D=D == d_pad, USE_TMA=_use_tma(k, v),
+        NUM_SPLITS=splits, IS_VARLEN=varlen, HAS_ACP=has_acp, EVEN_D=D == d_pad,
         num_warps=warps, num_stages=stages,
     )
     if splits > 1:
@@ -214,17 +246,19 @@ def _backward(dout, q, k, v, decay, decay_global, key_lo, key_hi, delta, out, ls
                   num_stages=_stages(cfg.bwd_stages, q.dtype, D))
     base_strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *decay.stride(),
                     key_lo.stride(0) if varlen else 0, *dout.stride()[:3])
-    kernels.bwd_dkdv_kernel[(triton.cdiv(Tk, cfg.n1), B * Hkv)](
-        q, k, v, decay, acp_q, lo, hi, dout, lse, di, dk, dv, dc,
-        *base_strides, *dk.stride()[:3], *dv.stride()[:3], *dc.stride(),
-        H, Hkv, H // Hkv, Tq, Tk, Tk - Tq, triton.cdiv(Tk, cfg.block_n), sm_scale, sm_scale * kernels.LOG2E,
-        BLOCK_M=cfg.m1, BLOCK_N=cfg.n1, USE_TMA=_use_tma(q, dout), **common,
+    _launch(
+        kernels.bwd_dkdv_kernel, (triton.cdiv(Tk, cfg.n1), B * Hkv),
+        [q, k, v, decay, acp_q, lo, hi, dout, lse, di, dk, dv, dc, None, None,
+         *base_strides, *dk.stride()[:3], *dv.stride()[:3], *dc.stride(),
+         H, Hkv, H // Hkv, Tq, Tk, Tk - Tq, triton.cdiv(Tk, cfg.block_n), sm_scale, sm_scale * kernels.LOG2E],
+        slice(13, 15), (q, dout), cfg.m1, d_pad, BLOCK_M=cfg.m1, BLOCK_N=cfg.n1, **common,
     )
-    kernels.bwd_dq_kernel[(triton.cdiv(Tq, cfg.m2), B * H)](
-        q, k, v, decay, acp_kv, lo, dout, lse, di, dq, dc,
-        *base_strides, *dq.stride()[:3], *dc.stride(),
-        H, H // Hkv, Tq, Tk, Tk - Tq, triton.cdiv(Tq, cfg.block_m), sm_scale, sm_scale * kernels.LOG2E,
-        BLOCK_M=cfg.m2, BLOCK_N=cfg.n2, USE_TMA=_use_tma(k, v), **common,
+    _launch(
+        kernels.bwd_dq_kernel, (triton.cdiv(Tq, cfg.m2), B * H),
+        [q, k, v, decay, acp_kv, lo, dout, lse, di, dq, dc, None,
+         *base_strides, *dq.stride()[:3], *dc.stride(),
+         H, H // Hkv, Tq, Tk, Tk - Tq, triton.cdiv(Tq, cfg.block_m), sm_scale, sm_scale * kernels.LOG2E],
+        slice(11, 12), (k,), cfg.n2, d_pad, BLOCK_M=cfg.m2, BLOCK_N=cfg.n2, **common,
     )
     return dq, dk, dv, dc
 

@@ -151,23 +151,18 @@ def acp_bounds_kernel(LO, HI, ACP_KV, ACP_Q, KV_LO, KV_HI, Q_LO, Q_HI, stride_lo
 
 
 @triton.jit
-def _row_blocks(BASE, rows, stride_row, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, D_PAD: tl.constexpr,
-                USE_TMA: tl.constexpr):
-    """A tensor descriptor over one head's ``[rows, HEAD_DIM]`` matrix (row stride ``stride_row``),
-    loading ``[BLOCK, D_PAD]`` blocks, zero-filled outside; None unless USE_TMA."""
-    if USE_TMA:
-        return tl.make_tensor_descriptor(BASE, shape=[rows, HEAD_DIM], strides=[stride_row, 1],
-                                         block_shape=[BLOCK, D_PAD])
-    else:
-        return None
+def _tma_block(DESC, b, h, start, BLOCK: tl.constexpr, D_PAD: tl.constexpr):
+    """Rows ``[start, start + BLOCK)`` of head ``(b, h)`` through a host tensor descriptor over a
+    ``(B, H, T, D)`` tensor with block ``[1, 1, BLOCK, D_PAD]`` (TMA; zero outside T and D)."""
+    return DESC.load([b, h, start, 0]).reshape(BLOCK, D_PAD)
 
 
 # ----------------------------------------------------------------------------- forward
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, pos_q, lo_q, K, V, C, K_DESC, V_DESC, stride_kt, stride_vt, stride_ct, c_ref,
-               offs_d, col_start, col_end, Tk, qk_scale,
+def _fwd_inner(acc, l_i, m_i, q, pos_q, lo_q, K, V, C, K_DESC, V_DESC, desc_b, desc_h, stride_kt, stride_vt, stride_ct,
+               c_ref, offs_d, col_start, col_end, Tk, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                IS_VARLEN: tl.constexpr, EVEN_D: tl.constexpr, ADVANCE: tl.constexpr, USE_TMA: tl.constexpr):
     """Online softmax over key blocks ``[col_start, col_end)``; MASKED applies causal/lo masks.
@@ -179,8 +174,9 @@ def _fwd_inner(acc, l_i, m_i, q, pos_q, lo_q, K, V, C, K_DESC, V_DESC, stride_kt
     step of the full-block loop at D=64 (697 vs 650, sm_90 SASS); advancing removes them (633).
     Measured (H100, 3 reps): ACP forward -2..-4% at D=64, +4% at D=128, dense unchanged; so the
     caller sets it for the ACP variant at head dims <= 64 only (kernel-notes attempt 8).
-    USE_TMA: K and V blocks come through the tensor descriptors ``K_DESC``/``V_DESC`` (Hopper's
-    bulk copy engine; zero outside ``[Tk, HEAD_DIM]``, so no masks) instead of per-thread loads.
+    USE_TMA: K and V blocks of head ``(desc_b, desc_h)`` come through the host tensor descriptors
+    ``K_DESC``/``V_DESC`` (Hopper's bulk copy engine; zero outside ``[Tk, HEAD_DIM]``, so no masks)
+    instead of per-thread loads.
     """
     c_ptrs0 = C + (col_start + tl.arange(0, BLOCK_N)) * stride_ct
     k_ptrs0 = K + (col_start + tl.arange(0, BLOCK_N))[None, :] * stride_kt + offs_d[:, None]
@@ -196,7 +192,7 @@ def _fwd_inner(acc, l_i, m_i, q, pos_q, lo_q, K, V, C, K_DESC, V_DESC, stride_kt
             v_ptrs = V + cols[:, None] * stride_vt + offs_d[None, :]  # [BLOCK_N, D]
             c_ptrs = C + cols * stride_ct
         if USE_TMA:
-            kt = tl.trans(K_DESC.load([start_n, 0]))
+            kt = tl.trans(_tma_block(K_DESC, desc_b, desc_h, start_n, BLOCK_N, offs_d.shape[0]))
             ck = tl.load(c_ptrs, mask=cols < Tk, other=0.0) if MASKED else tl.load(c_ptrs)
         elif MASKED:
             kt = tl.load(k_ptrs, mask=(cols[None, :] < Tk) & (offs_d[:, None] < HEAD_DIM), other=0.0)
@@ -225,7 +221,7 @@ def _fwd_inner(acc, l_i, m_i, q, pos_q, lo_q, K, V, C, K_DESC, V_DESC, stride_kt
         alpha = tl.math.exp2(m_i - m_use)  # rescale of the old accumulator
         l_i = l_i * alpha + tl.sum(p, 1)
         if USE_TMA:
-            v = V_DESC.load([start_n, 0])
+            v = _tma_block(V_DESC, desc_b, desc_h, start_n, BLOCK_N, offs_d.shape[0])
         elif MASKED:
             v = tl.load(v_ptrs, mask=(cols[:, None] < Tk) & (offs_d[None, :] < HEAD_DIM), other=0.0)
         elif EVEN_D:
@@ -242,7 +238,7 @@ def _fwd_inner(acc, l_i, m_i, q, pos_q, lo_q, K, V, C, K_DESC, V_DESC, stride_kt
 
 
 @triton.jit
-def fwd_kernel(Q, K, V, C, ACP_KV, LO, OUT, LSE, ACC_PART, ML_PART,
+def fwd_kernel(Q, K, V, C, ACP_KV, LO, OUT, LSE, ACC_PART, ML_PART, K_DESC, V_DESC,
                stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                stride_vb, stride_vh, stride_vt, stride_cb, stride_ch, stride_ct, stride_lob,
                stride_ob, stride_oh, stride_ot,
@@ -265,8 +261,6 @@ def fwd_kernel(Q, K, V, C, ACP_KV, LO, OUT, LSE, ACC_PART, ML_PART,
     ACP_KV += bh * NUM_QT
     LO += b * stride_lob
     OUT += b64 * stride_ob + h * stride_oh
-    K_DESC = _row_blocks(K, Tk, stride_kt, HEAD_DIM, BLOCK_N, D_PAD, USE_TMA)
-    V_DESC = _row_blocks(V, Tk, stride_vt, HEAD_DIM, BLOCK_N, D_PAD, USE_TMA)
 
     r0 = pid_m * BLOCK_M
     acp_first = tl.load(ACP_KV + r0 // PLAN_M) if HAS_ACP else 0  # first, so its latency overlaps q's
@@ -301,15 +295,15 @@ def fwd_kernel(Q, K, V, C, ACP_KV, LO, OUT, LSE, ACC_PART, ML_PART,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     # full blocks first (no masks), then the two masked edges
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, pos_q, lo_q, K, V, C, K_DESC, V_DESC, stride_kt, stride_vt, stride_ct,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, pos_q, lo_q, K, V, C, K_DESC, V_DESC, b, hk, stride_kt, stride_vt, stride_ct,
                                c_ref, offs_d, tl.maximum(a, my_lo), tl.minimum(b_full, my_hi), Tk, qk_scale,
-                               HEAD_DIM, BLOCK_N, False, IS_VARLEN, EVEN_D, HAS_ACP and D_PAD <= 64, USE_TMA)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, pos_q, lo_q, K, V, C, K_DESC, V_DESC, stride_kt, stride_vt, stride_ct,
+                               HEAD_DIM, BLOCK_N, False, IS_VARLEN, EVEN_D, HAS_ACP and D_PAD <= 64 and not USE_TMA, USE_TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, pos_q, lo_q, K, V, C, K_DESC, V_DESC, b, hk, stride_kt, stride_vt, stride_ct,
                                c_ref, offs_d, tl.maximum(col_lo, my_lo), tl.minimum(a, my_hi), Tk, qk_scale,
-                               HEAD_DIM, BLOCK_N, True, IS_VARLEN, EVEN_D, HAS_ACP and D_PAD <= 64, USE_TMA)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, pos_q, lo_q, K, V, C, K_DESC, V_DESC, stride_kt, stride_vt, stride_ct,
+                               HEAD_DIM, BLOCK_N, True, IS_VARLEN, EVEN_D, HAS_ACP and D_PAD <= 64 and not USE_TMA, USE_TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, pos_q, lo_q, K, V, C, K_DESC, V_DESC, b, hk, stride_kt, stride_vt, stride_ct,
                                c_ref, offs_d, tl.maximum(b_full, my_lo), tl.minimum(col_hi, my_hi), Tk, qk_scale,
-                               HEAD_DIM, BLOCK_N, True, IS_VARLEN, EVEN_D, HAS_ACP and D_PAD <= 64, USE_TMA)
+                               HEAD_DIM, BLOCK_N, True, IS_VARLEN, EVEN_D, HAS_ACP and D_PAD <= 64 and not USE_TMA, USE_TMA)
 
     m_i = m_i + cq  # the row's decay term, left out of the scores above
     if NUM_SPLITS > 1:
@@ -383,7 +377,8 @@ def bwd_preprocess_kernel(OUT, DO, DI, stride_ob, stride_oh, stride_ot, stride_d
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, dc, k, v, ck, cols, Q, DO, C, LSE, DI, LO, Q_DESC, DO_DESC, stride_qt, stride_dot, stride_ct,
+def _dkdv_inner(dk, dv, dc, k, v, ck, cols, Q, DO, C, LSE, DI, LO, Q_DESC, DO_DESC, desc_b, desc_h,
+                stride_qt, stride_dot, stride_ct,
                 c_ref, offs_d, row_start, row_end, Tq, OFF, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                 IS_VARLEN: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr):
@@ -395,9 +390,9 @@ def _dkdv_inner(dk, dv, dc, k, v, ck, cols, Q, DO, C, LSE, DI, LO, Q_DESC, DO_DE
         qt_ptrs = Q + rows[None, :] * stride_qt + offs_d[:, None]  # [D, BLOCK_M]
         do_ptrs = DO + rows[:, None] * stride_dot + offs_d[None, :]  # [BLOCK_M, D]
         if USE_TMA:
-            q_rows = Q_DESC.load([start_m, 0])  # [BLOCK_M, D]
+            q_rows = _tma_block(Q_DESC, desc_b, desc_h, start_m, BLOCK_M, offs_d.shape[0])  # [BLOCK_M, D]
             qt = tl.trans(q_rows)
-            do = DO_DESC.load([start_m, 0])
+            do = _tma_block(DO_DESC, desc_b, desc_h, start_m, BLOCK_M, offs_d.shape[0])
         elif MASKED:
             qt = tl.load(qt_ptrs, mask=(rows[None, :] < Tq) & (offs_d[:, None] < HEAD_DIM), other=0.0)
             do = tl.load(do_ptrs, mask=(rows[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
@@ -436,7 +431,7 @@ def _dkdv_inner(dk, dv, dc, k, v, ck, cols, Q, DO, C, LSE, DI, LO, Q_DESC, DO_DE
 
 
 @triton.jit
-def bwd_dkdv_kernel(Q, K, V, C, ACP_Q, LO, HI, DO, LSE, DI, DK, DV, DC,
+def bwd_dkdv_kernel(Q, K, V, C, ACP_Q, LO, HI, DO, LSE, DI, DK, DV, DC, Q_DESC, DO_DESC,
                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                     stride_vb, stride_vh, stride_vt, stride_cb, stride_ch, stride_ct, stride_lob,
                     stride_dob, stride_doh, stride_dot,
@@ -473,8 +468,6 @@ def bwd_dkdv_kernel(Q, K, V, C, ACP_Q, LO, HI, DO, LSE, DI, DK, DV, DC,
         Ch = C + b64 * stride_cb + h * stride_ch
         LSEh = LSE + bh.to(tl.int64) * Tq
         DIh = DI + bh.to(tl.int64) * Tq
-        Q_DESC = _row_blocks(Qh, Tq, stride_qt, HEAD_DIM, BLOCK_M, D_PAD, USE_TMA)
-        DO_DESC = _row_blocks(DOh, Tq, stride_dot, HEAD_DIM, BLOCK_M, D_PAD, USE_TMA)
         row_lo, row_hi, full_lo, full_hi = _key_block_queries(LO, HI, ACP_Q + bh * NUM_KT, c0, Tq, Tk, OFF,
                                                               BLOCK_N, PLAN_M, PLAN_N, IS_VARLEN, HAS_ACP)
         # phases: [row_lo, a) masked (causal edge), [a, b) full blocks, [b, row_hi) masked (other sequences)
@@ -485,15 +478,15 @@ def bwd_dkdv_kernel(Q, K, V, C, ACP_Q, LO, HI, DO, LSE, DI, DK, DV, DC,
         ck = tl.load(Ch + cols * stride_ct, mask=col_ok, other=0.0)
         ck = (ck - c_ref) * 1.4426950408889634  # [BLOCK_N]
         dc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, ck, cols, Qh, DOh, Ch, LSEh, DIh, LO, Q_DESC, DO_DESC,
+        dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, ck, cols, Qh, DOh, Ch, LSEh, DIh, LO, Q_DESC, DO_DESC, b, h,
                                  stride_qt, stride_dot,
                                  stride_ct, c_ref, offs_d, a, b_full, Tq, OFF, qk_scale,
                                  HEAD_DIM, BLOCK_M, False, IS_VARLEN, EVEN_D, USE_TMA)
-        dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, ck, cols, Qh, DOh, Ch, LSEh, DIh, LO, Q_DESC, DO_DESC,
+        dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, ck, cols, Qh, DOh, Ch, LSEh, DIh, LO, Q_DESC, DO_DESC, b, h,
                                  stride_qt, stride_dot,
                                  stride_ct, c_ref, offs_d, row_lo, a, Tq, OFF, qk_scale,
                                  HEAD_DIM, BLOCK_M, True, IS_VARLEN, EVEN_D, USE_TMA)
-        dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, ck, cols, Qh, DOh, Ch, LSEh, DIh, LO, Q_DESC, DO_DESC,
+        dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, ck, cols, Qh, DOh, Ch, LSEh, DIh, LO, Q_DESC, DO_DESC, b, h,
                                  stride_qt, stride_dot,
                                  stride_ct, c_ref, offs_d, b_full, row_hi, Tq, OFF, qk_scale,
                                  HEAD_DIM, BLOCK_M, True, IS_VARLEN, EVEN_D, USE_TMA)
@@ -505,34 +498,37 @@ def bwd_dkdv_kernel(Q, K, V, C, ACP_Q, LO, HI, DO, LSE, DI, DK, DV, DC,
 
 
 @triton.jit
-def _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, K_DESC, V_DESC, stride_kt, stride_vt, stride_ct, c_ref,
+def _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, K_DESC, desc_b, desc_h,
+              stride_kt, stride_vt, stride_ct, c_ref,
               offs_d, col_start, col_end, Tk, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
               IS_VARLEN: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr):
     """Accumulate dQ and the row sums of dS (query-side dc term) over key blocks ``[col_start, col_end)``
-    (USE_TMA: k and v blocks through the tensor descriptors, see _fwd_inner)."""
+    (USE_TMA: k blocks through the tensor descriptor, see _fwd_inner)."""
     for start_n in range(col_start, col_end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         kt_ptrs = K + cols[None, :] * stride_kt + offs_d[:, None]  # [D, BLOCK_N]
         vt_ptrs = V + cols[None, :] * stride_vt + offs_d[:, None]  # [D, BLOCK_N]
-        if USE_TMA:
-            k_rows = K_DESC.load([start_n, 0])  # [BLOCK_N, D]
-            kt = tl.trans(k_rows)
-            vt = tl.trans(V_DESC.load([start_n, 0]))
-            ck = tl.load(C + cols * stride_ct, mask=cols < Tk, other=0.0) if MASKED else tl.load(C + cols * stride_ct)
-        elif MASKED:
-            m = (cols[None, :] < Tk) & (offs_d[:, None] < HEAD_DIM)
-            kt = tl.load(kt_ptrs, mask=m, other=0.0)
-            vt = tl.load(vt_ptrs, mask=m, other=0.0)
+        # V^T by per-thread loads even with TMA: ptxas 12.8 segfaults on the dense kernel with a
+        # transposed TMA V block at most head dims (kernel-notes attempt 9)
+        if MASKED:
+            vt = tl.load(vt_ptrs, mask=(cols[None, :] < Tk) & (offs_d[:, None] < HEAD_DIM), other=0.0)
             ck = tl.load(C + cols * stride_ct, mask=cols < Tk, other=0.0)
         elif EVEN_D:
-            kt = tl.load(kt_ptrs)
             vt = tl.load(vt_ptrs)
             ck = tl.load(C + cols * stride_ct)
         else:
-            kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
             vt = tl.load(vt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
             ck = tl.load(C + cols * stride_ct)
+        if USE_TMA:
+            k_rows = _tma_block(K_DESC, desc_b, desc_h, start_n, BLOCK_N, offs_d.shape[0])  # [BLOCK_N, D]
+            kt = tl.trans(k_rows)
+        elif MASKED:
+            kt = tl.load(kt_ptrs, mask=(cols[None, :] < Tk) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+        elif EVEN_D:
+            kt = tl.load(kt_ptrs)
+        else:
+            kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
         if not USE_TMA:
             k_rows = tl.trans(kt)
         ck = (ck - c_ref) * 1.4426950408889634
@@ -551,7 +547,7 @@ def _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, K_DESC, V_DESC, str
 
 
 @triton.jit
-def bwd_dq_kernel(Q, K, V, C, ACP_KV, LO, DO, LSE, DI, DQ, DC,
+def bwd_dq_kernel(Q, K, V, C, ACP_KV, LO, DO, LSE, DI, DQ, DC, K_DESC,
                   stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                   stride_vb, stride_vh, stride_vt, stride_cb, stride_ch, stride_ct, stride_lob,
                   stride_dob, stride_doh, stride_dot, stride_dqb, stride_dqh, stride_dqt,
@@ -583,8 +579,6 @@ def bwd_dq_kernel(Q, K, V, C, ACP_KV, LO, DO, LSE, DI, DQ, DC,
     LO += b * stride_lob
     LSE += bh.to(tl.int64) * Tq
     DI += bh.to(tl.int64) * Tq
-    K_DESC = _row_blocks(K, Tk, stride_kt, HEAD_DIM, BLOCK_N, D_PAD, USE_TMA)
-    V_DESC = _row_blocks(V, Tk, stride_vt, HEAD_DIM, BLOCK_N, D_PAD, USE_TMA)
 
     r0 = pid_m * BLOCK_M
     acp_first = tl.load(ACP_KV + r0 // PLAN_M) if HAS_ACP else 0
@@ -611,14 +605,14 @@ def bwd_dq_kernel(Q, K, V, C, ACP_KV, LO, DO, LSE, DI, DQ, DC,
     lse = lse - cq  # the row's decay term, folded into its lse
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     dcq = tl.zeros([BLOCK_M], dtype=tl.float32)
-    dq, dcq = _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, K_DESC, V_DESC, stride_kt, stride_vt,
-                        stride_ct, c_ref,
+    dq, dcq = _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, K_DESC, b, hk, stride_kt,
+                        stride_vt, stride_ct, c_ref,
                         offs_d, a, b_full, Tk, qk_scale, HEAD_DIM, BLOCK_N, False, IS_VARLEN, EVEN_D, USE_TMA)
-    dq, dcq = _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, K_DESC, V_DESC, stride_kt, stride_vt,
-                        stride_ct, c_ref,
+    dq, dcq = _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, K_DESC, b, hk, stride_kt,
+                        stride_vt, stride_ct, c_ref,
                         offs_d, col_lo, a, Tk, qk_scale, HEAD_DIM, BLOCK_N, True, IS_VARLEN, EVEN_D, USE_TMA)
-    dq, dcq = _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, K_DESC, V_DESC, stride_kt, stride_vt,
-                        stride_ct, c_ref,
+    dq, dcq = _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, K_DESC, b, hk, stride_kt,
+                        stride_vt, stride_ct, c_ref,
                         offs_d, b_full, col_hi, Tk, qk_scale, HEAD_DIM, BLOCK_N, True, IS_VARLEN, EVEN_D, USE_TMA)
     dq_ptrs = DQ + b64 * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqt + offs_d[None, :]
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
