@@ -119,8 +119,9 @@ def flex_contenders(q, k, v, log_f, H, Hkv):
 
 
 def tune(json_path):
-    """Time the custom ops alone for candidate tile configs, with and without TMA descriptors (no
-    API preamble), and the preamble parts. ACP (nothing prunable) only for the default config."""
+    """Time the custom ops alone for candidate tile configs (forward with and without TMA
+    descriptors; no API preamble), and the preamble parts. ACP (nothing prunable) only for the
+    default config."""
     from foxacp.ops.triton_attention import TileConfig, _CONFIGS, fox_attn_bwd, fox_attn_fwd
     from foxacp.ops.acp import threshold_from_data
 
@@ -133,7 +134,7 @@ def tune(json_path):
 
     def timed(kind, D, cfg, make_config, run, baseline, flops=None, with_acp=False):
         default = _CONFIGS[D]
-        for tma in (False, True):
+        for tma in ((False, True) if kind == "fwd" else (True,)):  # only the forward has a TMA variant
             triton_attention.TMA_ENABLED = tma
             _CONFIGS[D] = make_config(cfg)
             for acp in ((False, True) if with_acp else (False,)):

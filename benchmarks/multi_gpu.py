@@ -6,8 +6,10 @@ Every run is ``torchrun --nproc_per_node=n -m foxacp train`` (FSDP2 and DCP chec
 for n = 1), with the same seed and global batch, so the n-GPU run sees exactly the 1-GPU run's
 batches (the loader splits each global batch by rank). Three parts:
 
+0. noise floor: two 1-GPU runs that differ only in the micro-batch size (the order in which bf16
+   gradients are summed); their loss gap is what "within bf16 noise" means for this setup.
 1. parity: ``--parity-steps`` steps of ``--parity-preset`` with ACP on, on 1 and on N GPUs; the
-   largest loss difference per step is reported (bf16: expect ~1e-2 after tens of steps).
+   largest loss difference per step is reported.
 2. reshard: the N-GPU run's checkpoint at the middle step is resumed on 1 GPU (DCP reshards
    N -> 1) and trained to the end; its losses are compared with the N-GPU run's.
 3. scaling: for each ``--scaling-presets`` at ``--scaling-context``, tokens/s on 1 and N GPUs
@@ -117,6 +119,20 @@ def run_parity(launch: Launcher, gpus: int, preset: str, context: int, steps: in
             "curves": {"1gpu": one, f"{gpus}gpu": many, f"resumed_{gpus}to1": down, f"resumed_1to{gpus}": up}}
 
 
+def run_noise_floor(launch: Launcher, preset: str, context: int, steps: int, micro_batch: int, out: Path) -> dict:
+    """Two 1-GPU runs that differ only in gradient-accumulation order (micro-batch m vs m/2): how
+    far bf16 summation order alone moves the loss curve, the yardstick for the 1 vs N comparison."""
+    runs = {}
+    for micro in (micro_batch, max(1, micro_batch // 2)):
+        name = f"noise_1gpu_micro{micro}"
+        overrides = [f"model.preset={preset}", f"data.seq_len={context}", f"run.max_steps={steps}",
+                     f"batch.micro_batch={micro}"]
+        runs[micro] = losses_by_step(launch.train(name, 1, out / name, overrides))
+    (a, b) = runs.values()
+    return {"preset": preset, "context": context, "steps": steps, "micro_batches": list(runs),
+            "gap": max_loss_gap(a, b), "curves": {f"micro{m}": c for m, c in runs.items()}}
+
+
 def run_scaling(launch: Launcher, gpus: int, preset: str, context: int, steps: int, micro_batch: int, warmup: int,
                 out: Path) -> dict:
     overrides = [f"model.preset={preset}", f"data.seq_len={context}", f"run.max_steps={steps}",
@@ -139,7 +155,10 @@ def report(summary: dict) -> str:
              f"Resumed runs start from the step-{p['resumed_from_step']} checkpoint of the other world size "
              "(DCP resharding).", "",
              "| comparison | steps | max abs loss diff (step) | final losses |", "|---|---|---|---|"]
-    for label, d in p["comparisons"].items():
+    n = summary["noise_floor"]
+    comparisons = {**p["comparisons"],
+                   f"1 GPU, micro-batch {n['micro_batches'][0]} vs {n['micro_batches'][1]} (noise floor)": n["gap"]}
+    for label, d in comparisons.items():
         lines.append(f"| {label} | {d['steps'][0]}-{d['steps'][1]} | {d['max_abs_diff']:.4f} ({d['at_step']}) "
                      f"| {d['final']['a']:.4f} / {d['final']['b']:.4f} |")
     lines += ["", f"## Scaling at L={summary['scaling'][0]['context'] if summary['scaling'] else '-'}", "",
@@ -187,14 +206,16 @@ def main(argv=None) -> None:
     parser.add_argument("--scaling-context", type=int, default=16384)
     parser.add_argument("--scaling-steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3, help="scaling steps left out of the median")
+    parser.add_argument("--noise-floor-only", action="store_true",
+                        help="only the 1-GPU micro-batch m vs m/2 runs of the parity setup (needs one GPU)")
     parser.add_argument("overrides", nargs="*", help="more section.key=value for every run")
     args = parser.parse_args(argv)
-    if args.gpus < 2:
+    if args.gpus < 2 and not args.noise_floor_only:
         parser.error("--gpus must be >= 2")
     if args.device == "cuda":
         import torch
 
-        if torch.cuda.device_count() < args.gpus:
+        if torch.cuda.device_count() < args.gpus and not args.noise_floor_only:
             parser.error(f"--gpus {args.gpus} but only {torch.cuda.device_count()} CUDA devices are visible")
         device_name = f"{args.gpus}x {torch.cuda.get_device_name(0)}"
     else:
@@ -209,13 +230,20 @@ def main(argv=None) -> None:
               *args.overrides]
     launch = Launcher(common, args.device, args.out)
     micro = lambda context: max(1, args.micro_tokens // context)  # noqa: E731
+    noise = run_noise_floor(launch, args.parity_preset, args.parity_context, args.parity_steps,
+                            micro(args.parity_context), args.out)
+    (args.out / "noise_floor.json").write_text(json.dumps({"device_name": device_name, **noise}, indent=1))
+    print(f"noise floor (1 GPU, micro-batch {noise['micro_batches']}): {noise['gap']}", flush=True)
+    if args.noise_floor_only:
+        return
     parity = run_parity(launch, args.gpus, args.parity_preset, args.parity_context, args.parity_steps,
                         micro(args.parity_context), args.out)
     scaling = [run_scaling(launch, args.gpus, preset, args.scaling_context, args.scaling_steps,
                            micro(args.scaling_context), args.warmup, args.out)
                for preset in args.scaling_presets]
     summary = {"device_name": device_name, "gpus": args.gpus, "global_tokens": args.global_tokens,
-               "seed": args.seed, "compile": args.compile, "parity": parity, "scaling": scaling}
+               "seed": args.seed, "compile": args.compile, "noise_floor": noise, "parity": parity,
+               "scaling": scaling}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     plot_curves(parity, args.out / "loss_curves.png")
     text = report(summary) + "\n![loss curves](loss_curves.png)\n"

@@ -6,6 +6,7 @@ bf16 ``tl.dot`` is wrong.
 """
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -94,6 +95,37 @@ def test_pointer_loads_match_reference(ta, monkeypatch, name):
     """The per-thread-load path (GPUs before Hopper, rows not 16-byte aligned) without TMA descriptors."""
     monkeypatch.setattr(ta, "TMA_ENABLED", False)
     test_triton_matches_reference(ta, name)
+
+
+def test_tma_compile_failure_falls_back(ta, monkeypatch):
+    """A TMA variant that fails to compile (ptxas 12.8 crashes on some) is retried once with
+    per-thread loads, with a warning, and remembered."""
+    real = ta.kernels.fwd_kernel
+
+    class CrashingTMA:
+        fn = real.fn
+
+        def __getitem__(self, grid):
+            def launch(*args, USE_TMA, **meta):
+                if USE_TMA:
+                    raise triton.errors.TritonError("ptxas failed with error code -11")
+                return real[grid](*args, USE_TMA=USE_TMA, **meta)
+            return launch
+
+    monkeypatch.setattr(ta.kernels, "fwd_kernel", CrashingTMA())
+    monkeypatch.setattr(ta, "_TMA_FAILED", set())
+    inputs = make_inputs(1, 40, 2, 16, dtype=torch.float32)
+    def tma_warnings(fn):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = fn()
+        return result, [str(w.message) for w in caught if "TMA" in str(w.message)]
+
+    got, first = tma_warnings(lambda: run("triton", inputs))
+    assert len(first) == 1 and "fwd_kernel with TMA failed to compile" in first[0]
+    check(got, run("reference", inputs), 2e-5)
+    assert len(ta._TMA_FAILED) == 1
+    assert tma_warnings(lambda: run("triton", inputs))[1] == []  # remembered: no second attempt
 
 
 def test_acp_actually_prunes(ta):

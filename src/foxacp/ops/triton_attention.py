@@ -42,7 +42,8 @@ DECODE_MAX_Q = 64  # Tq at or below this takes the decoding forward (small query
 
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read once, as Triton itself does
-# Hopper+: stream K/V (forward, dQ) and q/dO (dK/dV) blocks through host tensor descriptors (TMA).
+# Hopper+: the forward at head dims 65-128 streams K/V blocks through host tensor descriptors (TMA);
+# measured -3% there, +2% at D=64 and +7% in the backward (kernel-notes attempt 9), so only there.
 # FOXACP_TRITON_TMA=0 turns it off (benchmarks compare both; older GPUs never use it).
 TMA_ENABLED = os.environ.get("FOXACP_TRITON_TMA", "1") != "0"
 
@@ -131,8 +132,8 @@ def _launch(kernel, grid, args: list, desc_slice: slice, desc_tensors, block: in
     the per-thread-load variant. ``args[desc_slice]`` are the descriptor slots.
 
     The fallback exists because ptxas 12.8 (Triton 3.6's) segfaults on some TMA specialisations
-    (docs/kernel-notes.md attempt 9: the known ones are avoided up front, ``allow_tma`` and the
-    dQ kernel's V loads); a failure is remembered per specialisation so it compiles once more at most.
+    (docs/kernel-notes.md attempt 9: e.g. the forward at 128x64 blocks with 2 stages, or head dims
+    above 128); a failure is remembered per specialisation so it compiles once more at most.
     """
     int_spec = tuple((a == 1, a % 16 == 0) for a in args if isinstance(a, int))  # Triton specialises on these
     key = (kernel.fn.__name__, tuple(sorted(meta.items())), int_spec, desc_tensors[0].dtype, block, d_pad)
@@ -208,7 +209,7 @@ def _forward(q, k, v, decay, decay_global, key_lo, key_hi, delta, sm_scale: floa
          *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *decay.stride(), key_lo.stride(0) if varlen else 0,
          *out.stride()[:3],
          H, H // Hkv, Tq, Tk, Tk - Tq, triton.cdiv(Tq, cfg.block_m), sm_scale * kernels.LOG2E],
-        slice(10, 12), (k, v), block_n, d_pad, d_pad <= 128,  # ptxas 12.8 crashes on the wide-head TMA forward
+        slice(10, 12), (k, v), block_n, d_pad, d_pad == 128 or _interpreting(),  # where it pays; CI tests it
         HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n, PLAN_M=cfg.block_m, PLAN_N=cfg.block_n,
         NUM_SPLITS=splits, IS_VARLEN=varlen, HAS_ACP=has_acp, EVEN_D=D == d_pad,
         num_warps=warps, num_stages=stages,
@@ -246,19 +247,17 @@ def _backward(dout, q, k, v, decay, decay_global, key_lo, key_hi, delta, out, ls
                   num_stages=_stages(cfg.bwd_stages, q.dtype, D))
     base_strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *decay.stride(),
                     key_lo.stride(0) if varlen else 0, *dout.stride()[:3])
-    _launch(
-        kernels.bwd_dkdv_kernel, (triton.cdiv(Tk, cfg.n1), B * Hkv),
-        [q, k, v, decay, acp_q, lo, hi, dout, lse, di, dk, dv, dc, None, None,
-         *base_strides, *dk.stride()[:3], *dv.stride()[:3], *dc.stride(),
-         H, Hkv, H // Hkv, Tq, Tk, Tk - Tq, triton.cdiv(Tk, cfg.block_n), sm_scale, sm_scale * kernels.LOG2E],
-        slice(13, 15), (q, dout), cfg.m1, d_pad, BLOCK_M=cfg.m1, BLOCK_N=cfg.n1, **common,
+    kernels.bwd_dkdv_kernel[(triton.cdiv(Tk, cfg.n1), B * Hkv)](
+        q, k, v, decay, acp_q, lo, hi, dout, lse, di, dk, dv, dc,
+        *base_strides, *dk.stride()[:3], *dv.stride()[:3], *dc.stride(),
+        H, Hkv, H // Hkv, Tq, Tk, Tk - Tq, triton.cdiv(Tk, cfg.block_n), sm_scale, sm_scale * kernels.LOG2E,
+        BLOCK_M=cfg.m1, BLOCK_N=cfg.n1, **common,
     )
-    _launch(
-        kernels.bwd_dq_kernel, (triton.cdiv(Tq, cfg.m2), B * H),
-        [q, k, v, decay, acp_kv, lo, dout, lse, di, dq, dc, None,
-         *base_strides, *dq.stride()[:3], *dc.stride(),
-         H, H // Hkv, Tq, Tk, Tk - Tq, triton.cdiv(Tq, cfg.block_m), sm_scale, sm_scale * kernels.LOG2E],
-        slice(11, 12), (k,), cfg.n2, d_pad, BLOCK_M=cfg.m2, BLOCK_N=cfg.n2, **common,
+    kernels.bwd_dq_kernel[(triton.cdiv(Tq, cfg.m2), B * H)](
+        q, k, v, decay, acp_kv, lo, dout, lse, di, dq, dc,
+        *base_strides, *dq.stride()[:3], *dc.stride(),
+        H, H // Hkv, Tq, Tk, Tk - Tq, triton.cdiv(Tq, cfg.block_m), sm_scale, sm_scale * kernels.LOG2E,
+        BLOCK_M=cfg.m2, BLOCK_N=cfg.n2, **common,
     )
     return dq, dk, dv, dc
 

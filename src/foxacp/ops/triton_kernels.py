@@ -377,39 +377,30 @@ def bwd_preprocess_kernel(OUT, DO, DI, stride_ob, stride_oh, stride_ot, stride_d
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, dc, k, v, ck, cols, Q, DO, C, LSE, DI, LO, Q_DESC, DO_DESC, desc_b, desc_h,
-                stride_qt, stride_dot, stride_ct,
+def _dkdv_inner(dk, dv, dc, k, v, ck, cols, Q, DO, C, LSE, DI, LO, stride_qt, stride_dot, stride_ct,
                 c_ref, offs_d, row_start, row_end, Tq, OFF, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-                IS_VARLEN: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr):
-    """Accumulate dK, dV, dc of one key block over query blocks ``[row_start, row_end)``
-    (USE_TMA: q and dO blocks through the tensor descriptors, see _fwd_inner)."""
+                IS_VARLEN: tl.constexpr, EVEN_D: tl.constexpr):
+    """Accumulate dK, dV, dc of one key block over query blocks ``[row_start, row_end)``."""
     for start_m in range(row_start, row_end, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         pos = rows + OFF
         qt_ptrs = Q + rows[None, :] * stride_qt + offs_d[:, None]  # [D, BLOCK_M]
         do_ptrs = DO + rows[:, None] * stride_dot + offs_d[None, :]  # [BLOCK_M, D]
-        if USE_TMA:
-            q_rows = _tma_block(Q_DESC, desc_b, desc_h, start_m, BLOCK_M, offs_d.shape[0])  # [BLOCK_M, D]
-            qt = tl.trans(q_rows)
-            do = _tma_block(DO_DESC, desc_b, desc_h, start_m, BLOCK_M, offs_d.shape[0])
-        elif MASKED:
-            qt = tl.load(qt_ptrs, mask=(rows[None, :] < Tq) & (offs_d[:, None] < HEAD_DIM), other=0.0)
-            do = tl.load(do_ptrs, mask=(rows[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        elif EVEN_D:
-            qt = tl.load(qt_ptrs)
-            do = tl.load(do_ptrs)
-        else:
-            qt = tl.load(qt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-            do = tl.load(do_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        if not USE_TMA:
-            q_rows = tl.trans(qt)
         if MASKED:
             row_ok = rows < Tq
+            qt = tl.load(qt_ptrs, mask=row_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+            do = tl.load(do_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
             lse = tl.load(LSE + rows, mask=row_ok, other=float("inf"))
             di = tl.load(DI + rows, mask=row_ok, other=0.0)
             cq = tl.load(C + pos * stride_ct, mask=row_ok, other=0.0)
         else:
+            if EVEN_D:
+                qt = tl.load(qt_ptrs)
+                do = tl.load(do_ptrs)
+            else:
+                qt = tl.load(qt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+                do = tl.load(do_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
             lse = tl.load(LSE + rows)
             di = tl.load(DI + rows)
             cq = tl.load(C + pos * stride_ct)
@@ -425,13 +416,13 @@ def _dkdv_inner(dk, dv, dc, k, v, ck, cols, Q, DO, C, LSE, DI, LO, Q_DESC, DO_DE
         dv = tl.dot(pt.to(do.dtype), do, dv)  # dV += P^T dO
         dpt = tl.dot(v, tl.trans(do))  # dP^T = V dO^T   # [BLOCK_N, BLOCK_M]
         dst = pt * (dpt - di[None, :])  # dS^T = P^T * (dP^T - Di)
-        dk = tl.dot(dst.to(q_rows.dtype), q_rows, dk)  # dK += dS^T Q (sm_scale applied at the end)
+        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk)  # dK += dS^T Q (sm_scale applied at the end)
         dc -= tl.sum(dst, 1)  # dc_j = -sum_r dS_rj
     return dk, dv, dc
 
 
 @triton.jit
-def bwd_dkdv_kernel(Q, K, V, C, ACP_Q, LO, HI, DO, LSE, DI, DK, DV, DC, Q_DESC, DO_DESC,
+def bwd_dkdv_kernel(Q, K, V, C, ACP_Q, LO, HI, DO, LSE, DI, DK, DV, DC,
                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                     stride_vb, stride_vh, stride_vt, stride_cb, stride_ch, stride_ct, stride_lob,
                     stride_dob, stride_doh, stride_dot,
@@ -440,7 +431,7 @@ def bwd_dkdv_kernel(Q, K, V, C, ACP_Q, LO, HI, DO, LSE, DI, DK, DV, DC, Q_DESC, 
                     H, HKV, GROUP, Tq, Tk, OFF, NUM_KT, sm_scale, qk_scale,
                     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     PLAN_M: tl.constexpr, PLAN_N: tl.constexpr,
-                    IS_VARLEN: tl.constexpr, HAS_ACP: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr):
+                    IS_VARLEN: tl.constexpr, HAS_ACP: tl.constexpr, EVEN_D: tl.constexpr):
     """One program per (key block, batch*kv head): loops over the GQA group's query heads."""
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -478,18 +469,15 @@ def bwd_dkdv_kernel(Q, K, V, C, ACP_Q, LO, HI, DO, LSE, DI, DK, DV, DC, Q_DESC, 
         ck = tl.load(Ch + cols * stride_ct, mask=col_ok, other=0.0)
         ck = (ck - c_ref) * 1.4426950408889634  # [BLOCK_N]
         dc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, ck, cols, Qh, DOh, Ch, LSEh, DIh, LO, Q_DESC, DO_DESC, b, h,
-                                 stride_qt, stride_dot,
+        dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, ck, cols, Qh, DOh, Ch, LSEh, DIh, LO, stride_qt, stride_dot,
                                  stride_ct, c_ref, offs_d, a, b_full, Tq, OFF, qk_scale,
-                                 HEAD_DIM, BLOCK_M, False, IS_VARLEN, EVEN_D, USE_TMA)
-        dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, ck, cols, Qh, DOh, Ch, LSEh, DIh, LO, Q_DESC, DO_DESC, b, h,
-                                 stride_qt, stride_dot,
+                                 HEAD_DIM, BLOCK_M, False, IS_VARLEN, EVEN_D)
+        dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, ck, cols, Qh, DOh, Ch, LSEh, DIh, LO, stride_qt, stride_dot,
                                  stride_ct, c_ref, offs_d, row_lo, a, Tq, OFF, qk_scale,
-                                 HEAD_DIM, BLOCK_M, True, IS_VARLEN, EVEN_D, USE_TMA)
-        dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, ck, cols, Qh, DOh, Ch, LSEh, DIh, LO, Q_DESC, DO_DESC, b, h,
-                                 stride_qt, stride_dot,
+                                 HEAD_DIM, BLOCK_M, True, IS_VARLEN, EVEN_D)
+        dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, ck, cols, Qh, DOh, Ch, LSEh, DIh, LO, stride_qt, stride_dot,
                                  stride_ct, c_ref, offs_d, b_full, row_hi, Tq, OFF, qk_scale,
-                                 HEAD_DIM, BLOCK_M, True, IS_VARLEN, EVEN_D, USE_TMA)
+                                 HEAD_DIM, BLOCK_M, True, IS_VARLEN, EVEN_D)
         tl.store(DC + b64 * stride_dcb + h * stride_dch + cols * stride_dct, dc, mask=col_ok)
     dk_ptrs = DK + b64 * stride_dkb + hk * stride_dkh + cols[:, None] * stride_dkt + offs_d[None, :]
     dv_ptrs = DV + b64 * stride_dvb + hk * stride_dvh + cols[:, None] * stride_dvt + offs_d[None, :]
@@ -498,39 +486,28 @@ def bwd_dkdv_kernel(Q, K, V, C, ACP_Q, LO, HI, DO, LSE, DI, DK, DV, DC, Q_DESC, 
 
 
 @triton.jit
-def _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, K_DESC, desc_b, desc_h,
-              stride_kt, stride_vt, stride_ct, c_ref,
+def _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct, c_ref,
               offs_d, col_start, col_end, Tk, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-              IS_VARLEN: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr):
-    """Accumulate dQ and the row sums of dS (query-side dc term) over key blocks ``[col_start, col_end)``
-    (USE_TMA: k blocks through the tensor descriptor, see _fwd_inner)."""
+              IS_VARLEN: tl.constexpr, EVEN_D: tl.constexpr):
+    """Accumulate dQ and the row sums of dS (query-side dc term) over key blocks ``[col_start, col_end)``."""
     for start_n in range(col_start, col_end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         kt_ptrs = K + cols[None, :] * stride_kt + offs_d[:, None]  # [D, BLOCK_N]
         vt_ptrs = V + cols[None, :] * stride_vt + offs_d[:, None]  # [D, BLOCK_N]
-        # V^T by per-thread loads even with TMA: ptxas 12.8 segfaults on the dense kernel with a
-        # transposed TMA V block at most head dims (kernel-notes attempt 9)
         if MASKED:
-            vt = tl.load(vt_ptrs, mask=(cols[None, :] < Tk) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+            m = (cols[None, :] < Tk) & (offs_d[:, None] < HEAD_DIM)
+            kt = tl.load(kt_ptrs, mask=m, other=0.0)
+            vt = tl.load(vt_ptrs, mask=m, other=0.0)
             ck = tl.load(C + cols * stride_ct, mask=cols < Tk, other=0.0)
         elif EVEN_D:
+            kt = tl.load(kt_ptrs)
             vt = tl.load(vt_ptrs)
             ck = tl.load(C + cols * stride_ct)
         else:
+            kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
             vt = tl.load(vt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
             ck = tl.load(C + cols * stride_ct)
-        if USE_TMA:
-            k_rows = _tma_block(K_DESC, desc_b, desc_h, start_n, BLOCK_N, offs_d.shape[0])  # [BLOCK_N, D]
-            kt = tl.trans(k_rows)
-        elif MASKED:
-            kt = tl.load(kt_ptrs, mask=(cols[None, :] < Tk) & (offs_d[:, None] < HEAD_DIM), other=0.0)
-        elif EVEN_D:
-            kt = tl.load(kt_ptrs)
-        else:
-            kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-        if not USE_TMA:
-            k_rows = tl.trans(kt)
         ck = (ck - c_ref) * 1.4426950408889634
         # P = exp2(s - lse), the row's decay term folded into lse by the caller   # [BLOCK_M, BLOCK_N]
         p = tl.math.exp2(tl.dot(q, kt) * qk_scale - ck[None, :] - lse[:, None])
@@ -541,13 +518,13 @@ def _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, K_DESC, desc_b, des
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, vt)  # dP = dO V^T
         ds = p * (dp - di[:, None])
-        dq = tl.dot(ds.to(k_rows.dtype), k_rows, dq)  # dQ += dS K (sm_scale applied at the end)
+        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq)  # dQ += dS K (sm_scale applied at the end)
         dcq += tl.sum(ds, 1)  # query-side dc term: cancels the rounding of Di (see bwd_dq_kernel)
     return dq, dcq
 
 
 @triton.jit
-def bwd_dq_kernel(Q, K, V, C, ACP_KV, LO, DO, LSE, DI, DQ, DC, K_DESC,
+def bwd_dq_kernel(Q, K, V, C, ACP_KV, LO, DO, LSE, DI, DQ, DC,
                   stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                   stride_vb, stride_vh, stride_vt, stride_cb, stride_ch, stride_ct, stride_lob,
                   stride_dob, stride_doh, stride_dot, stride_dqb, stride_dqh, stride_dqt,
@@ -555,7 +532,7 @@ def bwd_dq_kernel(Q, K, V, C, ACP_KV, LO, DO, LSE, DI, DQ, DC, K_DESC,
                   H, GROUP, Tq, Tk, OFF, NUM_QT, sm_scale, qk_scale,
                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   PLAN_M: tl.constexpr, PLAN_N: tl.constexpr,
-                  IS_VARLEN: tl.constexpr, HAS_ACP: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr):
+                  IS_VARLEN: tl.constexpr, HAS_ACP: tl.constexpr, EVEN_D: tl.constexpr):
     """One program per (query block, batch*head); runs after bwd_dkdv_kernel.
 
     Besides dQ it adds the query-side term ``sum_j dS_rj`` to ``DC`` at the rows' positions
@@ -605,15 +582,12 @@ def bwd_dq_kernel(Q, K, V, C, ACP_KV, LO, DO, LSE, DI, DQ, DC, K_DESC,
     lse = lse - cq  # the row's decay term, folded into its lse
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     dcq = tl.zeros([BLOCK_M], dtype=tl.float32)
-    dq, dcq = _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, K_DESC, b, hk, stride_kt,
-                        stride_vt, stride_ct, c_ref,
-                        offs_d, a, b_full, Tk, qk_scale, HEAD_DIM, BLOCK_N, False, IS_VARLEN, EVEN_D, USE_TMA)
-    dq, dcq = _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, K_DESC, b, hk, stride_kt,
-                        stride_vt, stride_ct, c_ref,
-                        offs_d, col_lo, a, Tk, qk_scale, HEAD_DIM, BLOCK_N, True, IS_VARLEN, EVEN_D, USE_TMA)
-    dq, dcq = _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, K_DESC, b, hk, stride_kt,
-                        stride_vt, stride_ct, c_ref,
-                        offs_d, b_full, col_hi, Tk, qk_scale, HEAD_DIM, BLOCK_N, True, IS_VARLEN, EVEN_D, USE_TMA)
+    dq, dcq = _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct, c_ref,
+                        offs_d, a, b_full, Tk, qk_scale, HEAD_DIM, BLOCK_N, False, IS_VARLEN, EVEN_D)
+    dq, dcq = _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct, c_ref,
+                        offs_d, col_lo, a, Tk, qk_scale, HEAD_DIM, BLOCK_N, True, IS_VARLEN, EVEN_D)
+    dq, dcq = _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct, c_ref,
+                        offs_d, b_full, col_hi, Tk, qk_scale, HEAD_DIM, BLOCK_N, True, IS_VARLEN, EVEN_D)
     dq_ptrs = DQ + b64 * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqt + offs_d[None, :]
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
     # dc at the rows' positions: key-side term (written by bwd_dkdv_kernel) + query-side term;
