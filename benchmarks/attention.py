@@ -2,7 +2,8 @@
 
 Contenders: torch SDPA causal (no gate: the speed of light for the shape), foxacp triton dense,
 foxacp triton with ``adaptive_threshold="auto"``, FlexAttention with the gate as ``score_mod``
-(dense causal and with an ACP ``BlockMask`` built from the tile plan), fla's
+(dense causal and with an ACP ``BlockMask`` built from the tile plan; also plain causal Flex with
+no gate, i.e. PyTorch's own Triton FA2 template), fla's
 ``parallel_forgetting_attn`` when importable. q and k are RMS-normalised (as QK-norm does).
 
 Gates: ``none`` (logit 30, nothing to prune), ``spread`` (per-head decay lengths log-spaced from 8
@@ -113,12 +114,14 @@ def flex_contenders(q, k, v, log_f, H, Hkv):
     acp_mask = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=128, mask_mod=causal)
     gqa = H != Hkv
     return {
+        # PyTorch's Triton template with no gate at all: what Triton-generated FA2 reaches on this GPU
+        "flex causal": lambda: flex(qh, kh, vh, block_mask=dense_mask, enable_gqa=gqa),
         "flex dense": lambda: flex(qh, kh, vh, score_mod=score_mod, block_mask=dense_mask, enable_gqa=gqa),
         "flex acp": lambda: flex(qh, kh, vh, score_mod=score_mod, block_mask=acp_mask, enable_gqa=gqa),
     }, plan.kept_fraction()
 
 
-def tune(json_path):
+def tune(json_path, part="all"):
     """Time the custom ops alone for candidate tile configs (forward with and without TMA
     descriptors; no API preamble), and the preamble parts. ACP (nothing prunable) only for the
     default config."""
@@ -129,8 +132,10 @@ def tune(json_path):
     # (block_m, block_n, warps, stages) per head dim; configs whose TMA variant crashes ptxas 12.8 left out
     fwd_cands = {64: [(128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
                  128: [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 3)]}
-    bwd_cands = [(64, 64, 64, 64, 4, 2), (64, 64, 64, 64, 4, 3), (32, 64, 64, 32, 4, 3), (32, 128, 128, 32, 4, 2),
-                 (64, 128, 128, 64, 8, 2)]
+    # (m1, n1, m2, n2, warps, stages): n1, n2 divide the plan's block_n (64 at D=64 and 128)
+    bwd_cands = {64: [(64, 64, 64, 64, 4, 2), (32, 64, 64, 32, 4, 4), (32, 64, 64, 32, 4, 5), (16, 64, 64, 16, 4, 4),
+                      (32, 64, 128, 32, 4, 3), (64, 64, 128, 64, 8, 2)],
+                 128: [(64, 64, 64, 64, 4, 2), (32, 64, 64, 32, 4, 4), (16, 64, 64, 16, 4, 4), (32, 64, 64, 32, 8, 3)]}
 
     def timed(kind, D, cfg, make_config, run, baseline, flops=None, with_acp=False):
         default = _CONFIGS[D]
@@ -162,7 +167,7 @@ def tune(json_path):
             qc, kc, vc, is_causal=True), warmup=25, rep=100, return_mode="median")
         print(f"D={D} sdpa fwd {sdpa_f:.3f} ms", flush=True)
         base = _CONFIGS[D]
-        for cand in fwd_cands[D]:
+        for cand in fwd_cands[D] if part in ("all", "fwd") else []:
             timed("fwd", D, cand, lambda c: TileConfig(*c, 16, 16, 16, 16, base.bwd_warps, base.bwd_stages),
                   lambda acp: fox_attn_fwd(qc, kc, vc, decay, dg if acp else None, None, None,
                                            delta if acp else None, scale), sdpa_f, flops,
@@ -173,8 +178,8 @@ def tune(json_path):
         sdpa_b = triton.testing.do_bench(lambda: torch.autograd.grad(o, (qg, kg, vg), dout, retain_graph=True),
                                          warmup=25, rep=100, return_mode="median")
         print(f"D={D} sdpa bwd {sdpa_b:.3f} ms", flush=True)
-        for cand in bwd_cands:
-            timed("bwd", D, cand, lambda c: TileConfig(128, 128, base.fwd_warps, base.fwd_stages, *c),
+        for cand in bwd_cands[D] if part in ("all", "bwd") else []:
+            timed("bwd", D, cand, lambda c: TileConfig(base.block_m, base.block_n, base.fwd_warps, base.fwd_stages, *c),
                   lambda acp: fox_attn_bwd(dout, qc, kc, vc, decay, dg if acp else None, None, None,
                                            delta if acp else None, out, lse, scale), sdpa_b, None,
                   cand == (base.m1, base.n1, base.m2, base.n2, base.bwd_warps, base.bwd_stages))
@@ -276,11 +281,12 @@ def main():
     parser.add_argument("--gates", type=str, default=",".join(GATES))
     parser.add_argument("--json", type=str, default="attention_bench.json")
     parser.add_argument("--tune", action="store_true", help="time tile configs of the ops alone")
+    parser.add_argument("--tune-part", choices=("all", "fwd", "bwd"), default="all")
     parser.add_argument("--overhead", action="store_true", help="ACP cost per component, nothing prunable")
     parser.add_argument("--compare-tma", action="store_true", help="also time fox dense without TMA descriptors")
     args = parser.parse_args()
     if args.tune:
-        return tune(args.json)
+        return tune(args.json, args.tune_part)
     if args.overhead:
         return overhead(args.json)
     shapes = SHAPES[:1] if args.quick else SHAPES
@@ -352,8 +358,8 @@ def main():
 
 def print_table(rows):
     print("\n| shape (B,H,Hkv,T,D) | gate | mode | SDPA ms | fox dense | fox dense no-TMA | fox ACP (kept) "
-          "| flex dense | flex ACP |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| flex causal (no gate) | flex dense | flex ACP |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     keyed = {}
     for r in rows:
         keyed.setdefault((r["B"], r["H"], r["Hkv"], r["T"], r["D"], r["gate"], r["mode"]), {})[r["contender"]] = r
@@ -366,7 +372,8 @@ def print_table(rows):
         acp = group.get("fox acp")
         acp_cell = "-" if acp is None else f"{acp['ms']:.2f} (x{acp['vs_sdpa']:.2f}, {acp['kept']:.2f})"
         print(f"| {tuple(shape)} | {gate} | {mode} | {sdpa['ms'] if sdpa else float('nan'):.2f} | "
-              f"{cell('fox dense')} | {cell('fox dense no-tma')} | {acp_cell} | {cell('flex dense')} | {cell('flex acp')} |")
+              f"{cell('fox dense')} | {cell('fox dense no-tma')} | {acp_cell} | {cell('flex causal')} | {cell('flex dense')} "
+              f"| {cell('flex acp')} |")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,108 @@
+"""Compile the attention kernels for sm_90 (Hopper) on any machine, no GPU needed.
+
+    python benchmarks/compile_sm90.py --head-dims 64 128 [--stages 2]
+
+For each head dim, kernel (forward, dK/dV, dQ), TMA on/off and ACP on/off it prints registers,
+stack (spills), shared memory, or the compile failure (e.g. a ptxas crash). The specialisation is
+that of a typical launch: bf16, strides and lengths divisible by 16, unit strides and GQA group 1
+as constants. Triton ships ptxas and cuobjdump, so only the ``triton`` package is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from foxacp.ops import triton_kernels as K
+from foxacp.ops.triton_attention import _pad, tile_config
+
+FLOAT32_POINTERS = {"C", "LSE", "DI", "DC", "ACC_PART", "ML_PART"}
+INT32_POINTERS = {"ACP_KV", "ACP_Q", "LO", "HI"}
+FLOAT_SCALARS = {"qk_scale", "sm_scale"}
+INT_SCALARS = {"H", "HKV", "GROUP", "OFF", "NUM_QT", "NUM_KT"}  # upper-case names that are not pointers
+ONE = {"stride_ct", "stride_dct", "GROUP"}  # == 1 at a typical launch: Triton makes them constants
+DIVISIBLE = {"Tq", "Tk", "H", "HKV", "NUM_QT", "NUM_KT"}
+
+
+def signature(fn, constants: dict, dtype: str = "bf16") -> dict:
+    sig = {}
+    for name in fn.arg_names:
+        if name in constants:
+            sig[name] = "constexpr"
+        elif name.endswith("_DESC"):
+            block = constants["BLOCK_N"] if name in ("K_DESC", "V_DESC") else constants["BLOCK_M"]
+            sig[name] = f"tensordesc<{dtype}[1, 1, {block}, {constants['D_PAD']}]>" if constants["USE_TMA"] \
+                else f"*{dtype}"
+        elif name.isupper() and name not in INT_SCALARS:
+            sig[name] = "*fp32" if name in FLOAT32_POINTERS else "*i32" if name in INT32_POINTERS else f"*{dtype}"
+        else:
+            sig[name] = "fp32" if name in FLOAT_SCALARS else "i32"
+    return sig
+
+
+def divisibility(fn, sig: dict) -> dict:
+    """Pointers and the integer strides/lengths a launch would see as multiples of 16."""
+    def divisible(name):
+        kind = sig[name]
+        if kind.startswith("*"):
+            return True
+        return kind == "i32" and (name in DIVISIBLE or name.startswith("stride") and name != "stride_lob")
+    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if divisible(name)}
+
+
+def resource_usage(cubin: bytes) -> str:
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not glob.glob(tool):
+        return "(cuobjdump not found)"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    fields = [line.strip() for line in out.splitlines() if "REG:" in line]
+    return " ".join(part for part in " ".join(fields).split() if part.startswith(("REG:", "STACK:")))
+
+
+def compile_one(fn, constants: dict, warps: int, stages: int, label: str) -> None:
+    constants = dict(constants, **{name: 1 for name in fn.arg_names if name in ONE})
+    sig = signature(fn, constants)
+    try:
+        kernel = triton.compile(ASTSource(fn, sig, constants, divisibility(fn, sig)),
+                                target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    except Exception as err:  # noqa: BLE001 - report any compile failure and go on
+        first = next((line for line in str(err).splitlines() if "error" in line.lower()), type(err).__name__)
+        print(f"FAIL {label}: {type(err).__name__}: {first[:120]}", flush=True)
+        return
+    print(f"ok   {label}: {resource_usage(kernel.asm['cubin'])} smem {kernel.metadata.shared}", flush=True)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--stages", type=int, default=None, help="override the table's stage counts")
+    args = parser.parse_args(argv)
+    for head_dim in args.head_dims:
+        cfg, d_pad = tile_config(head_dim), _pad(head_dim)
+        kernels = [(K.fwd_kernel, cfg.block_m, cfg.block_n, cfg.fwd_warps, cfg.fwd_stages, {"NUM_SPLITS": 1}),
+                   (K.bwd_dkdv_kernel, cfg.m1, cfg.n1, cfg.bwd_warps, cfg.bwd_stages, {}),
+                   (K.bwd_dq_kernel, cfg.m2, cfg.n2, cfg.bwd_warps, cfg.bwd_stages, {})]
+        for fn, block_m, block_n, warps, stages, extra in kernels:
+            has_tma = "USE_TMA" in fn.arg_names
+            for tma in (False, True) if has_tma else (False,):
+                for acp in (False, True):
+                    constants = dict(HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n,
+                                     PLAN_M=cfg.block_m, PLAN_N=cfg.block_n, IS_VARLEN=False, HAS_ACP=acp,
+                                     EVEN_D=head_dim == d_pad, **extra, **({"USE_TMA": tma} if has_tma else {}))
+                    label = (f"D={head_dim} {fn.fn.__name__} {block_m}x{block_n} w{warps} s{args.stages or stages}"
+                             f" tma={tma:d} acp={acp:d}")
+                    compile_one(fn, constants, warps, args.stages or stages, label)
+
+
+if __name__ == "__main__":
+    main()
