@@ -135,10 +135,11 @@ def _launch(kernel, grid, args: list, desc_slice: slice, desc_tensors, block: in
     (docs/kernel-notes.md attempt 9: e.g. the forward at 128x64 blocks with 2 stages, or head dims
     above 128); a failure is remembered per specialisation so it compiles once more at most.
     """
-    int_spec = tuple((a == 1, a % 16 == 0) for a in args if isinstance(a, int))  # Triton specialises on these
-    key = (kernel.fn.__name__, tuple(sorted(meta.items())), int_spec, desc_tensors[0].dtype, block, d_pad)
-    use_tma, descs = (_descriptors(desc_tensors, block, d_pad) if allow_tma and key not in _TMA_FAILED
-                      else (False, desc_tensors))
+    use_tma = False
+    if allow_tma:  # (host time matters for decoding: nothing below runs unless TMA may apply)
+        int_spec = tuple((a == 1, a % 16 == 0) for a in args if isinstance(a, int))  # Triton specialises on these
+        key = (kernel.fn.__name__, tuple(sorted(meta.items())), int_spec, desc_tensors[0].dtype, block, d_pad)
+        use_tma, descs = _descriptors(desc_tensors, block, d_pad) if key not in _TMA_FAILED else (False, None)
     if use_tma:
         args[desc_slice] = descs
         try:
