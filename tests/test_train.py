@@ -215,3 +215,24 @@ def test_acp_comparison_writes_report(store_dir, tmp_path):
     data = json.loads((tmp_path / "summary.json").read_text())
     assert data["runs"]["acp_off"]["mean_kept_fraction"] == 1.0
     assert data["runs"]["acp_on"]["final_loss"] == pytest.approx(data["runs"]["acp_off"]["final_loss"], abs=1e-3)
+
+
+def test_multi_gpu_benchmark_runs_on_cpu(store_dir, tmp_path):
+    """benchmarks/multi_gpu.py end to end with 2 gloo processes: parity, resharded resume both
+    ways, noise floor and scaling, report and JSON written (the script the GPU results come from)."""
+    out = tmp_path / "multi"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
+    args = [sys.executable, str(REPO / "benchmarks" / "multi_gpu.py"), "--out", str(out), "--device", "cpu",
+            "--gpus", "2", "--data", str(store_dir), "--global-tokens", "512", "--micro-tokens", "128",
+            "--parity-preset", "fox-pro-tiny", "--parity-context", "64", "--parity-steps", "4",
+            "--scaling-presets", "fox-pro-tiny", "--scaling-context", "64", "--scaling-steps", "3", "--warmup", "1"]
+    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    comparisons = summary["parity"]["comparisons"]
+    assert set(comparisons) == {"1 GPU vs 2 GPUs", "2->1 GPU resumed vs 2 GPUs", "1->2 GPUs resumed vs 1 GPU"}
+    for gap in comparisons.values():  # float32 on CPU: the same numbers up to summation order
+        assert gap["max_abs_diff"] < 1e-3, comparisons
+    assert comparisons["2->1 GPU resumed vs 2 GPUs"]["steps"] == [3, 4]
+    assert summary["scaling"][0]["tokens_per_s_1gpu"] > 0
+    assert (out / "report.md").exists() and (out / "loss_curves.png").exists()
