@@ -23,10 +23,10 @@ from triton.compiler import ASTSource
 from foxacp.ops import triton_kernels as K
 from foxacp.ops.triton_attention import _pad, tile_config
 
-FLOAT32_POINTERS = {"C", "LSE", "DI", "DC", "ACC_PART", "ML_PART"}
+FLOAT32_POINTERS = {"C", "LSE", "DI", "DC", "ACC_PART", "ML_PART", "PART"}
 INT32_POINTERS = {"ACP_KV", "ACP_Q", "LO", "HI"}
 FLOAT_SCALARS = {"qk_scale", "sm_scale"}
-INT_SCALARS = {"H", "HKV", "GROUP", "OFF", "NUM_QT", "NUM_KT"}  # upper-case names that are not pointers
+INT_SCALARS = {"B", "H", "HKV", "GROUP", "OFF", "NUM_QT", "NUM_KT", "NUM_CHUNKS"}  # upper-case names that are not pointers
 ONE = {"stride_ct", "stride_dct", "GROUP"}  # == 1 at a typical launch: Triton makes them constants
 DIVISIBLE = {"Tq", "Tk", "H", "HKV", "NUM_QT", "NUM_KT"}
 
