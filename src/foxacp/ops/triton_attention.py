@@ -323,15 +323,13 @@ def _data_threshold(q, k, sm_scale: float, seq_len: int, log_eps: float) -> torc
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
-    h_pad = triton.next_power_of_2(max(H, Hkv))
-    tile = h_pad * _pad(D)  # elements per position: every head of one batch row
-    block_t = max(1, min(64, 8192 // tile)) if not _interpreting() else 4
-    chunk = block_t * (4 if _interpreting() else max(1, 65536 // (block_t * tile)))
+    block_t = 16 if _interpreting() else max(16, min(128, 8192 // _pad(D)))
+    chunk = block_t * (2 if _interpreting() else max(1, 32768 // (block_t * _pad(D))))
     num_chunks = triton.cdiv(max(Tq, Tk), chunk)
     part = torch.empty((B * (H + Hkv), num_chunks), dtype=torch.float32, device=q.device)
-    kernels.row_norm_max_kernel[(num_chunks, B, 2)](
-        q, k, part, *q.stride()[:3], *k.stride()[:3], B, H, Hkv, Tq, Tk, num_chunks,
-        HEAD_DIM=D, D_PAD=_pad(D), H_PAD=h_pad, BLOCK_T=block_t, CHUNK=chunk, num_warps=4 if tile <= 4096 else 8,
+    kernels.row_norm_max_kernel[(num_chunks, B * (H + Hkv))](
+        q, k, part, *q.stride()[:3], *k.stride()[:3], H, Hkv, Tq, Tk, num_chunks,
+        HEAD_DIM=D, D_PAD=_pad(D), BLOCK_T=block_t, CHUNK=chunk, num_warps=4,
     )
     delta = torch.empty((B, H), dtype=torch.float32, device=q.device)
     kernels.data_threshold_kernel[(B * Hkv,)](

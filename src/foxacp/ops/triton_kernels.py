@@ -601,43 +601,36 @@ def bwd_dq_kernel(Q, K, V, C, ACP_KV, LO, DO, LSE, DI, DQ, DC,
 
 @triton.jit
 def row_norm_max_kernel(Q, K, PART, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-                        B, H, HKV, Tq, Tk, NUM_CHUNKS,
-                        HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, H_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                        CHUNK: tl.constexpr):
-    """Largest squared row norm per head over ``CHUNK`` positions, for every head of one batch row
-    of q (``program_id(2) == 0``) or k (``== 1``).
+                        H, HKV, Tq, Tk, NUM_CHUNKS,
+                        HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_T: tl.constexpr, CHUNK: tl.constexpr):
+    """Largest squared row norm of q (programs ``bh < B*H``) or k (the rest) over ``CHUNK`` rows.
 
-    Each step loads a ``[BLOCK_T, H_PAD, D_PAD]`` tile: in the usual ``(B, T, H, D)`` memory that
-    is ``BLOCK_T`` contiguous ``H * D`` runs, so q and k are read once, front to back.
-    ``PART[idx, chunk]`` float32, idx over ``B*H`` q heads then ``B*HKV`` k heads.
+    ``PART[idx, chunk]`` float32, idx over ``B*H`` q heads then ``B*HKV`` k heads; reads q and k in
+    their memory layout (usually ``(B, T, H, D)``), each element once.
     """
     chunk = tl.program_id(0)
-    b = tl.program_id(1)
-    if tl.program_id(2) == 0:
-        base = Q + b.to(tl.int64) * stride_qb
-        stride_h = stride_qh
+    idx = tl.program_id(1)
+    n_q = tl.num_programs(1) // (H + HKV) * H  # B*H
+    if idx < n_q:
+        b = idx // H
+        h = idx % H
+        base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
         stride_t = stride_qt
         T = Tq
-        heads = H
-        row0 = b * H
     else:
-        base = K + b.to(tl.int64) * stride_kb
-        stride_h = stride_kh
+        b = (idx - n_q) // HKV
+        h = (idx - n_q) % HKV
+        base = K + b.to(tl.int64) * stride_kb + h * stride_kh
         stride_t = stride_kt
         T = Tk
-        heads = HKV
-        row0 = B * H + b * HKV
-    offs_h = tl.arange(0, H_PAD)
     offs_d = tl.arange(0, D_PAD)
-    inner = offs_h[:, None] * stride_h + offs_d[None, :]  # [H_PAD, D_PAD]
-    inner_ok = (offs_h[:, None] < heads) & (offs_d[None, :] < HEAD_DIM)
-    best = tl.zeros([H_PAD], dtype=tl.float32)
+    best = tl.zeros([BLOCK_T], dtype=tl.float32)
     for start in range(chunk * CHUNK, chunk * CHUNK + CHUNK, BLOCK_T):
         rows = start + tl.arange(0, BLOCK_T)
-        x = tl.load(base + rows[:, None, None].to(tl.int64) * stride_t + inner[None, :, :],
-                    mask=(rows[:, None, None] < T) & inner_ok[None, :, :], other=0.0).to(tl.float32)
-        best = tl.maximum(best, tl.max(tl.sum(x * x, 2), 0))
-    tl.store(PART + (row0 + offs_h) * NUM_CHUNKS + chunk, best, mask=offs_h < heads)
+        x = tl.load(base + rows[:, None].to(tl.int64) * stride_t + offs_d[None, :],
+                    mask=(rows[:, None] < T) & (offs_d[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
+        best = tl.maximum(best, tl.sum(x * x, 1))
+    tl.store(PART + idx * NUM_CHUNKS + chunk, tl.max(best, 0))
 
 
 @triton.jit
