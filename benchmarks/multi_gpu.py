@@ -120,10 +120,10 @@ def run_parity(launch: Launcher, gpus: int, preset: str, context: int, steps: in
 
 
 def run_noise_floor(launch: Launcher, preset: str, context: int, steps: int, micro_batch: int, out: Path) -> dict:
-    """Two 1-GPU runs that differ only in gradient-accumulation order (micro-batch m vs m/2): how
-    far bf16 summation order alone moves the loss curve, the yardstick for the 1 vs N comparison."""
+    """Two 1-GPU runs that differ only in gradient-accumulation order (micro-batch m vs m/2, or 1 vs
+    2): how far bf16 summation order alone moves the loss curve, the yardstick for 1 vs N GPUs."""
     runs = {}
-    for micro in (micro_batch, max(1, micro_batch // 2)):
+    for micro in (micro_batch, micro_batch // 2 if micro_batch >= 2 else 2):
         name = f"noise_1gpu_micro{micro}"
         overrides = [f"model.preset={preset}", f"data.seq_len={context}", f"run.max_steps={steps}",
                      f"batch.micro_batch={micro}"]
