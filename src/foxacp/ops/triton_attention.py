@@ -115,40 +115,31 @@ def _use_tma(*tensors) -> bool:
     return True
 
 
-def _descriptors(tensors, block: int, d_pad: int):
-    """``(use_tma, args)``: host tensor descriptors with ``[1, 1, block, d_pad]`` blocks over each
-    ``(B, H, T, D)`` tensor when TMA applies, else the tensors themselves (the kernels ignore them)."""
-    if not _use_tma(*tensors):
-        return False, list(tensors)
-    return True, [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block, d_pad]) for t in tensors]
-
-
 _TMA_FAILED: set = set()  # kernel specialisations whose TMA variant did not compile
 
 
-def _launch(kernel, grid, args: list, desc_slice: slice, desc_tensors, block: int, d_pad: int, allow_tma: bool = True,
-            **meta):
-    """Launch ``kernel`` with the TMA variant where it applies, else (or if it fails to compile)
-    the per-thread-load variant. ``args[desc_slice]`` are the descriptor slots.
+def _launch(kernel, grid, make_args, desc_tensors, block: int, d_pad: int, allow_tma: bool, **meta):
+    """Launch ``kernel`` on ``make_args(descs)``: ``descs`` are host tensor descriptors with
+    ``[1, 1, block, d_pad]`` blocks over the ``(B, H, T, D)`` ``desc_tensors`` (USE_TMA) where
+    ``allow_tma`` and :func:`_use_tma` say so, else the tensors themselves (the kernel ignores them).
 
-    The fallback exists because ptxas 12.8 (Triton 3.6's) segfaults on some TMA specialisations
-    (docs/kernel-notes.md attempt 9: e.g. the forward at 128x64 blocks with 2 stages, or head dims
-    above 128); a failure is remembered per specialisation so it compiles once more at most.
+    A TMA variant that fails to compile is launched again with per-thread loads: ptxas 12.8
+    (Triton 3.6's) segfaults on some TMA specialisations (docs/kernel-notes.md attempt 9: e.g. the
+    forward at 128x64 blocks with 2 stages, or head dims above 128). The failure is remembered per
+    specialisation, so each compiles once more at most.
     """
-    use_tma = False
-    if allow_tma:  # (host time matters for decoding: nothing below runs unless TMA may apply)
+    args = make_args(desc_tensors)
+    if allow_tma and _use_tma(*desc_tensors):  # (nothing here runs on the common no-TMA path)
         int_spec = tuple((a == 1, a % 16 == 0) for a in args if isinstance(a, int))  # Triton specialises on these
         key = (kernel.fn.__name__, tuple(sorted(meta.items())), int_spec, desc_tensors[0].dtype, block, d_pad)
-        use_tma, descs = _descriptors(desc_tensors, block, d_pad) if key not in _TMA_FAILED else (False, None)
-    if use_tma:
-        args[desc_slice] = descs
-        try:
-            return kernel[grid](*args, USE_TMA=True, **meta)
-        except triton.errors.TritonError as err:  # compile-time only: nothing ran
-            _TMA_FAILED.add(key)
-            warnings.warn(f"foxacp: {kernel.fn.__name__} with TMA failed to compile ({type(err).__name__}); "
-                          "using per-thread loads for this configuration", RuntimeWarning, stacklevel=3)
-    args[desc_slice] = list(desc_tensors)
+        if key not in _TMA_FAILED:
+            descs = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block, d_pad]) for t in desc_tensors]
+            try:
+                return kernel[grid](*make_args(descs), USE_TMA=True, **meta)
+            except triton.errors.TritonError as err:  # compile-time only: nothing ran
+                _TMA_FAILED.add(key)
+                warnings.warn(f"foxacp: {kernel.fn.__name__} with TMA failed to compile ({type(err).__name__}); "
+                              "using per-thread loads for this configuration", RuntimeWarning, stacklevel=3)
     return kernel[grid](*args, USE_TMA=False, **meta)
 
 
@@ -206,11 +197,11 @@ def _forward(q, k, v, decay, decay_global, key_lo, key_hi, delta, sm_scale: floa
     grid = (triton.cdiv(Tq, block_m), B * H, splits)
     _launch(
         kernels.fwd_kernel, grid,
-        [q, k, v, decay, acp_kv, lo, out, lse, acc_part, ml_part, None, None,
-         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *decay.stride(), key_lo.stride(0) if varlen else 0,
-         *out.stride()[:3],
-         H, H // Hkv, Tq, Tk, Tk - Tq, triton.cdiv(Tq, cfg.block_m), sm_scale * kernels.LOG2E],
-        slice(10, 12), (k, v), block_n, d_pad, d_pad == 128 or _interpreting(),  # where it pays; CI tests it
+        lambda kv: [q, k, v, decay, acp_kv, lo, out, lse, acc_part, ml_part, *kv,
+                    *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *decay.stride(),
+                    key_lo.stride(0) if varlen else 0, *out.stride()[:3],
+                    H, H // Hkv, Tq, Tk, Tk - Tq, triton.cdiv(Tq, cfg.block_m), sm_scale * kernels.LOG2E],
+        (k, v), block_n, d_pad, d_pad == 128 or _interpreting(),  # where it pays; CI tests it
         HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n, PLAN_M=cfg.block_m, PLAN_N=cfg.block_n,
         NUM_SPLITS=splits, IS_VARLEN=varlen, HAS_ACP=has_acp, EVEN_D=D == d_pad,
         num_warps=warps, num_stages=stages,
