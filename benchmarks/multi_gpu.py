@@ -64,6 +64,12 @@ def median_tokens_per_s(records: list[dict], warmup: int) -> float:
     return statistics.median(timed)
 
 
+def run_overrides(preset: str, context: int, steps: int, micro_batch: int) -> list[str]:
+    """The per-run part of a training command (the rest is common to every run)."""
+    return [f"model.preset={preset}", f"data.seq_len={context}", f"run.max_steps={steps}",
+            f"batch.micro_batch={micro_batch}"]
+
+
 class Launcher:
     """Starts ``foxacp train`` under torchrun on the first ``n`` devices."""
 
@@ -104,8 +110,7 @@ def resume_elsewhere(launch: Launcher, name: str, gpus: int, source_run: Path, s
 def run_parity(launch: Launcher, gpus: int, preset: str, context: int, steps: int, micro_batch: int,
                out: Path) -> dict:
     mid = steps // 2
-    overrides = [f"model.preset={preset}", f"data.seq_len={context}", f"run.max_steps={steps}",
-                 f"batch.micro_batch={micro_batch}", f"run.ckpt_every={mid}", "run.keep_last=4"]
+    overrides = run_overrides(preset, context, steps, micro_batch) + [f"run.ckpt_every={mid}", "run.keep_last=4"]
     one = losses_by_step(launch.train("parity_1gpu", 1, out / "parity_1gpu", overrides))
     many = losses_by_step(launch.train(f"parity_{gpus}gpu", gpus, out / f"parity_{gpus}gpu", overrides))
     down = losses_by_step(resume_elsewhere(launch, f"reshard_{gpus}to1", 1, out / f"parity_{gpus}gpu", mid, out,
@@ -125,9 +130,7 @@ def run_noise_floor(launch: Launcher, preset: str, context: int, steps: int, mic
     runs = {}
     for micro in (micro_batch, micro_batch // 2 if micro_batch >= 2 else 2):
         name = f"noise_1gpu_micro{micro}"
-        overrides = [f"model.preset={preset}", f"data.seq_len={context}", f"run.max_steps={steps}",
-                     f"batch.micro_batch={micro}"]
-        runs[micro] = losses_by_step(launch.train(name, 1, out / name, overrides))
+        runs[micro] = losses_by_step(launch.train(name, 1, out / name, run_overrides(preset, context, steps, micro)))
     (a, b) = runs.values()
     return {"preset": preset, "context": context, "steps": steps, "micro_batches": list(runs),
             "gap": max_loss_gap(a, b), "curves": {f"micro{m}": c for m, c in runs.items()}}
@@ -135,8 +138,7 @@ def run_noise_floor(launch: Launcher, preset: str, context: int, steps: int, mic
 
 def run_scaling(launch: Launcher, gpus: int, preset: str, context: int, steps: int, micro_batch: int, warmup: int,
                 out: Path) -> dict:
-    overrides = [f"model.preset={preset}", f"data.seq_len={context}", f"run.max_steps={steps}",
-                 f"batch.micro_batch={micro_batch}"]
+    overrides = run_overrides(preset, context, steps, micro_batch)
     rates = {}
     for n in (1, gpus):
         name = f"scaling_{preset}_{n}gpu"
