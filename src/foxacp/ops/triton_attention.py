@@ -222,13 +222,10 @@ def _backward(dout, q, k, v, decay, decay_global, key_lo, key_hi, delta, out, ls
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     has_acp, varlen = delta is not None, key_lo is not None
-    di = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
-    kernels.bwd_preprocess_kernel[(triton.cdiv(Tq, 64), B * H)](
-        out, dout, di, *out.stride()[:3], *dout.stride()[:3], H, Tq,
-        HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=64, num_warps=4,
-    )
+    di = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)  # written by the dQ kernel
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dc = torch.empty_like(decay, dtype=torch.float32)
+    # the dQ kernel writes dc at the query positions [Tk - Tq, Tk); the dK/dV kernel adds to every position
+    dc = (torch.empty_like if Tq == Tk else torch.zeros_like)(decay, dtype=torch.float32)
     if has_acp:
         acp_kv, acp_q = _acp_tiles(decay_global, delta, B, H, Tq, Tk, cfg.block_m, cfg.block_n)
     else:
@@ -239,17 +236,18 @@ def _backward(dout, q, k, v, decay, decay_global, key_lo, key_hi, delta, out, ls
                   num_stages=_stages(cfg.bwd_stages, q.dtype, D))
     base_strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *decay.stride(),
                     key_lo.stride(0) if varlen else 0, *dout.stride()[:3])
+    # dQ first: it computes Di = rowsum(dO * O), which the dK/dV kernel reads
+    kernels.bwd_dq_kernel[(triton.cdiv(Tq, cfg.m2), B * H)](
+        q, k, v, decay, acp_kv, lo, out, dout, lse, di, dq, dc,
+        *base_strides[:13], *out.stride()[:3], *base_strides[13:], *dq.stride()[:3], *dc.stride(),
+        H, H // Hkv, Tq, Tk, Tk - Tq, triton.cdiv(Tq, cfg.block_m), sm_scale, sm_scale * kernels.LOG2E,
+        BLOCK_M=cfg.m2, BLOCK_N=cfg.n2, **common,
+    )
     kernels.bwd_dkdv_kernel[(triton.cdiv(Tk, cfg.n1), B * Hkv)](
         q, k, v, decay, acp_q, lo, hi, dout, lse, di, dk, dv, dc,
         *base_strides, *dk.stride()[:3], *dv.stride()[:3], *dc.stride(),
         H, Hkv, H // Hkv, Tq, Tk, Tk - Tq, triton.cdiv(Tk, cfg.block_n), sm_scale, sm_scale * kernels.LOG2E,
         BLOCK_M=cfg.m1, BLOCK_N=cfg.n1, **common,
-    )
-    kernels.bwd_dq_kernel[(triton.cdiv(Tq, cfg.m2), B * H)](
-        q, k, v, decay, acp_kv, lo, dout, lse, di, dq, dc,
-        *base_strides, *dq.stride()[:3], *dc.stride(),
-        H, H // Hkv, Tq, Tk, Tk - Tq, triton.cdiv(Tq, cfg.block_m), sm_scale, sm_scale * kernels.LOG2E,
-        BLOCK_M=cfg.m2, BLOCK_N=cfg.n2, **common,
     )
     return dq, dk, dv, dc
 

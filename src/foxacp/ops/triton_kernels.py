@@ -19,8 +19,8 @@ never cuts through a block. ``_query_block_keys`` and ``_key_block_queries`` are
 source of the ranges for every kernel here; ``acp_bounds_kernel`` exposes them for tests.
 
 dlog_fgate. Scores hold ``+c_p - c_j``, so ``dc = (row term at query positions) - (column term at
-key positions)``: ``dc_p += sum_j dS_pj`` (bwd_dq_kernel) and ``dc_j -= sum_r dS_rj``
-(bwd_dkdv_kernel). The row term is 0 in exact arithmetic, but ``Di = rowsum(dO * O)`` comes from the
+key positions)``: ``dc_p = sum_j dS_pj`` (bwd_dq_kernel, first) and ``dc_j -= sum_r dS_rj``
+(bwd_dkdv_kernel, second). The row term is 0 in exact arithmetic, but ``Di = rowsum(dO * O)`` comes from the
 rounded bf16/fp16 O, so each row of ``P * (dP - Di)`` sums to ``(true Di - Di)`` instead; the row
 term is exactly that error and cancels it. Without it the reverse cumsum that turns dc into
 dlog_fgate adds the row errors up over T (bf16: 6.7e-2 relative error on an H100 instead of < 1e-2).
@@ -360,23 +360,6 @@ def combine_kernel(ACC_PART, ML_PART, OUT, LSE, stride_ob, stride_oh, stride_ot,
 
 
 @triton.jit
-def bwd_preprocess_kernel(OUT, DO, DI, stride_ob, stride_oh, stride_ot, stride_dob, stride_doh, stride_dot,
-                          H, Tq, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
-    """``Di = rowsum(dO * O)`` (= sum_j P_ij dP_ij), float32 ``(B*H, Tq)``."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
-    mask = (rows[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(OUT + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dot + offs_d[None, :], mask=mask,
-                 other=0.0)
-    tl.store(DI + bh.to(tl.int64) * Tq + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rows < Tq)
-
-
-@triton.jit
 def _dkdv_inner(dk, dv, dc, k, v, ck, cols, Q, DO, C, LSE, DI, LO, stride_qt, stride_dot, stride_ct,
                 c_ref, offs_d, row_start, row_end, Tq, OFF, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
@@ -432,7 +415,10 @@ def bwd_dkdv_kernel(Q, K, V, C, ACP_Q, LO, HI, DO, LSE, DI, DK, DV, DC,
                     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     PLAN_M: tl.constexpr, PLAN_N: tl.constexpr,
                     IS_VARLEN: tl.constexpr, HAS_ACP: tl.constexpr, EVEN_D: tl.constexpr):
-    """One program per (key block, batch*kv head): loops over the GQA group's query heads."""
+    """One program per (key block, batch*kv head): loops over the GQA group's query heads.
+
+    Runs after bwd_dq_kernel, which wrote ``DI`` and the query-side dc term into ``DC``; adds the
+    key-side term ``-sum_r dS_rj`` (each (head, position) belongs to one program: race-free)."""
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // HKV
@@ -478,7 +464,8 @@ def bwd_dkdv_kernel(Q, K, V, C, ACP_Q, LO, HI, DO, LSE, DI, DK, DV, DC,
         dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, ck, cols, Qh, DOh, Ch, LSEh, DIh, LO, stride_qt, stride_dot,
                                  stride_ct, c_ref, offs_d, b_full, row_hi, Tq, OFF, qk_scale,
                                  HEAD_DIM, BLOCK_M, True, IS_VARLEN, EVEN_D)
-        tl.store(DC + b64 * stride_dcb + h * stride_dch + cols * stride_dct, dc, mask=col_ok)
+        dc_ptrs = DC + b64 * stride_dcb + h * stride_dch + cols * stride_dct  # + the query-side term (dQ kernel)
+        tl.store(dc_ptrs, tl.load(dc_ptrs, mask=col_ok, other=0.0) + dc, mask=col_ok)
     dk_ptrs = DK + b64 * stride_dkb + hk * stride_dkh + cols[:, None] * stride_dkt + offs_d[None, :]
     dv_ptrs = DV + b64 * stride_dvb + hk * stride_dvh + cols[:, None] * stride_dvt + offs_d[None, :]
     tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -524,22 +511,25 @@ def _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_v
 
 
 @triton.jit
-def bwd_dq_kernel(Q, K, V, C, ACP_KV, LO, DO, LSE, DI, DQ, DC,
+def bwd_dq_kernel(Q, K, V, C, ACP_KV, LO, OUT, DO, LSE, DI, DQ, DC,
                   stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                   stride_vb, stride_vh, stride_vt, stride_cb, stride_ch, stride_ct, stride_lob,
+                  stride_ob, stride_oh, stride_ot,
                   stride_dob, stride_doh, stride_dot, stride_dqb, stride_dqh, stride_dqt,
                   stride_dcb, stride_dch, stride_dct,
                   H, GROUP, Tq, Tk, OFF, NUM_QT, sm_scale, qk_scale,
                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   PLAN_M: tl.constexpr, PLAN_N: tl.constexpr,
                   IS_VARLEN: tl.constexpr, HAS_ACP: tl.constexpr, EVEN_D: tl.constexpr):
-    """One program per (query block, batch*head); runs after bwd_dkdv_kernel.
+    """One program per (query block, batch*head); the first backward kernel.
 
-    Besides dQ it adds the query-side term ``sum_j dS_rj`` to ``DC`` at the rows' positions
-    (``DC`` already holds the key-side ``-sum_r dS_rj``). Mathematically that term is 0 (each row
-    of dS sums to zero over the computed keys); numerically it is exactly the error of ``Di``,
-    computed from the rounded (bf16/fp16) O, and adding it cancels that error, which the reverse
-    cumsum turning dc into dlog_fgate would otherwise accumulate over T.
+    Computes its rows' ``Di = rowsum(dO * O)`` (``= sum_j P_rj dP_rj``) and stores it for
+    bwd_dkdv_kernel (no separate preprocessing launch). Besides dQ it writes the query-side term
+    ``sum_j dS_rj`` to ``DC`` at the rows' positions (bwd_dkdv_kernel then adds the key-side
+    ``-sum_r dS_rj``). Mathematically that term is 0 (each row of dS sums to zero over the computed
+    keys); numerically it is exactly the error of ``Di``, computed from the rounded (bf16/fp16) O,
+    and adding it cancels that error, which the reverse cumsum turning dc into dlog_fgate would
+    otherwise accumulate over T.
     """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -575,8 +565,10 @@ def bwd_dq_kernel(Q, K, V, C, ACP_KV, LO, DO, LSE, DI, DQ, DC,
     mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(Q + rows[:, None] * stride_qt + offs_d[None, :], mask=mask, other=0.0)  # [BLOCK_M, D]
     do = tl.load(DO + rows[:, None] * stride_dot + offs_d[None, :], mask=mask, other=0.0)  # [BLOCK_M, D]
+    o = tl.load(OUT + b64 * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :], mask=mask, other=0.0)
+    di = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DI + rows, di, mask=row_ok)
     lse = tl.load(LSE + rows, mask=row_ok, other=float("inf"))
-    di = tl.load(DI + rows, mask=row_ok, other=0.0)
     c_ref = tl.load(C + (r0 + OFF) * stride_ct)
     cq = (tl.load(C + pos_q * stride_ct, mask=row_ok, other=0.0) - c_ref) * 1.4426950408889634
     lse = lse - cq  # the row's decay term, folded into its lse
@@ -590,10 +582,8 @@ def bwd_dq_kernel(Q, K, V, C, ACP_KV, LO, DO, LSE, DI, DQ, DC,
                         offs_d, b_full, col_hi, Tk, qk_scale, HEAD_DIM, BLOCK_N, True, IS_VARLEN, EVEN_D)
     dq_ptrs = DQ + b64 * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqt + offs_d[None, :]
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
-    # dc at the rows' positions: key-side term (written by bwd_dkdv_kernel) + query-side term;
-    # each (row, head) belongs to exactly one program here, so the read-modify-write is race-free
-    dc_ptrs = DC + b64 * stride_dcb + h * stride_dch + pos_q * stride_dct
-    tl.store(dc_ptrs, tl.load(dc_ptrs, mask=row_ok, other=0.0) + dcq, mask=row_ok)
+    # the query-side dc term at the rows' positions (bwd_dkdv_kernel adds the key-side term)
+    tl.store(DC + b64 * stride_dcb + h * stride_dch + pos_q * stride_dct, dcq, mask=row_ok)
 
 
 # ----------------------------------------------------------------------------- ACP data threshold
