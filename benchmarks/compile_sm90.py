@@ -21,7 +21,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from foxacp.ops import triton_kernels as K
-from foxacp.ops.triton_attention import _pad, tile_config
+from foxacp.ops.triton_attention import HEADS_PER_GROUP, _pad, tile_config
 
 FLOAT32_POINTERS = {"C", "LSE", "DI", "DC", "ACC_PART", "ML_PART", "PART"}
 INT32_POINTERS = {"ACP_KV", "ACP_Q", "LO", "HI"}
@@ -89,7 +89,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     for head_dim in args.head_dims:
         cfg, d_pad = tile_config(head_dim), _pad(head_dim)
-        kernels = [(K.fwd_kernel, cfg.block_m, cfg.block_n, cfg.fwd_warps, cfg.fwd_stages, {"NUM_SPLITS": 1}),
+        forward = {"NUM_SPLITS": 1, "HEADS_PER_GROUP": HEADS_PER_GROUP}
+        kernels = [(K.fwd_kernel, cfg.block_m, cfg.block_n, cfg.fwd_warps, cfg.fwd_stages, forward),
                    (K.bwd_dkdv_kernel, cfg.m1, cfg.n1, cfg.bwd_warps, cfg.bwd_stages, {}),
                    (K.bwd_dq_kernel, cfg.m2, cfg.n2, cfg.bwd_warps, cfg.bwd_stages, {})]
         for fn, block_m, block_n, warps, stages, extra in kernels:

@@ -14,7 +14,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from foxacp import forgetting_attention  # noqa: E402
-from foxacp.ops import reference  # noqa: E402
+from foxacp.ops import reference, triton_kernels  # noqa: E402
 from foxacp.ops.acp import MaskSpec  # noqa: E402
 
 from conftest import make_inputs  # noqa: E402
@@ -206,3 +206,26 @@ def test_fused_data_threshold(ta, shape):
     want = acp.threshold_from_data(q.cpu(), k.cpu(), 0.3, Tk, -7.0)
     got = ta._data_threshold(q, k, 0.3, Tk, -7.0)
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-4)
+
+
+@triton.jit
+def _order_kernel(OUT, num_blocks, num_heads, GROUP: triton.language.constexpr):
+    pid = triton.language.program_id(0)
+    block, head = triton_kernels._longest_first(pid, num_blocks, num_heads, GROUP)
+    triton.language.store(OUT + 2 * pid, block)
+    triton.language.store(OUT + 2 * pid + 1, head)
+
+
+@pytest.mark.parametrize("num_blocks, num_heads", [(5, 6), (1, 3), (4, 8), (3, 1)])
+def test_forward_launch_order_covers_every_program_once(ta, num_blocks, num_heads):
+    """``_longest_first`` maps the 1-D forward grid onto every (query block, head) exactly once,
+    longest (last) blocks first within each group of heads, including a partial last group."""
+    out = torch.full((num_blocks * num_heads, 2), -1, dtype=torch.int32, device=DEVICE)
+    _order_kernel[(num_blocks * num_heads,)](out, num_blocks, num_heads, GROUP=ta.HEADS_PER_GROUP)
+    pairs = [tuple(p) for p in out.tolist()]
+    assert sorted(pairs) == [(b, h) for b in range(num_blocks) for h in range(num_heads)]
+    for h in range(num_heads):  # within a head, blocks run last to first
+        blocks = [b for b, head in pairs if head == h]
+        assert blocks == sorted(blocks, reverse=True)
+    group = [h // ta.HEADS_PER_GROUP for _, h in pairs]
+    assert group == sorted(group)  # one group of heads after the other

@@ -39,6 +39,7 @@ from .acp import MaskSpec
 
 MAX_HEAD_DIM = 256
 DECODE_MAX_Q = 64  # Tq at or below this takes the decoding forward (small query blocks, split keys)
+HEADS_PER_GROUP = 4  # forward launch order: this many heads at a time, longest first (kernels._longest_first)
 
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read once, as Triton itself does
@@ -194,7 +195,7 @@ def _forward(q, k, v, decay, decay_global, key_lo, key_hi, delta, sm_scale: floa
         ml_part = torch.empty((splits, B * H, Tq, 2), dtype=torch.float32, device=q.device)
     else:
         acc_part = ml_part = lse
-    grid = (triton.cdiv(Tq, block_m), B * H, splits)
+    grid = (triton.cdiv(Tq, block_m) * B * H, splits)
     _launch(
         kernels.fwd_kernel, grid,
         lambda kv: [q, k, v, decay, acp_kv, lo, out, lse, acc_part, ml_part, *kv,
@@ -203,7 +204,7 @@ def _forward(q, k, v, decay, decay_global, key_lo, key_hi, delta, sm_scale: floa
                     H, H // Hkv, Tq, Tk, Tk - Tq, triton.cdiv(Tq, cfg.block_m), sm_scale * kernels.LOG2E],
         (k, v), block_n, d_pad, d_pad == 128 or _interpreting(),  # where it pays; CI tests it
         HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n, PLAN_M=cfg.block_m, PLAN_N=cfg.block_n,
-        NUM_SPLITS=splits, IS_VARLEN=varlen, HAS_ACP=has_acp, EVEN_D=D == d_pad,
+        NUM_SPLITS=splits, IS_VARLEN=varlen, HAS_ACP=has_acp, EVEN_D=D == d_pad, HEADS_PER_GROUP=HEADS_PER_GROUP,
         num_warps=warps, num_stages=stages,
     )
     if splits > 1:

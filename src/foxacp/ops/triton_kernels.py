@@ -157,6 +157,27 @@ def _tma_block(DESC, b, h, start, BLOCK: tl.constexpr, D_PAD: tl.constexpr):
     return DESC.load([b, h, start, 0]).reshape(BLOCK, D_PAD)
 
 
+# ----------------------------------------------------------------------------- launch order
+
+
+@triton.jit
+def _longest_first(pid, num_blocks, num_heads, HEADS_PER_GROUP: tl.constexpr):
+    """``(query block, head)`` of forward program ``pid``: HEADS_PER_GROUP heads at a time, inside
+    a group the last (longest, causal) query blocks first, heads fastest.
+
+    GPUs start programs in ``pid`` order: running the longest programs first leaves short ones for
+    the end (less tail with idle SMs), and one group of heads at a time keeps their K/V in L2.
+    Measured on an H100 against the plain ``(block, head)`` grid (kernel-notes attempt 14):
+    forward -2..-5% at 8k-16k, 4 heads per group better than 1 or 16; the same order made both
+    backward kernels 5-20% slower, so they keep the plain grid.
+    """
+    group = pid // (HEADS_PER_GROUP * num_blocks)
+    r = pid - group * HEADS_PER_GROUP * num_blocks
+    width = tl.minimum(HEADS_PER_GROUP, num_heads - group * HEADS_PER_GROUP)
+    block = r // width
+    return num_blocks - 1 - block, group * HEADS_PER_GROUP + r - block * width
+
+
 # ----------------------------------------------------------------------------- forward
 
 
@@ -245,11 +266,12 @@ def fwd_kernel(Q, K, V, C, ACP_KV, LO, OUT, LSE, ACC_PART, ML_PART, K_DESC, V_DE
                H, GROUP, Tq, Tk, OFF, NUM_QT, qk_scale,
                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                PLAN_M: tl.constexpr, PLAN_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-               IS_VARLEN: tl.constexpr, HAS_ACP: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr):
+               IS_VARLEN: tl.constexpr, HAS_ACP: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr,
+               HEADS_PER_GROUP: tl.constexpr):
     """One program per (query block, batch*head, key split). NUM_SPLITS > 1: flash-decoding partials."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    split = tl.program_id(2)
+    pid_m, bh = _longest_first(tl.program_id(0), tl.cdiv(Tq, BLOCK_M), tl.num_programs(0) // tl.cdiv(Tq, BLOCK_M),
+                               HEADS_PER_GROUP)
+    split = tl.program_id(1)
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -308,7 +330,7 @@ def fwd_kernel(Q, K, V, C, ACP_KV, LO, OUT, LSE, ACC_PART, ML_PART, K_DESC, V_DE
     m_i = m_i + cq  # the row's decay term, left out of the scores above
     if NUM_SPLITS > 1:
         # partial results: unnormalised acc, running max and sum (combined by combine_kernel)
-        part = (split * tl.num_programs(1) + bh).to(tl.int64) * Tq
+        part = (split * (tl.num_programs(0) // tl.cdiv(Tq, BLOCK_M)) + bh).to(tl.int64) * Tq
         tl.store(ACC_PART + (part + rows[:, None]) * D_PAD + offs_d[None, :], acc, mask=row_ok[:, None])
         tl.store(ML_PART + (part + rows) * 2, m_i, mask=row_ok)
         tl.store(ML_PART + (part + rows) * 2 + 1, l_i, mask=row_ok)
