@@ -1,4 +1,4 @@
-"""Decoding speed with ACP off and on, same model and cache, plus a per-token profile.
+"""Decoding speed with ACP off, on in the prefill only (the default) and on in every step too.
 
     python benchmarks/decode.py --preset fox-pro-125m --prompt 16384 --tokens 32 --json decode.json
 
@@ -90,12 +90,13 @@ def main(argv=None) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     rows = []
     with torch.no_grad():
-        for acp in (False, True):
-            model.set_acp(acp)
-            row = {"acp": acp, **measure(model, prompt, args.tokens, args.repeats, device),
+        for acp, decode in ((False, False), (True, False), (True, True)):
+            model.set_acp(acp, decode=decode)
+            label = "on in decoding steps too" if decode else "on in the prefill" if acp else "off"
+            row = {"acp": acp, "acp_decode": decode, **measure(model, prompt, args.tokens, args.repeats, device),
                    **profile(model, prompt, args.profile_steps, device, args.top)}
             rows.append(row)
-            print(f"\nACP {'on' if acp else 'off'}: {row['ms_per_token']:.2f} ms/token ({row['tokens_per_s']:.1f} tok/s), "
+            print(f"\nACP {label}: {row['ms_per_token']:.2f} ms/token ({row['tokens_per_s']:.1f} tok/s), "
                   f"{row['kernels_per_token']:.0f} GPU kernels/token, syncs/token {row['syncs_per_token']}")
             for op in row["top_ops"]:
                 print(f"  {op['op']:<40} {op['calls_per_token']:6.1f} calls {op['self_cpu_us_per_token']:9.1f} us")

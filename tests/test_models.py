@@ -376,8 +376,21 @@ def test_acp_attention_error_within_eps_bound(monkeypatch):
     assert stats.kept_fraction < 1.0
 
 
-def test_acp_decoding_matches_full_forward():
-    model = _fast_forgetting(tiny("fox-pro", acp=True))
+@pytest.mark.parametrize("acp_decode", [False, True])
+def test_acp_decoding_matches_full_forward(acp_decode, monkeypatch):
+    """Prefill + single-token steps match one full forward; the steps prune only with acp_decode."""
+    import foxacp.models.attention as attention_module
+
+    model = _fast_forgetting(tiny("fox-pro", acp=True, acp_decode=acp_decode))
+    step_thresholds = []
+    attend = attention_module.forgetting_attention
+
+    def spy(q, *args, **kwargs):
+        if q.shape[1] == 1:
+            step_thresholds.append(kwargs["adaptive_threshold"])
+        return attend(q, *args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "forgetting_attention", spy)
     ids = torch.randint(0, VOCAB, (1, 150))
     with torch.no_grad():
         full = model(ids).logits
@@ -385,6 +398,8 @@ def test_acp_decoding_matches_full_forward():
         first = model(ids[:, :130], past_key_values=cache, use_cache=True).logits
         rest = [model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(130, 150)]
     torch.testing.assert_close(torch.cat([first, *rest], 1), full, rtol=1e-3, atol=1e-3)
+    assert len(step_thresholds) == 2 * 20  # 2 layers x 20 steps
+    assert all((t is not None) == acp_decode for t in step_thresholds)
 
 
 def test_runtime_switches():
@@ -394,8 +409,8 @@ def test_runtime_switches():
         base = model(ids).logits
         model.set_attention_backend("reference")
         torch.testing.assert_close(model(ids).logits, base, rtol=1e-5, atol=1e-5)
-        model.set_acp(True, log_eps=-12.0)
-        assert model.config.acp and model.acp_thresholds(16)[0].shape == (4,)
+        model.set_acp(True, log_eps=-12.0, decode=True)
+        assert model.config.acp and model.config.acp_decode and model.acp_thresholds(16)[0].shape == (4,)
         torch.testing.assert_close(model(ids).logits, base, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="forget gate"):
         tiny("transformer-llama").set_acp(True)

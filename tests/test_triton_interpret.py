@@ -229,3 +229,16 @@ def test_forward_launch_order_covers_every_program_once(ta, num_blocks, num_head
         assert blocks == sorted(blocks, reverse=True)
     group = [h // ta.HEADS_PER_GROUP for _, h in pairs]
     assert group == sorted(group)  # one group of heads after the other
+
+
+def test_inference_path_matches_custom_op(ta, monkeypatch):
+    """Without autograd the backend calls the launcher directly (no custom-op dispatch): same output."""
+    inputs = [t.to(DEVICE) for t in make_inputs(1, 40, 2, 16, Tk=90, Hkv=1, gate_logit=2.0)]
+    calls = []
+    monkeypatch.setattr(ta, "_forward", lambda *args, f=ta._forward: calls.append(1) or f(*args))
+    with torch.no_grad():
+        direct = forgetting_attention(*inputs, backend="triton", adaptive_threshold=-4.0)
+    assert calls == [1]
+    q, k, v, log_f = [t.clone().requires_grad_(True) for t in inputs]
+    via_op = forgetting_attention(q, k, v, log_f, backend="triton", adaptive_threshold=-4.0)
+    torch.testing.assert_close(direct, via_op.detach(), rtol=0, atol=0)

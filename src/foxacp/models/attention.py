@@ -12,7 +12,10 @@ Both share the projections and the Pro extras, applied in this order::
 
 With ``config.acp`` the FoX layer prunes with a per-head threshold from its QK-norm weights
 (:func:`~foxacp.ops.acp.threshold_from_qk_norm`, no pass over activations) or, without QK-norm,
-from the data (``"auto"``).
+from the data (``"auto"``). Decoding steps (at most ``ACP_DECODE_MAX_QUERIES`` new tokens against
+a cache) attend densely unless ``config.acp_decode``: such a step reads each cached key once, so
+pruning saves little, while the threshold and tile search add launches to a host-bound step
+(benchmarks/decode.py measures both).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from ..ops import AcpStats, forgetting_attention, threshold_from_qk_norm
 from .cache import LayerCache
 from .config import FoxConfig
 from .layers import HeadRMSNorm, apply_rope, kv_shift, rope_cos_sin
+
+ACP_DECODE_MAX_QUERIES = 64
 
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
@@ -122,6 +127,7 @@ class ForgettingAttentionLayer(_AttentionBase):
         self.fgate_proj = ForgetGateProjection(config.hidden_size, self.num_heads, bias=True)
         self.acp = config.acp
         self.acp_log_eps = config.acp_log_eps
+        self.acp_decode = config.acp_decode
         self.backend = config.attention_backend
         self.collect_stats = False
         self.last_stats: AcpStats | None = None
@@ -146,7 +152,8 @@ class ForgettingAttentionLayer(_AttentionBase):
             if cache.decay is not None:
                 c = c + cache.decay[:, -1:].double()
             k, v, log_f = cache.append(k, v, c.float())
-        threshold = self.acp_threshold(k.shape[1])
+        decoding = cache is not None and q.shape[1] <= ACP_DECODE_MAX_QUERIES
+        threshold = None if decoding and not self.acp_decode else self.acp_threshold(k.shape[1])
         if isinstance(threshold, torch.Tensor):
             threshold = threshold[None, :]
         result = forgetting_attention(

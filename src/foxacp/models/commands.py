@@ -28,7 +28,9 @@ def register(subparsers) -> None:
     gen.add_argument("--num-samples", type=int, default=1)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    gen.add_argument("--acp", action="store_true", help="decode with ACP on (FoX models)")
+    gen.add_argument("--acp", action="store_true", help="prefill with ACP on (FoX models)")
+    gen.add_argument("--acp-decode", action="store_true",
+                     help="with --acp: prune the single-token decoding steps too (config.acp_decode)")
     gen.set_defaults(func=_generate)
 
 
@@ -103,7 +105,7 @@ def _generate(args) -> int:
     if args.acp:
         if not model.config.uses_forget_gate:
             raise SystemExit(f"--acp needs a FoX model, this is {model.config.architecture}")
-        model.set_acp(True)
+        model.set_acp(True, decode=args.acp_decode)
     model = model.to(device).eval()
     tokenizer = None
     if args.prompt_ids is not None:

@@ -67,6 +67,7 @@ class FoxConfig(PretrainedConfig):
         fgate_max_decay: float = 65536.0,  # "spread": longest per-head decay length, tokens
         acp: bool = False,  # Adaptive Computation Pruning in forgetting attention
         acp_log_eps: float = -10.0,  # ACP bound: pruned attention mass <= e^acp_log_eps
+        acp_decode: bool = False,  # ACP also in decoding steps (<= 64 new tokens against a cache)
         attention_backend: str = "auto",  # forgetting_attention backend ("auto": triton on GPU)
         activation_checkpointing: bool = False,  # recompute each block in backward
         pad_vocab_size_multiple: int = 64,  # LM-head rows padded (50257 -> 50304) for fast GEMMs
@@ -141,6 +142,7 @@ class FoxConfig(PretrainedConfig):
         self.fgate_max_decay = float(fgate_max_decay)
         self.acp = bool(acp)
         self.acp_log_eps = float(acp_log_eps)
+        self.acp_decode = bool(acp_decode)
         self.attention_backend = attention_backend
         self.activation_checkpointing = bool(activation_checkpointing)
         self.pad_vocab_size_multiple = pad_vocab_size_multiple

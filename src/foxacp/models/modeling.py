@@ -155,8 +155,9 @@ class FoxPreTrainedModel(PreTrainedModel):
                 "flops_done": done, "flops_dense": dense,
                 "kept_fraction_per_layer": [s.kept_fraction for s in stats]}
 
-    def set_acp(self, enabled: bool, log_eps: float | None = None) -> None:
-        """Switch ACP on or off in every forgetting-attention layer (and the config) at run time."""
+    def set_acp(self, enabled: bool, log_eps: float | None = None, decode: bool | None = None) -> None:
+        """Switch ACP on or off in every forgetting-attention layer (and the config) at run time;
+        ``decode``: also in decoding steps (``config.acp_decode``), unchanged if None."""
         if enabled and not self.config.uses_forget_gate:
             raise ValueError(f"ACP needs a forget gate; architecture {self.config.architecture!r} has none")
         if log_eps is not None and not log_eps < 0:
@@ -164,10 +165,13 @@ class FoxPreTrainedModel(PreTrainedModel):
         self.config.acp = bool(enabled)
         if log_eps is not None:
             self.config.acp_log_eps = float(log_eps)
+        if decode is not None:
+            self.config.acp_decode = bool(decode)
         for layer in self._fox_layers():
             if isinstance(layer, ForgettingAttentionLayer):
                 layer.acp = bool(enabled)
                 layer.acp_log_eps = self.config.acp_log_eps
+                layer.acp_decode = self.config.acp_decode
 
     def set_attention_backend(self, backend: str) -> None:
         """Use ``backend`` ("auto", "reference", "torch", "triton") for forgetting attention."""

@@ -166,7 +166,6 @@ def _sequence_bounds(seq_start, cu_seqlens, batch: int, seqlen_q: int, seqlen_k:
     """``key_lo``/``key_hi`` ``(B, Tk)`` int32 from ``seq_start`` or ``cu_seqlens`` (else None)."""
     if seq_start is not None and cu_seqlens is not None:
         raise ValueError("pass seq_start or cu_seqlens, not both")
-    positions = torch.arange(seqlen_k, device=device)
     if seq_start is not None:
         if not isinstance(seq_start, torch.Tensor) or seq_start.dtype.is_floating_point or seq_start.dtype == torch.bool:
             raise TypeError(f"seq_start must be an integer tensor of shape ({batch},)")
@@ -193,7 +192,7 @@ def _sequence_bounds(seq_start, cu_seqlens, batch: int, seqlen_q: int, seqlen_k:
             raise ValueError(f"cu_seqlens must start at 0 and end at T={seqlen_k}, got {cu.tolist()}")
         if not increasing:
             raise ValueError(f"cu_seqlens must be strictly increasing, got {cu.tolist()}")
-        seq_id = torch.searchsorted(cu, positions, right=True) - 1
+        seq_id = torch.searchsorted(cu, torch.arange(seqlen_k, device=device), right=True) - 1
         lo = cu[seq_id].to(torch.int32)[None].contiguous()
         hi = (cu[seq_id + 1] - 1).to(torch.int32)[None].contiguous()
         return lo, hi

@@ -372,7 +372,11 @@ def attend(q, k, v, decay, *, sm_scale: float, spec: MaskSpec):
     key_hi = None if spec.key_hi is None else spec.key_hi.contiguous()
     delta = None if spec.delta is None else spec.delta.contiguous()
     decay_global = spec.decay if spec.has_acp else None
-    out, _ = fox_attn_fwd(q, k, v, decay, decay_global, key_lo, key_hi, delta, float(sm_scale))
+    args = (q, k, v, decay, decay_global, key_lo, key_hi, delta, float(sm_scale))
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, decay))):
+        out, _ = fox_attn_fwd(*args)
+    else:  # inference: the custom op's dispatch costs ~50 us of host time per call (a decoding step's
+        out, _ = _forward(*args)  # budget) and buys nothing without autograd or torch.compile
     return out, None
 
 
