@@ -235,18 +235,18 @@ def _backward(dout, q, k, v, decay, decay_global, key_lo, key_hi, delta, out, ls
     hi = key_hi if varlen else decay
     common = dict(HEAD_DIM=D, D_PAD=d_pad, PLAN_M=cfg.block_m, PLAN_N=cfg.block_n, IS_VARLEN=varlen, HAS_ACP=has_acp, EVEN_D=D == d_pad, num_warps=cfg.bwd_warps,
                   num_stages=_stages(cfg.bwd_stages, q.dtype, D))
-    base_strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *decay.stride(),
-                    key_lo.stride(0) if varlen else 0, *dout.stride()[:3])
+    input_strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *decay.stride(),
+                     key_lo.stride(0) if varlen else 0)
     # dQ first: it computes Di = rowsum(dO * O), which the dK/dV kernel reads
     kernels.bwd_dq_kernel[(triton.cdiv(Tq, cfg.m2), B * H)](
         q, k, v, decay, acp_kv, lo, out, dout, lse, di, dq, dc,
-        *base_strides[:13], *out.stride()[:3], *base_strides[13:], *dq.stride()[:3], *dc.stride(),
+        *input_strides, *out.stride()[:3], *dout.stride()[:3], *dq.stride()[:3], *dc.stride(),
         H, H // Hkv, Tq, Tk, Tk - Tq, triton.cdiv(Tq, cfg.block_m), sm_scale, sm_scale * kernels.LOG2E,
         BLOCK_M=cfg.m2, BLOCK_N=cfg.n2, **common,
     )
     kernels.bwd_dkdv_kernel[(triton.cdiv(Tk, cfg.n1), B * Hkv)](
         q, k, v, decay, acp_q, lo, hi, dout, lse, di, dk, dv, dc,
-        *base_strides, *dk.stride()[:3], *dv.stride()[:3], *dc.stride(),
+        *input_strides, *dout.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *dc.stride(),
         H, Hkv, H // Hkv, Tq, Tk, Tk - Tq, triton.cdiv(Tk, cfg.block_n), sm_scale, sm_scale * kernels.LOG2E,
         BLOCK_M=cfg.m1, BLOCK_N=cfg.n1, **common,
     )
