@@ -167,7 +167,7 @@ def _longest_first(pid, num_blocks, num_heads, HEADS_PER_GROUP: tl.constexpr):
 
     GPUs start programs in ``pid`` order: running the longest programs first leaves short ones for
     the end (less tail with idle SMs), and one group of heads at a time keeps their K/V in L2.
-    Measured on an H100 against the plain ``(block, head)`` grid (kernel-notes attempt 14):
+    Measured on an H100 against the plain ``(block, head)`` grid (kernel-notes attempt 15):
     forward -2..-5% at 8k-16k, 4 heads per group better than 1 or 16; the same order made both
     backward kernels 5-20% slower, so they keep the plain grid.
     """
