@@ -3,7 +3,6 @@
     python benchmarks/ops_ab.py --tag new --json new.jsonl
     PYTHONPATH=/path/to/old/checkout/src python benchmarks/ops_ab.py --tag old --json old.jsonl
     python benchmarks/ops_ab.py --profile       # CUDA time per kernel (GQA vs the same-FLOP MHA shape)
-    python benchmarks/ops_ab.py --gqa-split     # GQA backward vs one MHA backward per group member
 
 Times ``fox_attn_fwd`` and ``fox_attn_bwd`` (no API preamble: no gate cumsum, no ACP) and SDPA
 causal forward / backward on the same inputs, medians of ``triton.testing.do_bench``. Whichever
@@ -73,37 +72,15 @@ def kernel_profile(shape, iters: int = 10) -> dict:
     return {e.key: e.device_time_total / 1e3 / iters for e in prof.key_averages() if e.key.endswith("_kernel")}
 
 
-def gqa_split(shape) -> dict:
-    """GQA backward vs GROUP MHA backwards, each over one member of every group (kv heads read once
-    per call): what one dK/dV program per query head would gain before reducing over the group."""
-    B, H, Hkv, T, D = shape
-    group = H // Hkv
-    qc, kc, vc, decay, scale, dout, out, lse = op_inputs(*shape)
-    whole = median_ms(lambda: fox_attn_bwd(dout, qc, kc, vc, decay, None, None, None, None, out, lse, scale))
-    parts = []
-    for member in range(group):
-        heads = torch.arange(Hkv, device=qc.device) * group + member
-        parts.append([t[:, heads].contiguous() if t.dim() == 3 else t[:, heads] for t in (qc, decay, dout, out, lse)])
-
-    def split():
-        for q_m, decay_m, dout_m, out_m, lse_m in parts:
-            fox_attn_bwd(dout_m, q_m, kc, vc, decay_m, None, None, None, None, out_m, lse_m, scale)
-
-    return dict(shape=shape, gqa_bwd=whole, per_member_mha_bwd=median_ms(split))
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tag", default="ops", help="label of this tree in the output")
     parser.add_argument("--json", default=None, help="append one JSON line per result")
     parser.add_argument("--profile", action="store_true", help="CUDA time per kernel, GQA vs MHA shape")
-    parser.add_argument("--gqa-split", action="store_true", help="GQA backward vs per-member MHA backwards")
     args = parser.parse_args(argv)
     gqa_shape = SHAPES[4]
     if args.profile:
         jobs = [lambda s=s: dict(shape=s, kernels=kernel_profile(s)) for s in (gqa_shape, MHA_LIKE_GQA)]
-    elif args.gqa_split:
-        jobs = [lambda: gqa_split(gqa_shape)]
     else:
         jobs = [lambda s=s: time_shape(s) for s in [SHAPES[0], SHAPES[2], SHAPES[3], gqa_shape, MHA_LIKE_GQA]]
     for job in jobs:

@@ -218,6 +218,7 @@ def _forward(q, k, v, decay, decay_global, key_lo, key_hi, delta, sm_scale: floa
 def _backward(dout, q, k, v, decay, decay_global, key_lo, key_hi, delta, out, lse, sm_scale: float):
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
+    group = H // Hkv
     cfg = tile_config(D)
     d_pad = _pad(D)
     if dout.stride(-1) != 1:
@@ -241,15 +242,25 @@ def _backward(dout, q, k, v, decay, decay_global, key_lo, key_hi, delta, out, ls
     kernels.bwd_dq_kernel[(triton.cdiv(Tq, cfg.m2), B * H)](
         q, k, v, decay, acp_kv, lo, out, dout, lse, di, dq, dc,
         *input_strides, *out.stride()[:3], *dout.stride()[:3], *dq.stride()[:3], *dc.stride(),
-        H, H // Hkv, Tq, Tk, Tk - Tq, triton.cdiv(Tq, cfg.block_m), sm_scale, sm_scale * kernels.LOG2E,
+        H, group, Tq, Tk, Tk - Tq, triton.cdiv(Tq, cfg.block_m), sm_scale, sm_scale * kernels.LOG2E,
         BLOCK_M=cfg.m2, BLOCK_N=cfg.n2, **common,
     )
-    kernels.bwd_dkdv_kernel[(triton.cdiv(Tk, cfg.n1), B * Hkv)](
-        q, k, v, decay, acp_q, lo, hi, dout, lse, di, dk, dv, dc,
-        *input_strides, *dout.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *dc.stride(),
-        H, Hkv, H // Hkv, Tq, Tk, Tk - Tq, triton.cdiv(Tk, cfg.block_n), sm_scale, sm_scale * kernels.LOG2E,
+    if group > 1:  # one program per query head: float32 partials, summed over the group below
+        dk_part, dv_part = (torch.empty((B, H, Tk, D), dtype=torch.float32, device=q.device) for _ in range(2))
+    else:
+        dk_part, dv_part = dk, dv
+    kernels.bwd_dkdv_kernel[(triton.cdiv(Tk, cfg.n1), B * H)](
+        q, k, v, decay, acp_q, lo, hi, dout, lse, di, dk_part, dv_part, dc,
+        *input_strides, *dout.stride()[:3], *dk_part.stride()[:3], *dv_part.stride()[:3], *dc.stride(),
+        H, group, Tq, Tk, Tk - Tq, triton.cdiv(Tk, cfg.block_n), sm_scale, sm_scale * kernels.LOG2E,
         BLOCK_M=cfg.m1, BLOCK_N=cfg.n1, **common,
     )
+    if group > 1:
+        block_t = 16 if _interpreting() else 64
+        kernels.group_sum_kernel[(triton.cdiv(Tk, block_t), B * Hkv)](
+            dk_part, dv_part, dk, dv, *dk_part.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], Hkv, group, Tk,
+            HEAD_DIM=D, D_PAD=d_pad, BLOCK_T=block_t, num_warps=4,
+        )
     return dq, dk, dv, dc
 
 

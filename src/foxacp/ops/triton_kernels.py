@@ -433,18 +433,21 @@ def bwd_dkdv_kernel(Q, K, V, C, ACP_Q, LO, HI, DO, LSE, DI, DK, DV, DC,
                     stride_dob, stride_doh, stride_dot,
                     stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
                     stride_dcb, stride_dch, stride_dct,
-                    H, HKV, GROUP, Tq, Tk, OFF, NUM_KT, sm_scale, qk_scale,
+                    H, GROUP, Tq, Tk, OFF, NUM_KT, sm_scale, qk_scale,
                     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     PLAN_M: tl.constexpr, PLAN_N: tl.constexpr,
                     IS_VARLEN: tl.constexpr, HAS_ACP: tl.constexpr, EVEN_D: tl.constexpr):
-    """One program per (key block, batch*kv head): loops over the GQA group's query heads.
+    """One program per (key block, batch * query head h): dK, dV of its key block from head h's
+    queries, stored at head h of ``DK``/``DV`` (the kv head's gradients when GROUP = 1, else
+    partials that group_sum_kernel adds up over the GQA group: kernel-notes attempt 19).
 
     Runs after bwd_dq_kernel, which wrote ``DI`` and the query-side dc term into ``DC``; adds the
     key-side term ``-sum_r dS_rj`` (each (head, position) belongs to one program: race-free)."""
     pid_n = tl.program_id(0)
-    bhk = tl.program_id(1)
-    b = bhk // HKV
-    hk = bhk % HKV
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
     b64 = b.to(tl.int64)
     c0 = pid_n * BLOCK_N
     cols = c0 + tl.arange(0, BLOCK_N)
@@ -459,39 +462,62 @@ def bwd_dkdv_kernel(Q, K, V, C, ACP_Q, LO, HI, DO, LSE, DI, DK, DV, DC,
     HI += b * stride_lob
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
-    for g in range(GROUP):
-        h = hk * GROUP + g
-        bh = b * H + h
-        Qh = Q + b64 * stride_qb + h * stride_qh
-        DOh = DO + b64 * stride_dob + h * stride_doh
-        Ch = C + b64 * stride_cb + h * stride_ch
-        LSEh = LSE + bh.to(tl.int64) * Tq
-        DIh = DI + bh.to(tl.int64) * Tq
-        row_lo, row_hi, full_lo, full_hi = _key_block_queries(LO, HI, ACP_Q + bh * NUM_KT, c0, Tq, Tk, OFF,
-                                                              BLOCK_N, PLAN_M, PLAN_N, IS_VARLEN, HAS_ACP)
-        # phases: [row_lo, a) masked (causal edge), [a, b) full blocks, [b, row_hi) masked (other sequences)
-        row_lo = row_lo // BLOCK_M * BLOCK_M
-        a = tl.minimum(tl.maximum((full_lo + BLOCK_M - 1) // BLOCK_M * BLOCK_M, row_lo), tl.maximum(row_hi, row_lo))
-        b_full = tl.maximum(tl.minimum(full_hi // BLOCK_M * BLOCK_M, row_hi), a)
-        c_ref = tl.load(Ch + tl.minimum(c0, Tk - 1) * stride_ct)
-        ck = tl.load(Ch + cols * stride_ct, mask=col_ok, other=0.0)
-        ck = (ck - c_ref) * 1.4426950408889634  # [BLOCK_N]
-        dc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, ck, cols, Qh, DOh, Ch, LSEh, DIh, LO, stride_qt, stride_dot,
-                                 stride_ct, c_ref, offs_d, a, b_full, Tq, OFF, qk_scale,
-                                 HEAD_DIM, BLOCK_M, False, IS_VARLEN, EVEN_D)
-        dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, ck, cols, Qh, DOh, Ch, LSEh, DIh, LO, stride_qt, stride_dot,
-                                 stride_ct, c_ref, offs_d, row_lo, a, Tq, OFF, qk_scale,
-                                 HEAD_DIM, BLOCK_M, True, IS_VARLEN, EVEN_D)
-        dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, ck, cols, Qh, DOh, Ch, LSEh, DIh, LO, stride_qt, stride_dot,
-                                 stride_ct, c_ref, offs_d, b_full, row_hi, Tq, OFF, qk_scale,
-                                 HEAD_DIM, BLOCK_M, True, IS_VARLEN, EVEN_D)
-        dc_ptrs = DC + b64 * stride_dcb + h * stride_dch + cols * stride_dct  # + the query-side term (dQ kernel)
-        tl.store(dc_ptrs, tl.load(dc_ptrs, mask=col_ok, other=0.0) + dc, mask=col_ok)
-    dk_ptrs = DK + b64 * stride_dkb + hk * stride_dkh + cols[:, None] * stride_dkt + offs_d[None, :]
-    dv_ptrs = DV + b64 * stride_dvb + hk * stride_dvh + cols[:, None] * stride_dvt + offs_d[None, :]
+    Q += b64 * stride_qb + h * stride_qh
+    DO += b64 * stride_dob + h * stride_doh
+    C += b64 * stride_cb + h * stride_ch
+    LSE += bh.to(tl.int64) * Tq
+    DI += bh.to(tl.int64) * Tq
+    row_lo, row_hi, full_lo, full_hi = _key_block_queries(LO, HI, ACP_Q + bh * NUM_KT, c0, Tq, Tk, OFF,
+                                                          BLOCK_N, PLAN_M, PLAN_N, IS_VARLEN, HAS_ACP)
+    # phases: [row_lo, a) masked (causal edge), [a, b) full blocks, [b, row_hi) masked (other sequences)
+    row_lo = row_lo // BLOCK_M * BLOCK_M
+    a = tl.minimum(tl.maximum((full_lo + BLOCK_M - 1) // BLOCK_M * BLOCK_M, row_lo), tl.maximum(row_hi, row_lo))
+    b_full = tl.maximum(tl.minimum(full_hi // BLOCK_M * BLOCK_M, row_hi), a)
+    c_ref = tl.load(C + tl.minimum(c0, Tk - 1) * stride_ct)
+    ck = tl.load(C + cols * stride_ct, mask=col_ok, other=0.0)
+    ck = (ck - c_ref) * 1.4426950408889634  # [BLOCK_N]
+    dc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, ck, cols, Q, DO, C, LSE, DI, LO, stride_qt, stride_dot,
+                             stride_ct, c_ref, offs_d, a, b_full, Tq, OFF, qk_scale,
+                             HEAD_DIM, BLOCK_M, False, IS_VARLEN, EVEN_D)
+    dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, ck, cols, Q, DO, C, LSE, DI, LO, stride_qt, stride_dot,
+                             stride_ct, c_ref, offs_d, row_lo, a, Tq, OFF, qk_scale,
+                             HEAD_DIM, BLOCK_M, True, IS_VARLEN, EVEN_D)
+    dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, ck, cols, Q, DO, C, LSE, DI, LO, stride_qt, stride_dot,
+                             stride_ct, c_ref, offs_d, b_full, row_hi, Tq, OFF, qk_scale,
+                             HEAD_DIM, BLOCK_M, True, IS_VARLEN, EVEN_D)
+    dc_ptrs = DC + b64 * stride_dcb + h * stride_dch + cols * stride_dct  # + the query-side term (dQ kernel)
+    tl.store(dc_ptrs, tl.load(dc_ptrs, mask=col_ok, other=0.0) + dc, mask=col_ok)
+    dk_ptrs = DK + b64 * stride_dkb + h * stride_dkh + cols[:, None] * stride_dkt + offs_d[None, :]
+    dv_ptrs = DV + b64 * stride_dvb + h * stride_dvh + cols[:, None] * stride_dvt + offs_d[None, :]
     tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def group_sum_kernel(PK, PV, DK, DV, stride_pb, stride_ph, stride_pt,
+                     stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt, HKV, GROUP, Tk,
+                     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
+    """GQA: ``dK[b, hk] = sum_g PK[b, hk * GROUP + g]`` (float32 partials of bwd_dkdv_kernel), and
+    the same for dV; one program per (position block, batch * kv head)."""
+    pid_t = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = (bhk // HKV).to(tl.int64)
+    hk = bhk % HKV
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, D_PAD)
+    mask = (rows[:, None] < Tk) & (offs_d[None, :] < HEAD_DIM)
+    part = b * stride_pb + rows[:, None] * stride_pt + offs_d[None, :]
+    dk = tl.zeros([BLOCK_T, D_PAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_T, D_PAD], dtype=tl.float32)
+    for g in range(GROUP):
+        head = (hk * GROUP + g) * stride_ph
+        dk += tl.load(PK + part + head, mask=mask, other=0.0)
+        dv += tl.load(PV + part + head, mask=mask, other=0.0)
+    tl.store(DK + b * stride_dkb + hk * stride_dkh + rows[:, None] * stride_dkt + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + b * stride_dvb + hk * stride_dvh + rows[:, None] * stride_dvt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=mask)
 
 
 @triton.jit
