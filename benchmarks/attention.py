@@ -9,13 +9,16 @@ no gate, i.e. PyTorch's own Triton FA2 template), fla's
 Gates: ``none`` (logit 30, nothing to prune), ``spread`` (per-head decay lengths log-spaced from 8
 to 65536 tokens, logit = log(f/(1-f)) + 0.3 N(0,1), f = exp(-1/tau)), ``fast`` (tau = 64).
 
-Usage: ``python benchmarks/attention.py [--quick] [--no-flex] [--json out.json]``. Prints a table
-(ms, dense-equivalent TFLOP/s, ratio to SDPA, kept-tile fraction) and writes JSON.
+Usage: ``python benchmarks/attention.py [--quick] [--no-flex] [--rounds 3] [--json out.json]``.
+Each contender is timed ``--rounds`` times, the contenders in turn (a clock drift during the run
+then hits all of them alike), and the median is reported. Prints a table (ms, dense-equivalent
+TFLOP/s, ratio to SDPA, kept-tile fraction) and writes JSON (with every round's time).
 """
 
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 
@@ -69,6 +72,26 @@ def bench(fn, backward: bool, grads=None):
     step()
     torch.cuda.synchronize()
     return triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
+
+
+def time_round_robin(contenders: dict, backward: bool, grads, rounds: int) -> dict:
+    """``{name: [ms per round]}``: every contender timed once per round, in turn, so a drift of the
+    GPU's clock during the run hits all of them alike (the median over rounds is reported). A
+    contender that fails is reported once and left out."""
+    times = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            if name not in times:
+                continue
+            triton_attention.TMA_ENABLED = not name.endswith("no-tma")
+            try:
+                times[name].append(bench(fn, backward, grads))
+            except Exception as err:  # noqa: BLE001 - report and go on
+                print(f"{name} {'fwd+bwd' if backward else 'fwd'} failed: {type(err).__name__}: {err}", file=sys.stderr)
+                del times[name]
+            finally:
+                triton_attention.TMA_ENABLED = True
+    return times
 
 
 def plan_for(q, k, log_f, block):
@@ -283,6 +306,7 @@ def main():
     parser.add_argument("--tune-part", choices=("all", "fwd", "bwd"), default="all")
     parser.add_argument("--overhead", action="store_true", help="ACP cost per component, nothing prunable")
     parser.add_argument("--compare-tma", action="store_true", help="also time fox dense without TMA descriptors")
+    parser.add_argument("--rounds", type=int, default=3, help="times each contender is timed, in turn (median)")
     args = parser.parse_args()
     if args.tune:
         return tune(args.json, args.tune_part)
@@ -328,25 +352,19 @@ def main():
                 except Exception as err:  # noqa: BLE001 - report and go on
                     print(f"flex skipped: {type(err).__name__}: {err}", file=sys.stderr)
             for mode in ("fwd", "fwd+bwd"):
-                base = None
-                for name, fn in contenders.items():
-                    triton_attention.TMA_ENABLED = not name.endswith("no-tma")
-                    try:
-                        ms = bench(fn, mode == "fwd+bwd", grads)
-                    except Exception as err:  # noqa: BLE001
-                        print(f"{name} {mode} failed: {type(err).__name__}: {err}", file=sys.stderr)
-                        continue
-                    finally:
-                        triton_attention.TMA_ENABLED = True
-                    base = ms if name == "sdpa causal" else base
+                times = time_round_robin(contenders, mode == "fwd+bwd", grads, args.rounds)
+                base = statistics.median(times["sdpa causal"]) if times.get("sdpa causal") else None
+                for name, rounds in times.items():
+                    ms = statistics.median(rounds)
                     flops = flops_fwd * (3.5 if mode == "fwd+bwd" else 1.0)  # bwd ~2.5x fwd matmuls
                     row = dict(device=device, B=B, H=H, Hkv=Hkv, T=T, D=D, gate=gate, mode=mode, contender=name,
-                               ms=ms, tflops=flops / ms / 1e9, vs_sdpa=ms / base if base else None,
+                               ms=ms, ms_rounds=rounds, tflops=flops / ms / 1e9, vs_sdpa=ms / base if base else None,
                                kept=kept.get(name, 1.0))
                     rows.append(row)
+                    spread = f"{min(rounds):.3f}-{max(rounds):.3f}"
                     print(f"{B:>2} {H:>3} {Hkv:>3} {T:>6} {D:>4} {gate:>6} {mode:>7} {name:>12} "
-                          f"{ms:9.3f} ms {row['tflops']:7.1f} TF/s x{row['vs_sdpa'] or 0:5.2f} kept {row['kept']:.3f}",
-                          flush=True)
+                          f"{ms:9.3f} ms ({spread}) {row['tflops']:7.1f} TF/s x{row['vs_sdpa'] or 0:5.2f} "
+                          f"kept {row['kept']:.3f}", flush=True)
             del q, k, v, log_f, leaves, contenders
             torch.cuda.empty_cache()
     with open(args.json, "w") as f:
