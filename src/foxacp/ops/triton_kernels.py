@@ -524,25 +524,36 @@ def group_sum_kernel(PK, PV, DK, DV, stride_pb, stride_ph, stride_pt,
 def _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct, c_ref,
               offs_d, col_start, col_end, Tk, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-              IS_VARLEN: tl.constexpr, EVEN_D: tl.constexpr):
-    """Accumulate dQ and the row sums of dS (query-side dc term) over key blocks ``[col_start, col_end)``."""
+              IS_VARLEN: tl.constexpr, EVEN_D: tl.constexpr, ADVANCE: tl.constexpr):
+    """Accumulate dQ and the row sums of dS (query-side dc term) over key blocks ``[col_start, col_end)``.
+
+    ADVANCE: pointers step by a block per iteration (as in ``_fwd_inner``), for a start read from
+    memory (ACP), where ptxas otherwise recomputes the addresses in every step."""
+    if ADVANCE:
+        kt_ptrs0 = K + (col_start + tl.arange(0, BLOCK_N))[None, :] * stride_kt + offs_d[:, None]
+        vt_ptrs0 = V + (col_start + tl.arange(0, BLOCK_N))[None, :] * stride_vt + offs_d[:, None]
+        c_ptrs0 = C + (col_start + tl.arange(0, BLOCK_N)) * stride_ct
     for start_n in range(col_start, col_end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        kt_ptrs = K + cols[None, :] * stride_kt + offs_d[:, None]  # [D, BLOCK_N]
-        vt_ptrs = V + cols[None, :] * stride_vt + offs_d[:, None]  # [D, BLOCK_N]
+        if ADVANCE:
+            kt_ptrs = kt_ptrs0
+            vt_ptrs = vt_ptrs0
+        else:
+            kt_ptrs = K + cols[None, :] * stride_kt + offs_d[:, None]  # [D, BLOCK_N]
+            vt_ptrs = V + cols[None, :] * stride_vt + offs_d[:, None]  # [D, BLOCK_N]
         if MASKED:
             m = (cols[None, :] < Tk) & (offs_d[:, None] < HEAD_DIM)
             kt = tl.load(kt_ptrs, mask=m, other=0.0)
             vt = tl.load(vt_ptrs, mask=m, other=0.0)
-            ck = tl.load(C + cols * stride_ct, mask=cols < Tk, other=0.0)
+            ck = tl.load(c_ptrs0 if ADVANCE else C + cols * stride_ct, mask=cols < Tk, other=0.0)
         elif EVEN_D:
             kt = tl.load(kt_ptrs)
             vt = tl.load(vt_ptrs)
-            ck = tl.load(C + cols * stride_ct)
+            ck = tl.load(c_ptrs0 if ADVANCE else C + cols * stride_ct)
         else:
             kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
             vt = tl.load(vt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-            ck = tl.load(C + cols * stride_ct)
+            ck = tl.load(c_ptrs0 if ADVANCE else C + cols * stride_ct)
         ck = (ck - c_ref) * 1.4426950408889634
         # P = exp2(s - lse), the row's decay term folded into lse by the caller   # [BLOCK_M, BLOCK_N]
         p = tl.math.exp2(tl.dot(q, kt) * qk_scale - ck[None, :] - lse[:, None])
@@ -555,6 +566,10 @@ def _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_v
         ds = p * (dp - di[:, None])
         dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq)  # dQ += dS K (sm_scale applied at the end)
         dcq += tl.sum(ds, 1)  # query-side dc term: cancels the rounding of Di (see bwd_dq_kernel)
+        if ADVANCE:
+            kt_ptrs0 += BLOCK_N * stride_kt
+            vt_ptrs0 += BLOCK_N * stride_vt
+            c_ptrs0 += BLOCK_N * stride_ct
     return dq, dcq
 
 
@@ -623,11 +638,11 @@ def bwd_dq_kernel(Q, K, V, C, ACP_KV, LO, OUT, DO, LSE, DI, DQ, DC,
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     dcq = tl.zeros([BLOCK_M], dtype=tl.float32)
     dq, dcq = _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct, c_ref,
-                        offs_d, a, b_full, Tk, qk_scale, HEAD_DIM, BLOCK_N, False, IS_VARLEN, EVEN_D)
+                        offs_d, a, b_full, Tk, qk_scale, HEAD_DIM, BLOCK_N, False, IS_VARLEN, EVEN_D, HAS_ACP)
     dq, dcq = _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct, c_ref,
-                        offs_d, col_lo, a, Tk, qk_scale, HEAD_DIM, BLOCK_N, True, IS_VARLEN, EVEN_D)
+                        offs_d, col_lo, a, Tk, qk_scale, HEAD_DIM, BLOCK_N, True, IS_VARLEN, EVEN_D, False)
     dq, dcq = _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct, c_ref,
-                        offs_d, b_full, col_hi, Tk, qk_scale, HEAD_DIM, BLOCK_N, True, IS_VARLEN, EVEN_D)
+                        offs_d, b_full, col_hi, Tk, qk_scale, HEAD_DIM, BLOCK_N, True, IS_VARLEN, EVEN_D, False)
     dq_ptrs = DQ + b64 * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqt + offs_d[None, :]
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
     # the query-side dc term at the rows' positions (bwd_dkdv_kernel adds the key-side term)
