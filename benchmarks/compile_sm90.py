@@ -2,10 +2,11 @@
 
     python benchmarks/compile_sm90.py --head-dims 64 128 [--stages 2]
 
-For each head dim, kernel (forward, dK/dV, dQ), TMA on/off and ACP on/off it prints registers,
-stack (spills), shared memory, or the compile failure (e.g. a ptxas crash). The specialisation is
-that of a typical launch: bf16, strides and lengths divisible by 16, unit strides and GQA group 1
-as constants. Triton ships ptxas and cuobjdump, so only the ``triton`` package is needed.
+For each head dim, kernel (forward, dK/dV, dQ, the GQA group sum), TMA on/off and ACP on/off it
+prints registers, stack (spills), shared memory, or the compile failure (e.g. a ptxas crash). The
+specialisation is that of a typical launch: bf16, strides and lengths divisible by 16, unit strides
+and GQA group 1 as constants (plus the dK/dV kernel as a GQA backward launches it: group > 1,
+float32 partials). Triton ships ptxas and cuobjdump, so only the ``triton`` package is needed.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from triton.compiler import ASTSource
 from foxacp.ops import triton_kernels as K
 from foxacp.ops.triton_attention import HEADS_PER_GROUP, _pad, tile_config
 
-FLOAT32_POINTERS = {"C", "LSE", "DI", "DC", "ACC_PART", "ML_PART", "PART"}
+FLOAT32_POINTERS = {"C", "LSE", "DI", "DC", "ACC_PART", "ML_PART", "PART", "PK", "PV"}
 INT32_POINTERS = {"ACP_KV", "ACP_Q", "LO", "HI"}
 FLOAT_SCALARS = {"qk_scale", "sm_scale"}
 INT_SCALARS = {"B", "H", "HKV", "GROUP", "OFF", "NUM_QT", "NUM_KT", "NUM_CHUNKS"}  # upper-case names that are not pointers
@@ -31,7 +32,8 @@ ONE = {"stride_ct", "stride_dct", "GROUP"}  # == 1 at a typical launch: Triton m
 DIVISIBLE = {"Tq", "Tk", "H", "HKV", "NUM_QT", "NUM_KT"}
 
 
-def signature(fn, constants: dict, dtype: str = "bf16") -> dict:
+def signature(fn, constants: dict, dtype: str = "bf16", float32=()) -> dict:
+    """Argument types of a typical launch; ``float32``: more pointers that are float32."""
     sig = {}
     for name in fn.arg_names:
         if name in constants:
@@ -41,7 +43,8 @@ def signature(fn, constants: dict, dtype: str = "bf16") -> dict:
             sig[name] = f"tensordesc<{dtype}[1, 1, {block}, {constants['D_PAD']}]>" if constants["USE_TMA"] \
                 else f"*{dtype}"
         elif name.isupper() and name not in INT_SCALARS:
-            sig[name] = "*fp32" if name in FLOAT32_POINTERS else "*i32" if name in INT32_POINTERS else f"*{dtype}"
+            sig[name] = ("*fp32" if name in FLOAT32_POINTERS or name in float32 else
+                         "*i32" if name in INT32_POINTERS else f"*{dtype}")
         else:
             sig[name] = "fp32" if name in FLOAT_SCALARS else "i32"
     return sig
@@ -69,9 +72,10 @@ def resource_usage(cubin: bytes) -> str:
     return " ".join(part for part in " ".join(fields).split() if part.startswith(("REG:", "STACK:")))
 
 
-def compile_one(fn, constants: dict, warps: int, stages: int, label: str) -> None:
-    constants = dict(constants, **{name: 1 for name in fn.arg_names if name in ONE})
-    sig = signature(fn, constants)
+def compile_one(fn, constants: dict, warps: int, stages: int, label: str, gqa: bool = False) -> None:
+    """``gqa``: GROUP > 1 (not a constant) and float32 dK/dV partials, as in a GQA backward."""
+    constants = dict(constants, **{name: 1 for name in fn.arg_names if name in ONE and not (gqa and name == "GROUP")})
+    sig = signature(fn, constants, float32=("DK", "DV") if gqa else ())
     try:
         kernel = triton.compile(ASTSource(fn, sig, constants, divisibility(fn, sig)),
                                 target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
@@ -103,6 +107,10 @@ def main(argv=None) -> None:
                     label = (f"D={head_dim} {fn.fn.__name__} {block_m}x{block_n} w{warps} s{args.stages or stages}"
                              f" tma={tma:d} acp={acp:d}")
                     compile_one(fn, constants, warps, args.stages or stages, label)
+                    if fn is K.bwd_dkdv_kernel and not acp:
+                        compile_one(fn, constants, warps, args.stages or stages, label + " gqa", gqa=True)
+        compile_one(K.group_sum_kernel, dict(HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_T=min(64, 8192 // d_pad)), 4, 1,
+                    f"D={head_dim} group_sum_kernel")
 
 
 if __name__ == "__main__":

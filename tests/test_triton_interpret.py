@@ -77,6 +77,7 @@ CASES = {
     "decode-1-seq-start": (2, 1, 77, 2, 1, 16, torch.float32, {"seq_start": torch.tensor([5, 40])}),
     "fp16-d64-acp": (1, 97, None, 2, 1, 64, torch.float16, {"adaptive_threshold": "auto"}),
     "fp16-d40": (1, 45, None, 2, 2, 40, torch.float16, {}),
+    "fp16-gqa3-d40": (2, 45, None, 6, 2, 40, torch.float16, {}),  # float32 partials summed into half dk/dv
 }
 
 
@@ -242,3 +243,13 @@ def test_inference_path_matches_custom_op(ta, monkeypatch):
     q, k, v, log_f = [t.clone().requires_grad_(True) for t in inputs]
     via_op = forgetting_attention(q, k, v, log_f, backend="triton", adaptive_threshold=-4.0)
     torch.testing.assert_close(direct, via_op.detach(), rtol=0, atol=0)
+
+
+def test_refuses_offsets_beyond_int32(ta):
+    """One batch element past 2**31 elements would wrap the kernels' 32-bit offsets: a clear error."""
+    q = torch.empty(2, 32, 2**20, 128, device="meta")  # (B, H, T, D) views: 2**32 elements per batch element
+    kv = torch.empty(2, 8, 2**20, 128, device="meta")
+    with pytest.raises(ValueError, match="32 bits"):
+        ta._check_offsets_fit_int32(q, kv, kv)
+    small = torch.empty(2, 32, 2**10, 128, device="meta")
+    ta._check_offsets_fit_int32(small, small[:, :8], small[:, :8])

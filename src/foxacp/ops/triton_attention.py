@@ -256,7 +256,7 @@ def _backward(dout, q, k, v, decay, decay_global, key_lo, key_hi, delta, out, ls
         BLOCK_M=cfg.m1, BLOCK_N=cfg.n1, **common,
     )
     if group > 1:
-        block_t = 16 if _interpreting() else 64
+        block_t = 16 if _interpreting() else min(64, 8192 // d_pad)  # 2 float32 blocks, no spills at D=256
         kernels.group_sum_kernel[(triton.cdiv(Tk, block_t), B * Hkv)](
             dk_part, dv_part, dk, dv, *dk_part.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], Hkv, group, Tk,
             HEAD_DIM=D, D_PAD=d_pad, BLOCK_T=block_t, num_warps=4,
@@ -377,7 +377,20 @@ def unavailable_reason(q) -> Optional[str]:
     return None
 
 
+def _check_offsets_fit_int32(q, k, v) -> None:
+    """The kernels offset by the batch index in 64 bits but within one batch element in 32 bits
+    (registers and address arithmetic): refuse tensors whose per-batch extent does not fit, as well
+    as the (B, H, Tk, D) float32 dK/dV partials of a GQA backward."""
+    B, H, Tq, D = q.shape
+    extents = [sum((n - 1) * st for n, st in zip(t.shape[1:], t.stride()[1:])) for t in (q, k, v)]
+    if max(extents + [H * k.shape[2] * D]) >= 2**31:
+        raise ValueError(f"backend 'triton' indexes one batch element in 32 bits; q {tuple(q.shape)} and "
+                         f"k {tuple(k.shape)} (B, H, T, D) need more than 2**31 elements per batch element: "
+                         "split the sequence or the heads across calls, or use backend='torch'")
+
+
 def attend(q, k, v, decay, *, sm_scale: float, spec: MaskSpec):
+    _check_offsets_fit_int32(q, k, v)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     key_lo = None if spec.key_lo is None else spec.key_lo.contiguous()
     key_hi = None if spec.key_hi is None else spec.key_hi.contiguous()
