@@ -22,7 +22,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from foxacp.ops import triton_kernels as K
-from foxacp.ops.triton_attention import HEADS_PER_GROUP, _pad, tile_config
+from foxacp.ops.triton_attention import HEADS_PER_GROUP, _pad, group_sum_block, tile_config
 
 FLOAT32_POINTERS = {"C", "LSE", "DI", "DC", "ACC_PART", "ML_PART", "PART", "PK", "PV"}
 INT32_POINTERS = {"ACP_KV", "ACP_Q", "LO", "HI"}
@@ -109,7 +109,7 @@ def main(argv=None) -> None:
                     compile_one(fn, constants, warps, args.stages or stages, label)
                     if fn is K.bwd_dkdv_kernel and not acp:
                         compile_one(fn, constants, warps, args.stages or stages, label + " gqa", gqa=True)
-        compile_one(K.group_sum_kernel, dict(HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_T=min(64, 8192 // d_pad)), 4, 1,
+        compile_one(K.group_sum_kernel, dict(HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_T=group_sum_block(d_pad)), 4, 1,
                     f"D={head_dim} group_sum_kernel")
 
 

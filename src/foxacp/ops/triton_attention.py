@@ -144,6 +144,11 @@ def _launch(kernel, grid, make_args, desc_tensors, block: int, d_pad: int, allow
     return kernel[grid](*args, USE_TMA=False, **meta)
 
 
+def group_sum_block(d_pad: int) -> int:
+    """Rows per group_sum_kernel program: two float32 blocks of them stay in registers up to D=256."""
+    return 16 if _interpreting() else min(64, 8192 // d_pad)
+
+
 def _search_block() -> int:
     return 16 if _interpreting() else 256
 
@@ -256,7 +261,7 @@ def _backward(dout, q, k, v, decay, decay_global, key_lo, key_hi, delta, out, ls
         BLOCK_M=cfg.m1, BLOCK_N=cfg.n1, **common,
     )
     if group > 1:
-        block_t = 16 if _interpreting() else min(64, 8192 // d_pad)  # 2 float32 blocks, no spills at D=256
+        block_t = group_sum_block(d_pad)
         kernels.group_sum_kernel[(triton.cdiv(Tk, block_t), B * Hkv)](
             dk_part, dv_part, dk, dv, *dk_part.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], Hkv, group, Tk,
             HEAD_DIM=D, D_PAD=d_pad, BLOCK_T=block_t, num_warps=4,
@@ -381,7 +386,7 @@ def _check_offsets_fit_int32(q, k, v) -> None:
     """The kernels offset by the batch index in 64 bits but within one batch element in 32 bits
     (registers and address arithmetic): refuse tensors whose per-batch extent does not fit, as well
     as the (B, H, Tk, D) float32 dK/dV partials of a GQA backward."""
-    B, H, Tq, D = q.shape
+    H, D = q.shape[1], q.shape[3]
     extents = [sum((n - 1) * st for n, st in zip(t.shape[1:], t.stride()[1:])) for t in (q, k, v)]
     if max(extents + [H * k.shape[2] * D]) >= 2**31:
         raise ValueError(f"backend 'triton' indexes one batch element in 32 bits; q {tuple(q.shape)} and "
