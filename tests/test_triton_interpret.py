@@ -46,21 +46,36 @@ def run(backend, inputs, **kwargs):
     return out.detach(), [t.grad for t in (q, k, v, log_f)]
 
 
-def rel_err(a, b):
-    """``|a - b| / |b|`` (2-norms), with a floor of 1e-3 RMS on ``|b|`` for gradients that are ~0."""
+def rel_err(a, b, scale_rms):
+    """``|a - b| / max(|b|, scale_rms * sqrt(n))`` (2-norms).
+
+    A gradient can be exactly 0 where its terms cancel (dq with one visible key: dS = P (dP - Di)
+    = 0), and then ``|a - b| / |b|`` measures rounding noise against nothing. ``scale_rms`` is the
+    RMS size of the terms of the same computation (see :func:`check`), so near a zero reference the
+    error is relative to what rounding acts on, and elsewhere it is the plain relative error.
+    """
     a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-3 * b.numel() ** 0.5)).item()
+    return ((a - b).norm() / b.norm().clamp_min(scale_rms * b.numel() ** 0.5)).item()
+
+
+def rms(t):
+    return t.double().pow(2).mean().sqrt().item()
 
 
 def check(got, want, tol):
+    """Output and every gradient within ``tol`` relative error. The floor of the output's metric
+    is the RMS of the reference output; of the gradients', the RMS of the reference dv, which never
+    cancels (``dv_j = sum_i P_ij dO_i`` with P >= 0) and has the size of the dS terms that make dq, dk."""
     (out_a, grads_a), (out_b, grads_b) = got, want
     assert torch.isfinite(out_a).all()
-    assert rel_err(out_a, out_b) < tol, ("out", rel_err(out_a, out_b))
+    assert rel_err(out_a, out_b, rms(out_b)) < tol, ("out", rel_err(out_a, out_b, rms(out_b)))
+    grad_scale = rms(grads_b[2])
     for name, ga, gb in zip(["q", "k", "v", "log_fgate"], grads_a, grads_b):
         assert ga is not None and torch.isfinite(ga).all(), name
         # dlog_fgate at the same tolerance: the kernels keep dc's query-side term, which cancels
         # the rounding of Di (otherwise the reverse cumsum adds it up over T)
-        assert rel_err(ga, gb) < tol, (f"d{name}", rel_err(ga, gb))
+        err = rel_err(ga, gb, grad_scale)
+        assert err < tol, (f"d{name}", err)
 
 
 # (B, Tq, Tk, H, Hkv, D, dtype, kwargs)
@@ -87,9 +102,6 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_triton_matches_reference(ta, name):
     B, Tq, Tk, H, Hkv, D, dtype, kwargs = CASES[name]
-    if DEVICE == "cuda" and dtype == torch.float32 and Tq == 1:
-        pytest.skip("one visible key: the reference dq is exactly 0 and TF32 leaves ~3e-4 of rounding there, "
-                    "above this metric's 1e-3 RMS floor")
     inputs = make_inputs(B, Tq, H, D, Tk=Tk, Hkv=Hkv, dtype=dtype, gate_logit=1.0)
     got = run("triton", inputs, **kwargs)
     want = run("reference", inputs, **kwargs)
