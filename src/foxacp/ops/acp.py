@@ -380,8 +380,9 @@ def local_kv_begin(spec: MaskSpec, q: torch.Tensor, k: torch.Tensor, sm_scale: f
     num_kt = k_last.numel()
     group = H // k.shape[1]
 
-    q_norm = torch.linalg.vector_norm(q.detach(), dim=-1, dtype=torch.float32)  # [B, H, Tq]
-    k_norm = torch.linalg.vector_norm(k.detach(), dim=-1, dtype=torch.float32)  # [B, Hkv, Tk]
+    compute = _compute_dtype(q)
+    q_norm = torch.linalg.vector_norm(q.detach(), dim=-1, dtype=compute)  # [B, H, Tq]
+    k_norm = torch.linalg.vector_norm(k.detach(), dim=-1, dtype=compute)  # [B, Hkv, Tk]
     q_max = _tile_reduce(q_norm, block_m, torch.amax)  # [B, H, nqt]
     k_max = _tile_reduce(k_norm, block_n, torch.amax).cummax(-1).values.repeat_interleave(group, 1)
     lam = _tile_reduce(local_log_mass(spec, q, k, sm_scale), block_m, torch.amin)  # [B, H, nqt]
@@ -393,6 +394,10 @@ def local_kv_begin(spec: MaskSpec, q: torch.Tensor, k: torch.Tensor, sm_scale: f
     below_diag = torch.arange(num_kt, device=device)[None, :] < ((q_start + off) // block_n)[:, None]
     passes = (g <= spec.log_eps) & below_diag  # NaN compares False
     return passes.sum(-1)  # a prefix, so its length is the count
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _tile_reduce(x: torch.Tensor, block: int, reduce) -> torch.Tensor:
@@ -412,8 +417,8 @@ def local_log_mass(spec: MaskSpec, q: torch.Tensor, k: torch.Tensor, sm_scale: f
     ``i``'s block of ``LOCAL_WINDOW`` rows and the keys up to ``i`` (so at least ``LOCAL_WINDOW``
     recent keys when the sequence has them, and always ``i`` itself). A subset of row i's visible
     keys, so ``e^lambda_i`` is a lower bound of its softmax denominator. Rows that see no key get
-    ``+inf`` (they output 0 and constrain nothing). Scores in float32, decays as float64
-    differences.
+    ``+inf`` (they output 0 and constrain nothing). Scores in float32 (float64 for float64
+    inputs), decays as float64 differences.
     """
     B, H, Tq, D = q.shape
     Hkv, Tk, off, r = k.shape[1], k.shape[2], spec.q_offset, LOCAL_WINDOW
@@ -425,15 +430,16 @@ def local_log_mass(spec: MaskSpec, q: torch.Tensor, k: torch.Tensor, sm_scale: f
     pos = rows + off  # key positions of the rows
     visible = (cols[:, None, :] <= pos[:, :, None]) & (cols[:, None, :] >= 0) & (rows[:, :, None] < Tq)
     cols_c = cols.clamp(0, Tk - 1)
-    qf = torch.nn.functional.pad(q.detach().float(), (0, 0, 0, nb * r - Tq)).view(B, Hkv, group, nb, r, D)
-    kf = k.detach().float()[:, :, cols_c.flatten()].view(B, Hkv, 1, nb, 2 * r - 1, D)
+    compute = _compute_dtype(q)
+    qf = torch.nn.functional.pad(q.detach().to(compute), (0, 0, 0, nb * r - Tq)).view(B, Hkv, group, nb, r, D)
+    kf = k.detach().to(compute)[:, :, cols_c.flatten()].view(B, Hkv, 1, nb, 2 * r - 1, D)
     scores = torch.matmul(qf, kf.transpose(-1, -2)).view(B, H, nb, r, 2 * r - 1) * sm_scale
     # decays relative to each block's first key: float64 differences, then small enough for float32
     e = spec.decay.double()
     pos_c = pos.clamp_max(Tk - 1)
     e_ref = e[:, :, cols_c[:, 0]][..., None]  # [B, H, nb, 1]
-    e_rows = (e[:, :, pos_c.flatten()].view(B, H, nb, r) - e_ref).float()
-    e_cols = (e[:, :, cols_c.flatten()].view(B, H, nb, 2 * r - 1) - e_ref).float()
+    e_rows = (e[:, :, pos_c.flatten()].view(B, H, nb, r) - e_ref).to(compute)
+    e_cols = (e[:, :, cols_c.flatten()].view(B, H, nb, 2 * r - 1) - e_ref).to(compute)
     scores = scores + (e_rows[..., :, None] - e_cols[..., None, :])
     if spec.key_lo is not None:
         lo = spec.key_lo.long()[:, pos_c.flatten()].view(B, 1, nb, r, 1)
