@@ -81,8 +81,8 @@ def _train_tokenizer(args) -> int:
     tok = train_tokenizer(iter_texts(args.sources, text_field=args.text_field, report=report), args.vocab_size,
                           args.out, min_frequency=args.min_frequency, from_texts=True,
                           show_progress=not args.no_progress)
-    for line in report.lines():
-        print(f"foxacp data: {line}", file=sys.stderr)
+    if report:
+        print(report.summary(), file=sys.stderr)
     print(f"wrote {args.out}: vocab_size={tok.vocab_size}, eot_id={tok.eot_id}")
     return 0
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import codecs
 import gzip
-import itertools
 import json
 import os
 import re
@@ -58,6 +57,7 @@ def _cp1252_char(byte: int) -> str:
 
 
 _ESCAPED_TO_CP1252 = {0xDC00 + b: _cp1252_char(b) for b in range(0x80, 0x100)}
+DECODED_CP1252 = "not UTF-8: decoded as Windows-1252 (Latin-1)"
 
 
 class SourceError(ValueError):
@@ -90,6 +90,10 @@ class SourceReport:
                 more = f", and {len(paths) - max_names} more" if len(paths) > max_names else ""
                 out.append(f"  {reason}: {len(paths)}: {', '.join(paths[:max_names])}{more}")
         return out
+
+    def summary(self, max_names: int = 10) -> str:
+        """:meth:`lines` as printed to stderr, each heading marked ``foxacp data:``."""
+        return "\n".join(line if line.startswith(" ") else f"foxacp data: {line}" for line in self.lines(max_names))
 
     def to_json(self, max_entries: int = 1000) -> dict:
         """For the store's manifest: the first ``max_entries`` of each list, and the counts."""
@@ -175,6 +179,8 @@ def expand_sources(sources: Iterable[str | os.PathLike], *, extensions: Iterable
                         files.append(SourceFile(p, kind))
                     elif report is not None:
                         report.skip(p, why)
+        elif path.exists():
+            raise SourceError(f"{src}: not a regular file or a directory")
         else:
             raise FileNotFoundError(f"no such file or directory: {src}")
     return files
@@ -205,85 +211,89 @@ def _open_binary(path: Path):
     return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
 
 
-def _text_blocks(f, first: bytes, path: Path, report: SourceReport) -> Iterator[str]:
-    """The text of the open file ``f`` whose first bytes ``first`` were read, block by block.
+def _is_text(path: Path, report: SourceReport) -> bool:
+    """Sniff the start of ``path``: False, with the reason added to ``report``, when it is not text."""
+    try:
+        with _open_binary(path) as f:
+            sample = f.read(SNIFF_BYTES)
+    except (OSError, EOFError) as err:  # no permission, not gzip, ...
+        report.skip(path, f"unreadable ({err})")
+        return False
+    reason = not_text_reason(sample)
+    if reason:
+        report.skip(path, reason)
+    return reason is None
 
-    Adds ``path`` to ``report`` when it held bytes that are not UTF-8, or nothing but whitespace.
-    """
+
+def _read_failed(path: Path, done: int, err: Exception) -> SourceError:
+    return SourceError(f"{path}: reading failed after {done} bytes ({err})")
+
+
+def _text_blocks(path: Path, report: SourceReport) -> Iterator[str]:
+    """The text of ``path`` in blocks of about ``READ_BYTES`` (see the module docstring for the
+    decoding). Adds ``path`` to ``report`` when it held bytes that are not UTF-8, or only whitespace."""
     decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="surrogateescape")
-    invalid, has_text, done = 0, False, len(first)
-    with f:
-        try:
-            blocks = itertools.chain([first], iter(lambda: f.read(READ_BYTES), b""), [None])
-            for block in blocks:
-                text, n = decode_escaped(decoder.decode(block or b"", final=block is None))
-                invalid += n
-                has_text = has_text or not (text.isspace() or not text)
-                done += len(block or b"")
-                yield text
-        except (OSError, EOFError) as err:  # e.g. a truncated .gz
-            raise SourceError(f"{path}: reading failed after {done} bytes ({err})") from None
+    invalid, has_text, done = 0, False, 0
+    with _open_binary(path) as f:
+        while True:
+            try:
+                block = f.read(READ_BYTES)
+            except (OSError, EOFError) as err:  # e.g. a truncated .gz
+                raise _read_failed(path, done, err) from None
+            text, n = decode_escaped(decoder.decode(block, final=not block))
+            invalid += n
+            has_text = has_text or (bool(text) and not text.isspace())
+            done += len(block)
+            yield text
+            if not block:
+                break
     if invalid:
-        report.note(path, "not UTF-8: decoded as Windows-1252 (Latin-1)")
+        report.note(path, DECODED_CP1252)
     if not has_text:
         report.skip(path, "empty or only whitespace")
 
 
-def _sniff(path: Path, report: SourceReport):
-    """The file opened for reading and its first bytes, or ``(None, b"")`` when it was left out
-    (unreadable or not text; noted in ``report``)."""
-    f = None
-    try:
-        f = _open_binary(path)
-        first = f.read(SNIFF_BYTES)
-    except (OSError, EOFError) as err:  # no permission, not gzip, ...
-        if f is not None:
-            f.close()
-        report.skip(path, f"unreadable ({err})")
-        return None, b""
-    reason = not_text_reason(first)
-    if reason:
-        f.close()
-        report.skip(path, reason)
-        return None, b""
-    return f, first
-
-
 def _text_file(source: SourceFile, report: SourceReport) -> Iterator[tuple[str | Iterator[str], int]]:
-    """The file as one document, a stream of text blocks (nothing when it is left out)."""
-    f, first = _sniff(source.path, report)
-    # A left-out file still yields its size as consumed, so the progress bar completes.
-    yield ("" if f is None else _text_blocks(f, first, source.path, report)), source.size
+    """The file as one document, a stream of text blocks ("" when it is left out: its size still
+    counts as consumed, for the progress bar)."""
+    yield (_text_blocks(source.path, report) if _is_text(source.path, report) else ""), source.size
+
+
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, bytes, int]]:
+    """``(line number, line, bytes of the file on disk consumed)`` of a JSONL file (gzip or not)."""
+    done = 0
+    with open(path, "rb") as raw:
+        lines = gzip.GzipFile(fileobj=raw) if path.name.lower().endswith(".gz") else raw
+        try:
+            for lineno, line in enumerate(lines, 1):
+                position = raw.tell()  # of the file on disk (compressed or not): for progress
+                yield lineno, line, position - done
+                done = position
+        except (OSError, EOFError) as err:  # e.g. a truncated .gz
+            raise _read_failed(path, done, err) from None
 
 
 def _jsonl_file(source: SourceFile, text_field: str, report: SourceReport) -> Iterator[tuple[str, int]]:
     path = source.path
-    f, first = _sniff(path, report)
-    if f is None:
+    if not _is_text(path, report):
         yield "", source.size
         return
-    f.close()
     invalid = 0
-    with open(path, "rb") as raw:
-        lines = gzip.GzipFile(fileobj=raw) if path.name.lower().endswith(".gz") else raw
-        done = 0
-        for lineno, line in enumerate(lines, 1):
-            position = raw.tell()  # of the file on disk (compressed or not): for progress
-            consumed, done = position - done, position
-            line, n = decode_escaped(line.decode("utf-8-sig" if lineno == 1 else "utf-8", "surrogateescape"))
-            invalid += n
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise SourceError(f"{path}:{lineno}: not valid JSON ({err})") from None
-            text = record.get(text_field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise SourceError(f"{path}:{lineno}: no string field {text_field!r}")
-            yield text, consumed
+    for lineno, raw_line, consumed in _jsonl_lines(path):
+        line, n = decode_escaped(raw_line.decode("utf-8-sig" if lineno == 1 else "utf-8", "surrogateescape"))
+        invalid += n
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise SourceError(f"{path}:{lineno}: not valid JSON ({err})") from None
+        text = record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise SourceError(f"{path}:{lineno}: no string field {text_field!r}")
+        yield text, consumed
     if invalid:
-        report.note(path, "not UTF-8: decoded as Windows-1252 (Latin-1)")
+        report.note(path, DECODED_CP1252)
 
 
 def _parquet_file(source: SourceFile, text_field: str) -> Iterator[tuple[str, int]]:

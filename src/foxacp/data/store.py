@@ -406,7 +406,7 @@ def write_store(
                 pending = submitted
         bar.close()
         if report:
-            print("\n".join(f"foxacp data: {line}" for line in report.lines()), file=sys.stderr)
+            print(report.summary(), file=sys.stderr)
         if writer.n_tokens == 0:
             raise ValueError("no tokens: the sources hold no non-empty documents"
                              + (f" ({' '.join(line.strip() for line in report.lines(max_names=3))})" if report else ""))

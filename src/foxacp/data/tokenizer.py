@@ -24,9 +24,10 @@ GPT2_EOT_ID = 50256
 # Tokens a JSON tokenizer may use as its EOT/BOS, by preference.
 EOT_CANDIDATES = (EOT_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>".upper())
 GPT2_VOCAB_SIZE = 50257
-# Where split_text may cut: just before a space, tab or newline that a non-space follows. The
-# GPT-2 pre-tokenizer never puts such a character in the same pre-token as anything before it.
-_CUT_BEFORE = re.compile(r"[\t\n\r ](?=\S)")
+# split_text cuts just before a space, tab or newline that a non-space follows: the GPT-2
+# pre-tokenizer never puts such a character in one pre-token with anything before it. Searched
+# in the reversed text (non-space, then that character) to find the last place first.
+_CUT_REVERSED = re.compile(r"\S[\t\n\r ]")
 
 
 class Tokenizer:
@@ -131,15 +132,20 @@ def split_text(chunks: Iterable[str], max_chars: int) -> Iterator[str]:
         start = 0
         while len(text) - start > max_chars:
             end = start + max_chars
-            cut = None
-            for cut in _CUT_BEFORE.finditer(text, max(start + 1, end - max_chars // 4), end):
-                pass
-            stop = cut.start() if cut is not None else end
+            cut = _last_cut(text, max(start + 1, end - max_chars // 4), end)
+            stop = end if cut is None else cut
             yield text[start:stop]
             start = stop
         rest = text[start:]
     if rest:
         yield rest
+
+
+def _last_cut(text: str, lo: int, hi: int) -> int | None:
+    """The last ``p`` in ``[lo, hi - 1)`` where ``text[p]`` is a space, tab or newline and
+    ``text[p + 1]`` is not whitespace; None if there is none."""
+    match = _CUT_REVERSED.search(text[lo:hi][::-1])
+    return None if match is None else hi - 2 - match.start()
 
 
 def gpt2_vocab_files() -> tuple[Path, Path]:
