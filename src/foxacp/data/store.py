@@ -4,7 +4,8 @@ Layout of a store directory::
 
     tokens.bin      all documents' token ids back to back (uint16 if vocab_size <= 65536, else uint32)
     docs.npy        int64 offsets, (n_docs + 1,): document i is tokens[docs[i]:docs[i+1]]
-    manifest.json   tokenizer, vocab_size, eot_id, dtype, n_docs, n_tokens, checksum, sources
+    manifest.json   tokenizer, vocab_size, eot_id, dtype, n_docs, n_tokens, max_id, checksum,
+                    sources, input_report (files left out or decoded as Windows-1252)
     tokenizer.json  a copy of the tokenizer when it is a trained one (gpt2/bytes are built in)
 
 No separator tokens are stored; the loader adds BOS/EOT. :func:`write_store` streams documents
@@ -12,6 +13,12 @@ in, tokenises them in batches (``tokenizers`` encodes a batch on all cores, in a
 thread while the next batch is read), and builds everything in ``DIR.tmp-...`` next to ``DIR``,
 writing ``manifest.json`` last and renaming the folder into place: a killed run leaves only a
 ``.tmp-`` folder (cleaned up by the next run on the same host) and never a ``DIR`` that loads.
+A long document is tokenised in pieces of 64k characters, so memory stays bounded (a 15 MB
+one-line file peaked at 2.9 GB RSS when tokenised whole, 0.4 GB in pieces, same ids).
+
+Opening a store checks what is cheap (manifest keys and values, file sizes, strictly rising
+document offsets, ``max_id < vocab_size``); ``verify`` reads every token (checksum, ids).
+Stores written before ``max_id`` was recorded open too; ``verify`` checks their ids.
 """
 
 from __future__ import annotations
