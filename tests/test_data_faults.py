@@ -231,6 +231,8 @@ def test_ids_beyond_vocab(store):
     opened = TokenStore(store.path)  # cheap checks cannot see it
     with pytest.raises(StoreError, match=r"tokens\.bin: token 29 is id 30, not below vocab_size=30"):
         opened.verify()
+    with pytest.raises(ValueError, match=r"bos_id must be in \[0, vocab_size=30\), got 30"):
+        WindowLoader(opened, 5, 8, mode="packed", bos_id=30)
     loader = WindowLoader(opened, 5, 8, mode="packed", shuffle=False)
     with pytest.raises(StoreError, match=r"store: token id \d+ in window \d+ is not in \[0, vocab_size=30\)"):
         next(loader)

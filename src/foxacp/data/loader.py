@@ -229,13 +229,12 @@ class WindowLoader:
     def _check_ids(self, rows: np.ndarray, windows) -> None:
         """Refuse ids outside ``[0, vocab_size)``: the model's embedding would fail on them later
         with an IndexError (CPU) or a device-side assert (CUDA) that names no file."""
-        vocab = self.store.vocab_size
+        vocab, path = self.store.vocab_size, self.store.path
         if rows.size and (int(rows.max()) >= vocab or int(rows.min()) < 0):
-            b = int(np.flatnonzero(((rows >= vocab) | (rows < 0)).any(axis=1))[0])
-            bad = int(rows[b][(rows[b] >= vocab) | (rows[b] < 0)][0])
-            raise StoreError(f"{self.store.path}: token id {bad} in window {int(windows[b])} is not in "
-                             f"[0, vocab_size={vocab}); the store is corrupt "
-                             "(check it with `foxacp data info --verify PATH`)")
+            b, j = np.argwhere((rows >= vocab) | (rows < 0))[0]
+            raise StoreError(f"{path}: token id {int(rows[b, j])} in window {int(windows[b])} is not in "
+                             f"[0, vocab_size={vocab}); the store is corrupt (check it with "
+                             f"`foxacp data info --verify {path}`)")
 
     def _document_window(self, k: int, out: np.ndarray) -> int:
         """Fill ``out`` (L+1) with window ``k``; return how many labels are real."""
