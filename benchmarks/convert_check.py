@@ -6,7 +6,8 @@ source), gives it random weights, saves it with ``save_pretrained`` as the refer
 its logits, converts the folder with foxacp and compares foxacp's float32 logits. It exits 1 when
 any variant misses ``TOLERANCE``. With ``--out`` it writes, per variant, the fixture of
 ``tests/test_convert.py``: the reference folder (``config.json`` + ``model.safetensors``) and
-``expected.safetensors`` (``input_ids``, the reference's ``logits``) plus ``expected.json``.
+``expected.safetensors`` (``input_ids``, ``attention_mask`` with the last row left-padded, the
+reference's ``logits``, zero at padded positions) plus ``expected.json``.
 
 The reference needs from its repository only ``src/forgetting_transformer/ops/`` and
 ``src/forgetting_transformer/model/forgetting_transformer/`` (its top-level ``__init__`` is not
@@ -58,6 +59,7 @@ def parse_args():
                         help="the reference's autocast dtype")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=100)
+    parser.add_argument("--pad", type=int, default=9, help="left padding of the batch's last row")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reference-commit", default=None, help="recorded in expected.json")
     return parser.parse_args()
@@ -136,16 +138,27 @@ def randomize_(model, seed: int) -> None:
             param.copy_(value)
 
 
-def reference_logits(model, ids, device, dtype):
+def inputs(args, vocab_size: int):
+    """``(input_ids, attention_mask)``: random ids; the last row left-padded by ``--pad`` tokens."""
+    import torch
+
+    ids = torch.randint(0, vocab_size, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(args.seed + 1))
+    mask = torch.ones_like(ids)
+    mask[-1, :args.pad] = 0
+    return ids, mask
+
+
+def reference_logits(model, ids, mask, device, dtype):
+    """The reference's logits in float32, zero at padded positions (whose outputs mean nothing)."""
     import torch
 
     with torch.no_grad(), torch.autocast(device_type=device.type, dtype=dtype):
-        out = model(input_ids=ids.to(device), use_cache=False, return_dict=True, output_attentions=False,
-                    output_hidden_states=False)
-    return out.logits.float().cpu()
+        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, return_dict=True,
+                    output_attentions=False, output_hidden_states=False)
+    return out.logits.float().cpu() * mask[..., None]
 
 
-def foxacp_logits(folder: Path, ids, device):
+def foxacp_logits(folder: Path, ids, mask, device):
     import torch
 
     from foxacp.models import FoxForCausalLM
@@ -153,7 +166,7 @@ def foxacp_logits(folder: Path, ids, device):
     model = FoxForCausalLM.from_pretrained(str(folder)).float().to(device).eval()
     model.set_attention_backend("torch")  # float32 end to end: the reference's dtype is the only noise
     with torch.no_grad():
-        return model(ids.to(device)).logits.float().cpu()
+        return model(ids.to(device), attention_mask=mask.to(device)).logits.float().cpu() * mask[..., None]
 
 
 def check_variant(name: str, fields: dict, classes, args, device, dtype, work: Path) -> dict:
@@ -168,23 +181,23 @@ def check_variant(name: str, fields: dict, classes, args, device, dtype, work: P
     model = model_class(config_class(**fields))
     randomize_(model, args.seed)
     model = model.to(device).eval()
-    ids = torch.randint(0, fields["vocab_size"], (args.batch, args.seq_len),
-                        generator=torch.Generator().manual_seed(args.seed + 1))
-    expected = reference_logits(model, ids, device, dtype)
+    ids, mask = inputs(args, fields["vocab_size"])
+    expected = reference_logits(model, ids, mask, device, dtype)
     ref_dir = work / name if args.out is None else Path(args.out) / name
     ref_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(ref_dir))
     convert_checkpoint(ref_dir, work / f"{name}-foxacp")
-    got = foxacp_logits(work / f"{name}-foxacp", ids, device)
+    got = foxacp_logits(work / f"{name}-foxacp", ids, mask, device)
     scale = expected.abs().max().item()
     error = (got - expected).abs().max().item()
     result = {"variant": name, "max_abs_error": error, "max_abs_logit": scale, "relative": error / scale,
-              "argmax_agreement": (got.argmax(-1) == expected.argmax(-1)).float().mean().item(),
+              "argmax_agreement": (got.argmax(-1) == expected.argmax(-1))[mask.bool()].float().mean().item(),
               "reference_dtype": args.dtype, "device": str(device),
               "reference_commit": args.reference_commit, "tolerance": TOLERANCE,
               "passed": error <= TOLERANCE * scale}
     if args.out is not None:
-        save_file({"input_ids": ids, "logits": expected}, str(ref_dir / "expected.safetensors"))
+        save_file({"input_ids": ids, "attention_mask": mask, "logits": expected},
+                  str(ref_dir / "expected.safetensors"))
         (ref_dir / "expected.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
