@@ -176,11 +176,35 @@ def test_weight_problems_are_refused_by_name(tmp_path):
             convert_checkpoint(tmp_path / name, tmp_path / f"{name}-out")
 
 
+@pytest.mark.parametrize("layout", ["pytorch_model.bin", "sharded safetensors"])
+def test_other_weight_files_and_the_source_dtype(tmp_path, layout):
+    cfg = reference_config()
+    state = {k: v.to(torch.bfloat16) for k, v in reference_state(cfg).items()}
+    src = tmp_path / "ref"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(cfg))
+    if layout == "pytorch_model.bin":
+        torch.save(state, src / "pytorch_model.bin")
+    else:
+        names = sorted(state)
+        shards = {"a.safetensors": names[::2], "b.safetensors": names[1::2]}
+        for file, keys in shards.items():
+            save_file({k: state[k] for k in keys}, str(src / file))
+        (src / "model.safetensors.index.json").write_text(json.dumps(
+            {"weight_map": {k: file for file, keys in shards.items() for k in keys}}))
+    convert_checkpoint(src, tmp_path / "out")
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert out["model.norm.weight"].dtype == torch.bfloat16
+    assert torch.equal(out["model.layers.0.self_attn.o_proj.weight"], state["model.layers.0.attn.o_proj.weight"])
+
+
 def test_cli_convert_and_its_errors(tmp_path, capsys):
     write_reference(tmp_path / "ref", reference_config(**PRO))
-    (tmp_path / "ref" / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 16384}))
+    (tmp_path / "ref" / "tokenizer_config.json").write_text(json.dumps(
+        {"model_max_length": 16384, "tokenizer_class": "JSONGPT2Tokenizer", "add_bos_token": True}))
     assert main(["convert", str(tmp_path / "ref"), str(tmp_path / "out")]) == 0
-    assert "fox-pro, 2 layers" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "fox-pro, 2 layers" in printed and "note: " in printed and "'JSONGPT2Tokenizer' is not part" in printed
     assert (tmp_path / "out" / "tokenizer_config.json").is_file()  # the source's tokenizer travels along
     assert json.loads((tmp_path / "out" / "config.json").read_text())["max_position_embeddings"] == 16384
     with pytest.raises(SystemExit, match="foxacp convert: .* exists and is not an empty folder"):

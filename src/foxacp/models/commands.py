@@ -149,7 +149,7 @@ def _generate(args) -> int:
 
 
 def _convert(args) -> int:
-    from .convert import ConversionError, convert_checkpoint
+    from .convert import ConversionError, convert_checkpoint, tokenizer_note
 
     try:
         model = convert_checkpoint(args.src, args.out)
@@ -158,4 +158,7 @@ def _convert(args) -> int:
     config = model.config
     print(f"wrote {args.out}: {config.architecture}, {config.num_hidden_layers} layers, d {config.hidden_size}, "
           f"{config.num_attention_heads} heads, {_fmt(model.parameter_counts()['total'])} parameters")
+    note = tokenizer_note(args.out)
+    if note:
+        print(f"note: {note}")
     return 0

@@ -159,12 +159,15 @@ def _unsupported_settings(ref: Mapping) -> list[str]:
     return problems
 
 
+def _mlp_ratio(ref: Mapping) -> float:
+    return 4.0 if ref["hidden_ratio"] is None else float(ref["hidden_ratio"])  # the reference reads None as 4
+
+
 def reference_intermediate_size(ref: Mapping) -> int:
     """The reference's MLP width: ``intermediate_size``, else ``int(d * ratio * 2/3)`` rounded up to 256."""
     if ref["intermediate_size"] is not None:
         return int(ref["intermediate_size"])
-    ratio = 4 if ref["hidden_ratio"] is None else ref["hidden_ratio"]
-    return 256 * math.ceil(int(ref["hidden_size"] * ratio * 2 / 3) / 256)
+    return 256 * math.ceil(int(ref["hidden_size"] * _mlp_ratio(ref) * 2 / 3) / 256)
 
 
 def convert_config(raw: Mapping, *, model_max_length: int | None = None, **overrides) -> FoxConfig:
@@ -187,7 +190,7 @@ def convert_config(raw: Mapping, *, model_max_length: int | None = None, **overr
         vocab_size=ref["vocab_size"], hidden_size=ref["hidden_size"],
         num_hidden_layers=ref["num_hidden_layers"], num_attention_heads=ref["num_heads"],
         intermediate_size=reference_intermediate_size(ref),
-        mlp_ratio=float(4 if ref["hidden_ratio"] is None else ref["hidden_ratio"]),
+        mlp_ratio=_mlp_ratio(ref),
         rms_norm_eps=float(ref["norm_eps"]), qk_norm_eps=REFERENCE_QK_NORM_EPS,
         rope_theta=float(ref["rope_base"]), initializer_range=ref["initializer_range"],
         acp=is_fox and ref["log_pruning_tolerance"] is not None,
@@ -317,6 +320,25 @@ def _tokenizer_max_length(folder: Path) -> int | None:
         return None
     value = json.loads(path.read_text()).get("model_max_length")
     return int(value) if isinstance(value, int) and 0 < value < 10**9 else None
+
+
+def tokenizer_note(folder: str | Path) -> str | None:
+    """A warning when the folder's tokenizer names a class transformers does not have, else None.
+
+    The paper's checkpoints use the reference's ``JSONGPT2Tokenizer`` (GPT-2 BPE on JSON-escaped
+    text, as LongCrawl64 was tokenized); loading it needs the reference's tokenizer module.
+    """
+    import transformers
+
+    path = Path(folder) / "tokenizer_config.json"
+    if not path.is_file():
+        return None
+    name = json.loads(path.read_text()).get("tokenizer_class")
+    if not name or hasattr(transformers, name):
+        return None
+    return (f"the tokenizer files were copied as they are; their class {name!r} is not part of transformers, so "
+            "AutoTokenizer needs the code that defines it (for JSONGPT2Tokenizer: `import "
+            "forgetting_transformer.tokenizer` from the reference repository)")
 
 
 def convert_checkpoint(src: str | Path, out: str | Path, **overrides):
