@@ -13,8 +13,8 @@ The reference needs from its repository only ``src/forgetting_transformer/ops/``
 ``src/forgetting_transformer/model/forgetting_transformer/`` (its top-level ``__init__`` is not
 needed: the script imports the subpackages directly), and the ``einops`` package. Its attention
 kernel takes float16/bfloat16 only, so it runs under autocast (``--dtype``) and foxacp in float32.
-``--device cpu`` runs the reference's Triton kernels in Triton's interpreter (about 30 s); the
-few CUDA-only pieces around them are emulated (see ``_emulate_cuda_pieces``).
+``--device cpu`` runs the reference's Triton kernels in Triton's interpreter (about 30 s; set
+TRITON_INTERPRET=1); the few CUDA-only pieces around them are emulated (``_emulate_cuda_pieces``).
 
     R=<a checkout of the reference>; S=.scratch-refsrc   # .scratch*/ is git-ignored
     mkdir -p $S/src/forgetting_transformer/model $S/deps
@@ -29,12 +29,21 @@ few CUDA-only pieces around them are emulated (see ``_emulate_cuda_pieces``).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import os
 import sys
 import tempfile
 import types
 from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from foxacp.models import FoxForCausalLM
+from foxacp.models.convert import convert_checkpoint
 
 # The reference's models, tiny (fixtures of a few hundred kB): 2 heads of 16 (its kernel takes
 # head dims 16, 32, 64 or 128).
@@ -68,8 +77,6 @@ def parse_args():
 def import_reference(refsrc: str):
     """The reference's config and model classes, imported without its top-level package
     (whose ``__init__`` pulls in every baseline model)."""
-    import importlib
-
     root = Path(refsrc).resolve() / "forgetting_transformer"
     if not (root / "model" / "forgetting_transformer" / "modeling_forgetting_transformer.py").is_file():
         raise SystemExit(f"the reference's source is not under {root} (see this script's docstring)")
@@ -85,25 +92,19 @@ def import_reference(refsrc: str):
     return module.ForgettingTransformerConfig, model_class
 
 
-def _emulate_cuda_pieces(dtype):
+def _emulate_cuda_pieces():
     """For ``--device cpu``: the reference computes its SwiGLU with a CUDA jiterator kernel, enters
     a CUDA device context around its Triton calls, picks tile configs from the GPU's compute
     capability or by timing them, and picks its compute dtype from CUDA autocast only. Replace
     the first by the same formula in torch, skip the second, use fixed tiles (tiles change speed,
     not results), and answer the last from CPU autocast."""
-    import contextlib
-    import importlib
-
-    import torch
-    import torch.nn.functional as F
-
     glu = importlib.import_module("forgetting_transformer.model.forgetting_transformer.glu_linear")
     glu.swiglu_fwd = lambda x, y: (F.silu(x.float()) * y.float()).to(x.dtype)
     glu.glu_fwd = lambda x, y: (torch.sigmoid(x.float()) * y.float()).to(x.dtype)
     utils = importlib.import_module("forgetting_transformer.model.forgetting_transformer.fla_utils")
     utils.custom_device_ctx = lambda index: contextlib.nullcontext()
     torch.cuda.device = lambda index: contextlib.nullcontext()  # the RoPE kernel's device context
-    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.autotuner import Autotuner  # imported here: only the interpreter run needs it
 
     Autotuner._bench = lambda self, *args, config, **kwargs: [0.0, 0.0, 0.0]  # all equal: the first runs
     attention = importlib.import_module("forgetting_transformer.ops.forgetting_attention")
@@ -118,8 +119,6 @@ def randomize_(model, seed: int) -> None:
     linear weights N(0, 1/fan_in), norm scales 1 + 0.3 N(0, 1), forget-gate biases U(0, 4).
     Token embeddings (and, with QK-norm, the q and k projections) are made so small that the
     RMSNorms' eps changes the result: a wrong ``norm_eps``/QK-norm eps mapping shows too."""
-    import torch
-
     qk_names = ("q_proj.weight", "k_proj.weight", "k_proj.linear.weight") if model.config.qk_norm else ()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -140,9 +139,8 @@ def randomize_(model, seed: int) -> None:
 
 def inputs(args, vocab_size: int):
     """``(input_ids, attention_mask)``: random ids; the last row left-padded by ``--pad`` tokens."""
-    import torch
-
-    ids = torch.randint(0, vocab_size, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(args.seed + 1))
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    ids = torch.randint(0, vocab_size, (args.batch, args.seq_len), generator=generator)
     mask = torch.ones_like(ids)
     mask[-1, :args.pad] = 0
     return ids, mask
@@ -150,8 +148,6 @@ def inputs(args, vocab_size: int):
 
 def reference_logits(model, ids, mask, device, dtype):
     """The reference's logits in float32, zero at padded positions (whose outputs mean nothing)."""
-    import torch
-
     with torch.no_grad(), torch.autocast(device_type=device.type, dtype=dtype):
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, return_dict=True,
                     output_attentions=False, output_hidden_states=False)
@@ -159,10 +155,6 @@ def reference_logits(model, ids, mask, device, dtype):
 
 
 def foxacp_logits(folder: Path, ids, mask, device):
-    import torch
-
-    from foxacp.models import FoxForCausalLM
-
     model = FoxForCausalLM.from_pretrained(str(folder)).float().to(device).eval()
     model.set_attention_backend("torch")  # float32 end to end: the reference's dtype is the only noise
     with torch.no_grad():
@@ -171,11 +163,6 @@ def foxacp_logits(folder: Path, ids, mask, device):
 
 def check_variant(name: str, fields: dict, classes, args, device, dtype, work: Path) -> dict:
     """Build, save, convert and compare one variant; returns its numbers (and writes its fixture)."""
-    import torch
-    from safetensors.torch import save_file
-
-    from foxacp.models.convert import convert_checkpoint
-
     config_class, model_class = classes
     torch.manual_seed(args.seed)
     model = model_class(config_class(**fields))
@@ -204,15 +191,13 @@ def check_variant(name: str, fields: dict, classes, args, device, dtype, work: P
 
 def main() -> int:
     args = parse_args()
-    import torch
-
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("--device cpu needs TRITON_INTERPRET=1 in the environment (set before Triton loads)")
     dtype = getattr(torch, args.dtype)
     classes = import_reference(args.refsrc)
     if device.type == "cpu":
-        _emulate_cuda_pieces(dtype)
+        _emulate_cuda_pieces()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, fields in VARIANTS.items():
