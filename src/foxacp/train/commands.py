@@ -13,7 +13,7 @@ def register(subparsers) -> None:
     train.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=1e-3 model.overrides.acp=true")
     train.set_defaults(func=_train)
 
-    export = subparsers.add_parser("export", help="write a checkpoint as a Hugging Face folder (model and tokenizer)")
+    export = subparsers.add_parser("export", help="write a checkpoint as a Hugging Face folder")
     export.add_argument("checkpoint", help="a checkpoint folder (…/checkpoints/step_N) or a run folder")
     export.add_argument("out", help="output folder for save_pretrained")
     export.set_defaults(func=_export)
@@ -67,32 +67,17 @@ def model_from_checkpoint(path: str | Path):
 
 
 def _export(args) -> int:
-    from ..models.hf_tokenizer import save_hf_tokenizer
+    from ..models.hf_tokenizer import save_training_tokenizer
 
     model, state = model_from_checkpoint(args.checkpoint)
     model.save_pretrained(args.out)
     (Path(args.out) / "foxacp_training.json").write_text(json.dumps(
         {"step": state["step"], "tokens": state["tokens"], "tokenizer": state.get("tokenizer"),
          "config": state["config"]}, indent=1))
-    tokenizer = _training_tokenizer(state)
-    if tokenizer is None:
+    if save_training_tokenizer(args.out, state) is None:
         print(f"note: no tokenizer written (the run's tokenizer {state.get('tokenizer')!r} is not available here)")
-    else:  # BOS prepended, as the paper's evaluation does; the training context as model_max_length
-        save_hf_tokenizer(tokenizer, args.out, model_max_length=state["config"]["data"]["seq_len"])
     print(f"wrote {args.out} (step {state['step']})")
     return 0
-
-
-def _training_tokenizer(state: dict) -> str | None:
-    """The run's tokenizer as ``get_tokenizer`` takes it: its name, its JSON file, else the token
-    store's copy of that file; None when none of these exists."""
-    from ..data.store import TOKENIZER_COPY
-
-    name = state.get("tokenizer")
-    if name is None or name in ("gpt2", "bytes") or Path(name).is_file():
-        return name
-    copy = Path(str(state["config"]["data"]["source"])) / TOKENIZER_COPY
-    return str(copy) if copy.is_file() else None
 
 
 def _demo(args) -> int:
