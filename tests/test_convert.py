@@ -128,7 +128,7 @@ def test_config_fields(tmp_path):
                            intermediate_size=96, max_position_embeddings=4096, bos_token_id=7, eos_token_id=8,
                            elementwise_affine=True, fuse_norm=False, attention_bias=False)
     config = convert_config(cfg)
-    assert config.acp and config.acp_log_eps == -8.0 and config.rope_theta == 10000.0
+    assert config.acp and config.acp_log_eps == -8.0 and config.acp_rule == "paper" and config.rope_theta == 10000.0
     assert (config.intermediate_size, config.initializer_range, config.max_position_embeddings) == (96, 0.01, 4096)
     assert (config.bos_token_id, config.eos_token_id, config.mlp_ratio) == (7, 8, 3.5)
     # the reference's rule truncates before rounding: int(64 * 4 * 2/3) = 170 -> 256 (foxacp's own: 256 too)

@@ -198,7 +198,7 @@ def convert_config(raw: Mapping, *, model_max_length: int | None = None, **overr
         pad_token_id=ref["pad_token_id"], tie_word_embeddings=False, **extras,
     )
     if fields["acp"]:
-        fields["acp_log_eps"] = float(ref["log_pruning_tolerance"])
+        fields.update(acp_log_eps=float(ref["log_pruning_tolerance"]), acp_rule="paper")  # the reference's bound
     if max_positions:
         fields["max_position_embeddings"] = int(max_positions)
     return FoxConfig(**{**fields, **overrides})
