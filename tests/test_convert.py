@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from foxacp.cli import main
-from foxacp.models import FoxForCausalLM
+from foxacp.models import FoxForCausalLM, preset_config
 from foxacp.models.convert import ConversionError, convert_checkpoint, convert_config
 
 FIXTURES = Path(__file__).parent / "fixtures" / "reference_fox"
@@ -138,6 +138,20 @@ def test_config_fields(tmp_path):
     # missing fields take the reference class's defaults (norm_eps 1e-6, bos 1, eos 2)
     bare = {k: v for k, v in reference_config().items() if k not in ("norm_eps", "bos_token_id", "eos_token_id")}
     assert (convert_config(bare).rms_norm_eps, convert_config(bare).bos_token_id) == (1e-6, 1)
+
+
+@pytest.mark.parametrize("preset, fields", [
+    ("fox-pro-760m", dict(PRO, num_heads=24)),
+    ("fox-llama-760m", dict(num_heads=24)),
+    ("transformer-pro-760m", dict(PRO, num_heads=12, fgate_type="none", use_rope=True)),
+])
+def test_the_papers_760m_configs_are_foxacps_presets(preset, fields):
+    """The reference's configs/experiment/longcrawl64/*/{pro,llama}_760m_48b.yaml (vocab from the data)."""
+    config = convert_config(reference_config(vocab_size=50257, hidden_size=1536, num_hidden_layers=24, **fields))
+    ours = preset_config(preset)
+    for key in ("architecture", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
+                "intermediate_size", "use_qk_norm", "use_kv_shift", "use_output_gate", "rope_theta"):
+        assert getattr(config, key) == getattr(ours, key), key
 
 
 @pytest.mark.parametrize("fields, message", [
