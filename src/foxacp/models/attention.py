@@ -80,8 +80,8 @@ class _AttentionBase(nn.Module):
             self.v_shift_proj = nn.Linear(d, Hkv, bias=False)
         self.use_qk_norm = config.use_qk_norm
         if self.use_qk_norm:
-            self.q_norm = HeadRMSNorm(H, D, config.rms_norm_eps)
-            self.k_norm = HeadRMSNorm(Hkv, D, config.rms_norm_eps)
+            self.q_norm = HeadRMSNorm(H, D, config.qk_norm_eps)
+            self.k_norm = HeadRMSNorm(Hkv, D, config.qk_norm_eps)
         self.use_output_gate = config.use_output_gate
         if self.use_output_gate:
             self.o_norm = HeadRMSNorm(H, D, config.rms_norm_eps)

@@ -58,6 +58,7 @@ class FoxConfig(PretrainedConfig):
         intermediate_size: int | None = None,  # None: from mlp_ratio (see mlp_intermediate_size)
         mlp_ratio: float | None = None,  # None: 3.5 for Pro, 4 for LLaMA
         rms_norm_eps: float = 1e-5,
+        qk_norm_eps: float | None = None,  # None: rms_norm_eps (the reference code's QK-norm uses 1e-5)
         rope_theta: float = 500000.0,  # Transformer baselines only
         max_position_embeddings: int = 16384,  # informative: FoX has no position limit
         initializer_range: float = 0.02,
@@ -130,6 +131,7 @@ class FoxConfig(PretrainedConfig):
         self.intermediate_size = intermediate_size
         self.mlp_ratio = mlp_ratio
         self.rms_norm_eps = rms_norm_eps
+        self.qk_norm_eps = rms_norm_eps if qk_norm_eps is None else qk_norm_eps
         self.rope_theta = rope_theta
         self.max_position_embeddings = max_position_embeddings
         self.initializer_range = initializer_range
