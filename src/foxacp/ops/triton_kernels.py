@@ -26,10 +26,15 @@ term is exactly that error and cancels it. Without it the reverse cumsum that tu
 dlog_fgate adds the row errors up over T (bf16: 6.7e-2 relative error on an H100 instead of < 1e-2).
 """
 
+from typing import NamedTuple
+
 import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+"""``log2(e)``: scores, decays and lse are kept in log2 units (``exp2`` instead of ``exp``); the
+launchers fold it into ``qk_scale``."""
+_LOG2E = tl.constexpr(LOG2E)  # the same number in the form @triton.jit code may read (a float global may not)
 
 
 # ----------------------------------------------------------------------------- tile ranges
@@ -224,7 +229,7 @@ def _fwd_inner(acc, l_i, m_i, q, pos_q, lo_q, K, V, C, K_DESC, V_DESC, desc_b, d
         else:
             kt = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
             ck = tl.load(c_ptrs)
-        ck = (ck - c_ref) * 1.4426950408889634  # [BLOCK_N], log2 units
+        ck = (ck - c_ref) * _LOG2E  # [BLOCK_N], log2 units
         # scores in log2 units without the row term: s = scale*log2e*q.k - c_j*log2e   # [BLOCK_M, BLOCK_N]
         s = tl.dot(q, kt) * qk_scale - ck[None, :]
         if MASKED:
@@ -293,7 +298,7 @@ def fwd_kernel(Q, K, V, C, ACP_KV, LO, OUT, LSE, ACC_PART, ML_PART, K_DESC, V_DE
     q_ptrs = Q + rows[:, None] * stride_qt + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)  # [BLOCK_M, D]
     c_ref = tl.load(C + (r0 + OFF) * stride_ct)
-    cq = (tl.load(C + pos_q * stride_ct, mask=row_ok, other=0.0) - c_ref) * 1.4426950408889634  # [BLOCK_M]
+    cq = (tl.load(C + pos_q * stride_ct, mask=row_ok, other=0.0) - c_ref) * _LOG2E  # [BLOCK_M]
     col_lo, col_hi, lo_max = _query_block_keys(LO, acp_first, r0, Tq, OFF, BLOCK_M, PLAN_M, PLAN_N, IS_VARLEN, HAS_ACP)
     # phases: [col_lo, a) masked (lo edge), [a, b) full blocks, [b, col_hi) masked (causal edge)
     col_lo = col_lo // BLOCK_N * BLOCK_N
@@ -409,7 +414,7 @@ def _dkdv_inner(dk, dv, dc, k, v, ck, cols, Q, DO, C, LSE, DI, LO, stride_qt, st
             lse = tl.load(LSE + rows)
             di = tl.load(DI + rows)
             cq = tl.load(C + pos * stride_ct)
-        lse = lse - (cq - c_ref) * 1.4426950408889634  # fold the row's decay term into its lse
+        lse = lse - (cq - c_ref) * _LOG2E  # fold the row's decay term into its lse
         # transposed P^T[j, r] = exp2(s_rj - lse_r), s in log2 units   # [BLOCK_N, BLOCK_M]
         pt = tl.math.exp2(tl.dot(k, qt) * qk_scale - ck[:, None] - lse[None, :])
         if MASKED:
@@ -475,7 +480,7 @@ def bwd_dkdv_kernel(Q, K, V, C, ACP_Q, LO, HI, DO, LSE, DI, DK, DV, DC,
     b_full = tl.maximum(tl.minimum(full_hi // BLOCK_M * BLOCK_M, row_hi), a)
     c_ref = tl.load(C + tl.minimum(c0, Tk - 1) * stride_ct)
     ck = tl.load(C + cols * stride_ct, mask=col_ok, other=0.0)
-    ck = (ck - c_ref) * 1.4426950408889634  # [BLOCK_N]
+    ck = (ck - c_ref) * _LOG2E  # [BLOCK_N]
     dc = tl.zeros([BLOCK_N], dtype=tl.float32)
     dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, ck, cols, Q, DO, C, LSE, DI, LO, stride_qt, stride_dot,
                              stride_ct, c_ref, offs_d, a, b_full, Tq, OFF, qk_scale,
@@ -554,7 +559,7 @@ def _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_v
             kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
             vt = tl.load(vt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
             ck = tl.load(c_ptrs0 if ADVANCE else C + cols * stride_ct)
-        ck = (ck - c_ref) * 1.4426950408889634
+        ck = (ck - c_ref) * _LOG2E
         # P = exp2(s - lse), the row's decay term folded into lse by the caller   # [BLOCK_M, BLOCK_N]
         p = tl.math.exp2(tl.dot(q, kt) * qk_scale - ck[None, :] - lse[:, None])
         if MASKED:
@@ -633,7 +638,7 @@ def bwd_dq_kernel(Q, K, V, C, ACP_KV, LO, OUT, DO, LSE, DI, DQ, DC,
     tl.store(DI + rows, di, mask=row_ok)
     lse = tl.load(LSE + rows, mask=row_ok, other=float("inf"))
     c_ref = tl.load(C + (r0 + OFF) * stride_ct)
-    cq = (tl.load(C + pos_q * stride_ct, mask=row_ok, other=0.0) - c_ref) * 1.4426950408889634
+    cq = (tl.load(C + pos_q * stride_ct, mask=row_ok, other=0.0) - c_ref) * _LOG2E
     lse = lse - cq  # the row's decay term, folded into its lse
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     dcq = tl.zeros([BLOCK_M], dtype=tl.float32)
