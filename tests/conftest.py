@@ -32,6 +32,30 @@ def make_inputs(B, Tq, H, D, *, Tk=None, Hkv=None, dtype=torch.float32, gate_log
     return tensors
 
 
+def run_backend(backend, inputs, *, device=None, **kwargs):
+    """Output of ``forgetting_attention(*inputs, backend=backend, **kwargs)`` and the gradients of
+    ``q, k, v, log_fgate`` from a fixed random projection of it.
+
+    The inputs and tensor ``kwargs`` are copied to ``device`` (default: where the inputs are); the
+    projection comes from a generator on the output's device seeded with 1.
+    """
+    from foxacp import forgetting_attention  # not at the top: Triton must not load before TRITON_INTERPRET
+
+    device = inputs[0].device if device is None else device
+    q, k, v, log_f = [t.detach().clone().to(device).requires_grad_(True) for t in inputs]
+    kwargs = {key: (val.to(device) if isinstance(val, torch.Tensor) else val) for key, val in kwargs.items()}
+    out = forgetting_attention(q, k, v, log_f, backend=backend, **kwargs)
+    weight = torch.randn(out.shape, device=out.device, generator=torch.Generator(device=out.device).manual_seed(1))
+    (out.float() * weight).sum().backward()
+    return out.detach(), [t.grad for t in (q, k, v, log_f)]
+
+
+def rel_err(a, b) -> float:
+    """``|a - b| / |b|`` (2-norms), with a floor of 1e-3 RMS on ``|b|`` for gradients that are ~0."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-3 * b.numel() ** 0.5)).item()
+
+
 def write_byte_store(root, n_docs: int, words_per_doc: int):
     """A byte-level token store of ``n_docs`` pseudo-English documents under ``root/store``."""
     import random

@@ -17,7 +17,7 @@ from foxacp import forgetting_attention  # noqa: E402
 from foxacp.ops import reference, triton_kernels  # noqa: E402
 from foxacp.ops.acp import MaskSpec  # noqa: E402
 
-from conftest import make_inputs  # noqa: E402
+from conftest import make_inputs, rel_err, run_backend  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -34,22 +34,6 @@ def ta(monkeypatch):
 
     monkeypatch.setattr(reference, "ACP_TILES", triton_attention.default_tiles(64))
     return triton_attention
-
-
-def run(backend, inputs, **kwargs):
-    """Output and the gradients of a fixed random projection of it."""
-    q, k, v, log_f = [t.detach().clone().to(DEVICE).requires_grad_(True) for t in inputs]
-    kwargs = {key: (val.to(DEVICE) if isinstance(val, torch.Tensor) else val) for key, val in kwargs.items()}
-    out = forgetting_attention(q, k, v, log_f, backend=backend, **kwargs)
-    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    (out.float() * weight).sum().backward()
-    return out.detach(), [t.grad for t in (q, k, v, log_f)]
-
-
-def rel_err(a, b):
-    """``|a - b| / |b|`` (2-norms), with a floor of 1e-3 RMS on ``|b|`` for gradients that are ~0."""
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-3 * b.numel() ** 0.5)).item()
 
 
 def check(got, want, tol):
@@ -91,8 +75,8 @@ def test_triton_matches_reference(ta, name):
         pytest.skip("one visible key: the reference dq is exactly 0 and TF32 leaves ~3e-4 of rounding there, "
                     "above this metric's 1e-3 RMS floor")
     inputs = make_inputs(B, Tq, H, D, Tk=Tk, Hkv=Hkv, dtype=dtype, gate_logit=1.0)
-    got = run("triton", inputs, **kwargs)
-    want = run("reference", inputs, **kwargs)
+    got = run_backend("triton", inputs, device=DEVICE, **kwargs)
+    want = run_backend("reference", inputs, device=DEVICE, **kwargs)
     check(got, want, FLOAT32_TOL if dtype == torch.float32 else 3e-3)
 
 
@@ -130,11 +114,11 @@ def test_tma_compile_failure_falls_back(ta, monkeypatch):
             result = fn()
         return result, [str(w.message) for w in caught if "TMA" in str(w.message)]
 
-    got, first = tma_warnings(lambda: run("triton", inputs))
+    got, first = tma_warnings(lambda: run_backend("triton", inputs, device=DEVICE))
     assert len(first) == 1 and "fwd_kernel with TMA failed to compile" in first[0]
-    check(got, run("reference", inputs), FLOAT32_TOL)
+    check(got, run_backend("reference", inputs, device=DEVICE), FLOAT32_TOL)
     assert len(ta._TMA_FAILED) == 1
-    assert tma_warnings(lambda: run("triton", inputs))[1] == []  # remembered: no second attempt
+    assert tma_warnings(lambda: run_backend("triton", inputs, device=DEVICE))[1] == []  # remembered: no second attempt
 
 
 def test_acp_actually_prunes(ta):
@@ -152,7 +136,7 @@ def test_decode_split_counts(ta, monkeypatch):
     outs = []
     for splits in (1, 3, 7):
         monkeypatch.setattr(ta, "_decode_splits", lambda *args, s=splits: s)
-        outs.append(run("triton", inputs, adaptive_threshold=-6.0)[0])
+        outs.append(run_backend("triton", inputs, adaptive_threshold=-6.0, device=DEVICE)[0])
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(outs[2], outs[0], atol=1e-5, rtol=1e-5)
 

@@ -17,6 +17,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 from foxacp import forgetting_attention  # noqa: E402
 from foxacp.ops import reference  # noqa: E402
 
+from conftest import rel_err, run_backend  # noqa: E402
+
 TOL = {torch.bfloat16: 1e-2, torch.float16: 3e-3, torch.float32: 2e-3}
 
 
@@ -24,7 +26,7 @@ TOL = {torch.bfloat16: 1e-2, torch.float16: 3e-3, torch.float32: 2e-3}
 def ta(monkeypatch):
     from foxacp.ops import triton_attention
 
-    monkeypatch.setattr(reference, "ACP_TILES", None)  # set per head dim in run()
+    monkeypatch.setattr(reference, "ACP_TILES", None)  # set per head dim in compare()
     return triton_attention
 
 
@@ -57,24 +59,11 @@ def make(B, Tq, H, D, *, Tk=None, Hkv=None, dtype=torch.bfloat16, tau=None, seed
     return q, k, v, torch.nn.functional.logsigmoid(logit).float()
 
 
-def run(backend, inputs, **kwargs):
-    q, k, v, log_f = [t.detach().clone().requires_grad_(True) for t in inputs]
-    out = forgetting_attention(q, k, v, log_f, backend=backend, **kwargs)
-    weight = torch.randn(out.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
-    (out.float() * weight).sum().backward()
-    return out.detach(), [t.grad for t in (q, k, v, log_f)]
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-3 * b.numel() ** 0.5)).item()
-
-
 def compare(ta, inputs, dtype, **kwargs):
     reference.ACP_TILES = ta.default_tiles(inputs[0].shape[-1])
     poison_cache()
-    got = run("triton", inputs, **kwargs)
-    want = run("reference", inputs, **kwargs)
+    got = run_backend("triton", inputs, **kwargs)
+    want = run_backend("reference", inputs, **kwargs)
     errs = {"out": rel_err(got[0], want[0])}
     errs.update({f"d{n}": rel_err(a, b) for n, a, b in zip(["q", "k", "v", "log_fgate"], got[1], want[1])})
     for name, t in [("out", got[0]), *zip(["dq", "dk", "dv", "dlog_fgate"], got[1])]:
@@ -160,8 +149,8 @@ def test_torch_compile_fullgraph(ta):
 
 def test_deterministic(ta):
     inputs = make(1, 2048, 4, 64, Hkv=2)
-    a = run("triton", inputs, adaptive_threshold="auto")
-    b = run("triton", inputs, adaptive_threshold="auto")
+    a = run_backend("triton", inputs, adaptive_threshold="auto")
+    b = run_backend("triton", inputs, adaptive_threshold="auto")
     assert torch.equal(a[0], b[0])
     for x, y in zip(a[1], b[1]):
         assert torch.equal(x, y)
