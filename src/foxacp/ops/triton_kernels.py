@@ -146,13 +146,14 @@ def acp_bounds_kernel(LO, HI, ACP_KV, ACP_Q, KV_LO, KV_HI, Q_LO, Q_HI, stride_lo
     HI += b * stride_lob
     if t < NUM_QT:
         acp_first = tl.load(ACP_KV + bh * NUM_QT + t) if HAS_ACP else 0
-        col_lo, col_hi, _ = _query_block_keys(LO, acp_first, t * PLAN_M, Tq, OFF,
-                                              PLAN_M, PLAN_M, PLAN_N, IS_VARLEN, HAS_ACP)
+        col_lo, col_hi, _ = _query_block_keys(LO, acp_first, t * PLAN_M, Tq, OFF, BLOCK_M=PLAN_M, PLAN_M=PLAN_M,
+                                              PLAN_N=PLAN_N, IS_VARLEN=IS_VARLEN, HAS_ACP=HAS_ACP)
         tl.store(KV_LO + bh * NUM_QT + t, col_lo)
         tl.store(KV_HI + bh * NUM_QT + t, col_hi)
     if t < NUM_KT:
         row_lo, row_hi, _, _ = _key_block_queries(LO, HI, ACP_Q + bh * NUM_KT, t * PLAN_N, Tq, Tk, OFF,
-                                                  PLAN_N, PLAN_M, PLAN_N, IS_VARLEN, HAS_ACP)
+                                                  BLOCK_N=PLAN_N, PLAN_M=PLAN_M, PLAN_N=PLAN_N,
+                                                  IS_VARLEN=IS_VARLEN, HAS_ACP=HAS_ACP)
         tl.store(Q_LO + bh * NUM_KT + t, row_lo)
         tl.store(Q_HI + bh * NUM_KT + t, row_hi)
 
@@ -235,7 +236,8 @@ def _query_block(Q, C, ACP_KV, LO, r0, stride_qt, stride_ct, Tq, OFF,
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)  # [BLOCK_M, D]
     c_ref = tl.load(C + (r0 + OFF) * stride_ct)
     cq = (tl.load(C + pos_q * stride_ct, mask=row_ok, other=0.0) - c_ref) * _LOG2E  # [BLOCK_M]
-    col_lo, col_hi, lo_max = _query_block_keys(LO, acp_first, r0, Tq, OFF, BLOCK_M, PLAN_M, PLAN_N, IS_VARLEN, HAS_ACP)
+    col_lo, col_hi, lo_max = _query_block_keys(LO, acp_first, r0, Tq, OFF, BLOCK_M=BLOCK_M, PLAN_M=PLAN_M,
+                                               PLAN_N=PLAN_N, IS_VARLEN=IS_VARLEN, HAS_ACP=HAS_ACP)
     col_lo = col_lo // BLOCK_N * BLOCK_N
     full_start = tl.minimum(tl.maximum((lo_max + BLOCK_N - 1) // BLOCK_N * BLOCK_N, col_lo), col_hi)
     full_end = tl.maximum(tl.minimum((r0 + OFF + 1) // BLOCK_N * BLOCK_N, col_hi), full_start)
@@ -564,7 +566,8 @@ def bwd_dkdv_kernel(Q, K, V, C, ACP_Q, LO, HI, DO, LSE, DI, DK, DV, DC,
     LSE += bh.to(tl.int64) * Tq
     DI += bh.to(tl.int64) * Tq
     row_lo, row_hi, full_lo, full_hi = _key_block_queries(LO, HI, ACP_Q + bh * NUM_KT, c0, Tq, Tk, OFF,
-                                                          BLOCK_N, PLAN_M, PLAN_N, IS_VARLEN, HAS_ACP)
+                                                          BLOCK_N=BLOCK_N, PLAN_M=PLAN_M, PLAN_N=PLAN_N,
+                                                          IS_VARLEN=IS_VARLEN, HAS_ACP=HAS_ACP)
     # phases in whole BLOCK_M blocks: [row_lo, full_start) masked (causal edge), [full_start, full_end)
     # rows that see every column (no masks), [full_end, row_hi) masked (rows of other sequences)
     row_lo = row_lo // BLOCK_M * BLOCK_M
