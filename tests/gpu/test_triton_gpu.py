@@ -16,6 +16,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 from foxacp import forgetting_attention  # noqa: E402
 
+from conftest import errors, run_backend  # noqa: E402
+
 TOL = {torch.bfloat16: 1e-2, torch.float16: 3e-3, torch.float32: 2e-3}
 
 
@@ -55,33 +57,11 @@ def make(B, Tq, H, D, *, Tk=None, Hkv=None, dtype=torch.bfloat16, tau=None, seed
     return q, k, v, torch.nn.functional.logsigmoid(logit).float()
 
 
-def run(backend, inputs, **kwargs):
-    """Output, the gradients of a fixed random projection of it, and the call's plan."""
-    q, k, v, log_f = [t.detach().clone().requires_grad_(True) for t in inputs]
-    out, stats = forgetting_attention(q, k, v, log_f, backend=backend, return_stats=True, **kwargs)
-    weight = torch.randn(out.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
-    (out.float() * weight).sum().backward()
-    return out.detach(), [t.grad for t in (q, k, v, log_f)], stats.plan
-
-
-def rel_err(a, b, scale_rms):
-    """Relative 2-norm error with the floor ``scale_rms * sqrt(n)`` on ``|b|`` (see
-    tests/test_triton_interpret.py ``rel_err``: near a zero reference, error against the terms' size)."""
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(scale_rms * b.numel() ** 0.5)).item()
-
-
-def rms(t):
-    return t.double().pow(2).mean().sqrt().item()
-
-
 def compare(ta, inputs, dtype, **kwargs):
     poison_cache()
-    got = run("triton", inputs, **kwargs)
-    want = run("reference", inputs, acp_plan=got[2], **kwargs)  # exactly the Triton call's tiles
-    errs = {"out": rel_err(got[0], want[0], rms(want[0]))}
-    grad_scale = rms(want[1][2])  # dv never cancels: the size of the terms of every gradient
-    errs.update({f"d{n}": rel_err(a, b, grad_scale) for n, a, b in zip(["q", "k", "v", "log_fgate"], got[1], want[1])})
+    got = run_backend("triton", inputs, **kwargs)
+    want = run_backend("reference", inputs, acp_plan=got.plan, **kwargs)  # exactly the Triton call's tiles
+    errs = errors(got, want)
     for name, t in [("out", got[0]), *zip(["dq", "dk", "dv", "dlog_fgate"], got[1])]:
         assert torch.isfinite(t).all(), f"{name} has NaN/inf (unwritten or overflow)"
     if os.environ.get("FOXACP_ERROR_LOG"):  # one JSON line per comparison, for the benchmark notes
@@ -170,8 +150,8 @@ def test_torch_compile_fullgraph(ta, rule):
 
 def test_deterministic(ta):
     inputs = make(1, 2048, 4, 64, Hkv=2)
-    a = run("triton", inputs, adaptive_threshold="auto")
-    b = run("triton", inputs, adaptive_threshold="auto")
+    a = run_backend("triton", inputs, adaptive_threshold="auto")
+    b = run_backend("triton", inputs, adaptive_threshold="auto")
     assert torch.equal(a[0], b[0])
     for x, y in zip(a[1], b[1]):
         assert torch.equal(x, y)

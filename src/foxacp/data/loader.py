@@ -160,10 +160,6 @@ class WindowLoader:
         """Steps per epoch."""
         return self.steps_per_epoch
 
-    @property
-    def tokens_per_step(self) -> int:
-        return self.global_batch_size * self.seq_len
-
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed, "seq_len": self.seq_len,
                 "mode": self.mode, "split": self.split, "n_windows": self.n_windows, "shuffle": self.shuffle}
