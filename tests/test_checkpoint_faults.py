@@ -1,0 +1,251 @@
+"""Fault injection on checkpoints (CPU, small): crafted DCP files never run code, a non-finite
+gradient or weight never reaches a checkpoint, damaged checkpoints are skipped on resume, a
+re-save never leaves a step without a complete copy, a full disk is named and cleaned up."""
+
+import errno
+import io
+import json
+import os
+import pickle
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from foxacp.train import checkpoint
+from foxacp.train.checkpoint import CheckpointError
+from foxacp.train.config import load_config
+from foxacp.train.trainer import Trainer, TrainingDiverged
+
+from test_train import overrides, store_dir  # noqa: F401  (store_dir is a fixture)
+
+
+class _RunsCode:
+    """Unpickling this creates ``marker``: the proof that a pickle ran code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _tiny_model_and_optimizer():
+    model = torch.nn.Linear(3, 4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 3)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def _save_tiny(out_dir: Path, step: int, **kwargs) -> Path:
+    model, optimizer = _tiny_model_and_optimizer()
+    return checkpoint.save(out_dir, step, model, optimizer, {"tokens": step}, **kwargs)
+
+
+def _dcp_save(state: dict, folder: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process"
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(state, checkpoint_id=str(folder))
+
+
+def _tiny_trainer(store, out_dir, **extra) -> Trainer:
+    """A two-layer ACP model on 32-token windows: a step takes well under a second."""
+    args = overrides(store, out_dir, data__seq_len=32, batch__global_tokens=64, run__max_steps=2, **extra)
+    return Trainer(load_config(None, args))
+
+
+# ----------------------------------------------------------------------------- 1. no code execution
+def test_crafted_dcp_metadata_never_runs_code(tmp_path):
+    folder = tmp_path / "checkpoints" / "step_00000001"
+    (folder / "dcp").mkdir(parents=True)
+    marker = tmp_path / "marker"
+    (folder / "dcp" / ".metadata").write_bytes(pickle.dumps(_RunsCode(marker)))
+    (folder / "trainer.json").write_text(json.dumps({"step": 1, "tokens": 1}))
+    checkpoint._write_checksums(folder)  # an attacker can write matching checksums too
+    assert checkpoint.verify(folder) is None
+    model, optimizer = _tiny_model_and_optimizer()
+    with pytest.raises(CheckpointError, match="posix.system|os.system"):
+        checkpoint.load_model_weights(folder, model)
+    with pytest.raises(CheckpointError, match="refuses"):
+        checkpoint.load(folder, model, optimizer)
+    assert not marker.exists()
+
+
+def test_dcp_loads_plain_data_and_refuses_pickled_entries(tmp_path):
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    source, source_optim = _tiny_model_and_optimizer()
+    model_state, optim_state = get_state_dict(source, source_optim)
+    _dcp_save({"model": model_state, "optimizer": optim_state}, tmp_path / "good")
+    model, optimizer = _tiny_model_and_optimizer()
+    checkpoint.load_dcp(tmp_path / "good", model, optimizer)  # DCP's real metadata passes the filter
+    assert torch.equal(model.weight, source.weight)
+    assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], source_optim.state_dict()["state"][0]["exp_avg"])
+
+    marker = tmp_path / "marker"
+    optim_state["param_groups"][0]["lr"] = _RunsCode(marker)  # a non-tensor entry is stored as a pickle
+    _dcp_save({"model": model_state, "optimizer": optim_state}, tmp_path / "bad")
+    with pytest.raises(CheckpointError, match="optimizer.param_groups.*plain data"):
+        checkpoint.load_dcp(tmp_path / "bad", model, optimizer)
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- 2. divergence
+def test_nan_gradient_with_finite_loss_never_reaches_a_checkpoint(store_dir, tmp_path):  # noqa: F811
+    trainer = _tiny_trainer(store_dir, tmp_path, run__ckpt_every=1)
+    good = trainer.save_checkpoint()
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.model.model.layers[0].self_attn.q_proj.weight.register_hook(lambda grad: grad * float("nan"))
+    with pytest.raises(TrainingDiverged, match=rf"step 1: the gradient norm is nan \(loss [0-9.]+\).*{good}"):
+        trainer.fit()
+    trainer.close()
+    assert checkpoint.latest(tmp_path) == good
+    after = trainer.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the optimizer did not step
+
+
+def test_non_finite_weight_is_named_as_divergence_with_acp(store_dir, tmp_path):  # noqa: F811
+    trainer = _tiny_trainer(store_dir, tmp_path, run__ckpt_every=1)
+    assert trainer.model_config.acp
+    good = trainer.save_checkpoint()
+    step = trainer.optimizer.step
+
+    def overflowing_step(*args, **kwargs):  # an update that overflows one weight
+        step(*args, **kwargs)
+        with torch.no_grad():
+            trainer.model.model.layers[0].self_attn.q_proj.weight[0, 0] = float("inf")
+
+    trainer.optimizer.step = overflowing_step
+    with pytest.raises(TrainingDiverged, match=rf"step 1: weight .*q_proj.weight is not finite.*{good}"):
+        trainer.fit()
+    assert checkpoint.latest(tmp_path) == good
+    # NaN weights everywhere: ACP's threshold check fails in the forward; still named divergence
+    trainer.optimizer.step = step
+    with torch.no_grad():
+        for param in trainer.model.parameters():
+            param.fill_(float("nan"))
+    with pytest.raises(TrainingDiverged, match=r"step 1: weight \S+ is not finite \(adaptive_threshold"):
+        trainer.fit()
+    trainer.close()
+
+
+# ----------------------------------------------------------------------------- 3. integrity
+def _truncate(file: Path) -> None:
+    with open(file, "r+b") as fh:
+        fh.truncate(file.stat().st_size // 2)
+
+
+def _scribble(file: Path) -> None:
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+def test_resume_falls_back_to_newest_checkpoint_that_verifies(store_dir, tmp_path, capsys):  # noqa: F811
+    trainer = _tiny_trainer(store_dir, tmp_path, run__keep_last=5)
+    for step in range(4):
+        trainer.step = step
+        trainer.save_checkpoint()
+    trainer.close()
+    root = checkpoint.checkpoint_root(tmp_path)
+    _truncate(root / "step_00000003" / "model.safetensors")
+    _scribble(root / "step_00000002" / "optimizer.pt")  # same size: only the checksum sees it
+    (root / "step_00000001" / "rng.pt").unlink()
+    capsys.readouterr()
+
+    resumed = _tiny_trainer(store_dir, tmp_path)
+    assert resumed.resume() and resumed.step == 0
+    out = capsys.readouterr().out
+    assert "step_00000003: model.safetensors has" in out and "truncated" in out
+    assert "step_00000002: optimizer.pt does not match its checksum" in out
+    assert "step_00000001: rng.pt is missing" in out
+    with pytest.raises(CheckpointError, match="does not verify: model.safetensors has"):
+        checkpoint.load_model_weights(root / "step_00000003", resumed.model)
+
+    _scribble(root / "step_00000000" / "trainer.json")
+    with pytest.raises(CheckpointError, match="no checkpoint .* verifies:\n.*step_00000003"):
+        resumed.resume()
+    resumed.close()
+
+
+# ----------------------------------------------------------------------------- 4. re-saving a step
+class _Killed(BaseException):
+    """Stands for SIGKILL: no cleanup code runs (``except Exception`` does not catch it)."""
+
+
+def test_resaving_a_step_always_leaves_one_complete_copy(tmp_path, monkeypatch):
+    _save_tiny(tmp_path, 1)
+    _save_tiny(tmp_path, 2)
+    real = {"replace": os.replace, "rmtree": shutil.rmtree}
+    kill_at, kills = 1, 0
+    while True:  # kill the re-save at its first, second, ... rename or delete
+        calls = []
+
+        def dying(name):
+            def call(*args, **kwargs):
+                calls.append(name)
+                if len(calls) == kill_at:
+                    raise _Killed
+                return real[name](*args, **kwargs)
+            return call
+
+        monkeypatch.setattr(os, "replace", dying("replace"))
+        monkeypatch.setattr(shutil, "rmtree", dying("rmtree"))
+        try:
+            _save_tiny(tmp_path, 2)
+        except _Killed:
+            kills += 1
+        else:
+            break
+        finally:
+            monkeypatch.undo()
+        found, _ = checkpoint.newest_verified(tmp_path)
+        assert found is not None and found.name.startswith("step_00000002"), (kill_at, calls, found)
+        model, optimizer = _tiny_model_and_optimizer()
+        assert checkpoint.load(found, model, optimizer)["step"] == 2
+        _save_tiny(tmp_path, 2)  # the next save tidies up: .old renamed back or deleted, .tmp deleted
+        assert sorted(p.name for p in checkpoint.checkpoint_root(tmp_path).iterdir()) == ["step_00000001",
+                                                                                          "step_00000002"]
+        kill_at += 1
+    assert kills >= 3  # every rename and delete of the swap was interrupted once
+
+
+# ----------------------------------------------------------------------------- 8. disk full
+def test_disk_full_is_named_and_the_partial_checkpoint_removed(tmp_path, monkeypatch):
+    good = _save_tiny(tmp_path, 1)
+
+    def full_disk(obj, file, *args, **kwargs):
+        if isinstance(file, (str, Path)):
+            Path(file).write_bytes(b"partial")
+        else:
+            file.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match=r"no space left on device \(ENOSPC\).*step_00000002"):
+        _save_tiny(tmp_path, 2)
+    assert [p.name for p in checkpoint.checkpoint_root(tmp_path).iterdir()] == [good.name]
+    assert checkpoint.verify(good) is None
+
+
+def test_short_writes_on_a_full_disk_are_named(tmp_path, monkeypatch):
+    """On a full disk an unbuffered file writes fewer bytes instead of failing, and torch.save
+    then stops with "enforce fail at inline_container.cc", naming no cause."""
+    class FullDisk(io.RawIOBase):
+        def writable(self):
+            return True
+
+        def write(self, data):
+            return 0
+
+    real_open = open
+    monkeypatch.setattr(checkpoint, "open", lambda path, mode="r", *args, **kwargs: FullDisk() if mode == "wb"
+                        else real_open(path, mode, *args, **kwargs), raising=False)
+    with pytest.raises(CheckpointError, match=r"ENOSPC.*step_00000001"):
+        _save_tiny(tmp_path, 1)
+    assert list(checkpoint.checkpoint_root(tmp_path).iterdir()) == []
