@@ -55,7 +55,7 @@ def _dcp_save(state: dict, folder: Path) -> None:
 
 def _tiny_trainer(store, out_dir, **extra) -> Trainer:
     """A two-layer ACP model on 32-token windows: a step takes well under a second."""
-    args = overrides(store, out_dir, data__seq_len=32, batch__global_tokens=64, run__max_steps=2, **extra)
+    args = overrides(store, out_dir, **{"data__seq_len": 32, "batch__global_tokens": 64, "run__max_steps": 2, **extra})
     return Trainer(load_config(None, args))
 
 
@@ -249,3 +249,31 @@ def test_short_writes_on_a_full_disk_are_named(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=r"ENOSPC.*step_00000001"):
         _save_tiny(tmp_path, 1)
     assert list(checkpoint.checkpoint_root(tmp_path).iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- issue 17: what users expect
+def test_keep_every_keeps_those_steps_besides_the_last(tmp_path):
+    for step in range(1, 8):
+        _save_tiny(tmp_path, step, keep_last=2, keep_every=3)
+    assert sorted(p.name for p in checkpoint.checkpoint_root(tmp_path).iterdir()) == [
+        "step_00000003", "step_00000006", "step_00000007"]
+
+
+def test_resume_drops_metrics_past_the_resumed_step(store_dir, tmp_path, capsys):  # noqa: F811
+    trainer = _tiny_trainer(store_dir, tmp_path, run__max_steps=3, run__ckpt_every=2)
+    trainer.fit()
+    trainer.close()
+    shutil.rmtree(checkpoint.checkpoint_root(tmp_path) / "step_00000003")  # killed before its checkpoint
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 3, "loss": 1.')  # and in the middle of a line
+    resumed = _tiny_trainer(store_dir, tmp_path, run__max_steps=3, run__ckpt_every=2)
+    assert resumed.resume() and resumed.step == 2
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines if "loss" in line] == [1, 2]
+    capsys.readouterr()
+    resumed.fit()
+    resumed.close()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s in steps if s == 3] == [3, 3]  # one training line, one final validation line
+    final = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert f"done: step 3, validation loss {final['val_loss']:.4f}, checkpoint " in capsys.readouterr().out

@@ -78,6 +78,7 @@ class RunSection:
     eval_batches: int = 4  # micro-batches per evaluation
     ckpt_every: int = 0  # steps between checkpoints (0: only at the end / on signals)
     keep_last: int = 3  # checkpoints kept on disk
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this, for good (0: none)
     progress: bool = True  # tqdm progress bar on rank 0
     tensorboard: bool = True  # also write TensorBoard events when tensorboard is installed
 
@@ -85,6 +86,7 @@ class RunSection:
         _check(self.device in ("auto", "cpu", "cuda"), f"run.device must be auto/cpu/cuda, got {self.device!r}")
         _check(self.precision in ("auto", "bf16", "fp32"), f"run.precision must be auto/bf16/fp32, got {self.precision!r}")
         _check(self.keep_last >= 1, "run.keep_last must be >= 1")
+        _check(self.keep_every >= 0, "run.keep_every must be >= 0 (0: keep only the last run.keep_last)")
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from tqdm import tqdm
@@ -15,17 +16,28 @@ class MetricLogger:
     def __init__(self, out_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True):
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
+        self._tb_dir = Path(out_dir) / "tensorboard" if tensorboard else None
         self._tb = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", buffering=1)
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
-            except ImportError:  # tensorboard is optional
-                self._tb = None
+        self._tb = _tensorboard_writer(self._tb_dir)
+
+    def rewind(self, step: int) -> None:
+        """Forget what was logged after ``step`` (a resumed run logs those steps again): drop those
+        lines of metrics.jsonl and purge those TensorBoard events."""
+        if not self.enabled:
+            return
+        self._file.close()
+        kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+        self._file = open(self.path, "a", buffering=1)
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = _tensorboard_writer(self._tb_dir, purge_step=step + 1)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -44,6 +56,25 @@ class MetricLogger:
                 self._tb.close()
 
 
+def _step_of(line: str) -> float:
+    """The step of a metrics line (0 if it names none; infinity for a line torn by a kill)."""
+    try:
+        return json.loads(line).get("step", 0)
+    except (ValueError, AttributeError):
+        return math.inf
+
+
+def _tensorboard_writer(folder: Path | None, purge_step: int | None = None):
+    """A SummaryWriter on ``folder`` (None when ``folder`` is None or tensorboard is not installed)."""
+    if folder is None:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(folder), purge_step=purge_step)
+
+
 def _flatten(record: dict, prefix: str = ""):
     for key, value in record.items():
         name = f"{prefix}{key}"
@@ -58,7 +89,7 @@ def _flatten(record: dict, prefix: str = ""):
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """All records of a metrics.jsonl file (the last run's lines win on resumed steps)."""
+    """All records of a metrics.jsonl file."""
     with open(path) as fh:
         return [json.loads(line) for line in fh if line.strip()]
 

@@ -91,6 +91,7 @@ class Trainer:
         state = checkpoint.load(found, self.model, self.optimizer, verify_files=False)
         self.step, self.tokens = state["step"], state["tokens"]
         self.train_data.load_state_dict(state["loader"])
+        self.metrics.rewind(self.step)
         if self.info.is_main:
             for line in reasons:
                 print(line, flush=True)
@@ -102,7 +103,8 @@ class Trainer:
                  "world_size": self.info.world_size, "vocab_size": self.store.vocab_size,
                  "bos_token_id": self.store.bos_id, "eos_token_id": self.store.eot_id,
                  "tokenizer": getattr(self.store, "tokenizer_name", None)}
-        return checkpoint.save(self.out_dir, self.step, self.model, self.optimizer, state, self.cfg.run.keep_last)
+        return checkpoint.save(self.out_dir, self.step, self.model, self.optimizer, state, self.cfg.run.keep_last,
+                               self.cfg.run.keep_every)
 
     # ----------------------------------------------------------------- the loop
     def fit(self) -> list[dict]:
@@ -141,7 +143,9 @@ class Trainer:
             return records
         val = self.evaluate()
         self.metrics.log({"step": self.step, "val_loss": val, "final": True})
-        self.save_checkpoint()
+        path = self.save_checkpoint()
+        if self.info.is_main:
+            print(f"done: step {self.step}, validation loss {val:.4f}, checkpoint {path}", flush=True)
         return records
 
     def train_step(self, micro_batches: list[dict]) -> tuple[float, float]:
