@@ -277,3 +277,47 @@ def test_resume_drops_metrics_past_the_resumed_step(store_dir, tmp_path, capsys)
     assert [s for s in steps if s == 3] == [3, 3]  # one training line, one final validation line
     final = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert f"done: step 3, validation loss {final['val_loss']:.4f}, checkpoint " in capsys.readouterr().out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _losses(out_dir: Path) -> dict:
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_checkpoints_move_between_one_process_and_torchrun(store_dir, tmp_path, monkeypatch):  # noqa: F811
+    """Step 1 in one process, step 2 under torchrun (one gloo process: FSDP2 and DCP), step 3 in
+    one process again: the losses are those of three steps straight."""
+    from foxacp.train import distributed
+
+    def run(out_dir, steps, resume):
+        trainer = _tiny_trainer(store_dir, out_dir, run__max_steps=steps)
+        assert not resume or trainer.resume()
+        trainer.fit()
+        trainer.close()
+        return trainer
+
+    run(tmp_path / "straight", 3, resume=False)
+    moved = tmp_path / "moved"
+    run(moved, 1, resume=False)
+    with monkeypatch.context() as env:
+        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(_free_port())}.items():
+            env.setenv(key, value)
+        try:
+            assert run(moved, 2, resume=True).info.distributed
+        finally:
+            distributed.shutdown()
+    assert (checkpoint.latest(moved) / "dcp").is_dir()
+    run(moved, 3, resume=True)
+    straight = _losses(tmp_path / "straight")
+    assert _losses(moved).keys() == straight.keys()
+    for step, loss in _losses(moved).items():
+        assert loss == pytest.approx(straight[step], rel=1e-5), step

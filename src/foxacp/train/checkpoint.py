@@ -197,9 +197,13 @@ def _write_state(folder: Path, model, optimizer) -> None:
         torch.distributed.barrier()  # every rank's files are written before rank 0 lists them
         return
     from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
-    _torch_save(optimizer.state_dict(), folder / "optimizer.pt")
+    # full state dicts keyed by parameter name: they load into a sharded model too (set_state_dict)
+    model_state, optim_state = get_state_dict(model, optimizer,
+                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    save_file({k: v.detach().contiguous() for k, v in model_state.items()}, str(folder / "model.safetensors"))
+    _torch_save(optim_state, folder / "optimizer.pt")
     _torch_save(rng_state(), folder / "rng.pt")
 
 
@@ -301,11 +305,7 @@ def load(path: str | Path, model, optimizer=None, *, verify_files: bool = True) 
         if rng_file.exists():  # same world size: each rank gets its own stream back
             set_rng_state(torch.load(rng_file, weights_only=True))
     else:
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(str(path / "model.safetensors")))
-        if optimizer is not None:
-            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        _load_full(path, model, optimizer)
         set_rng_state(torch.load(path / "rng.pt", weights_only=True))
     return state
 
@@ -318,10 +318,23 @@ def load_model_weights(path: str | Path, model) -> dict:
     if (path / "dcp").is_dir():
         load_dcp(path / "dcp", model)
     else:
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(str(path / "model.safetensors")))
+        _load_full(path, model)
     return state
+
+
+def _load_full(path: Path, model, optimizer=None) -> None:
+    """A one-process checkpoint's weights (and optimizer state) into ``model``, whether it is
+    sharded (under torchrun) or not: every process reads the full tensors and keeps its shard."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
+
+    full = StateDictOptions(full_state_dict=True)
+    weights = load_file(str(path / "model.safetensors"))
+    if optimizer is None:
+        set_model_state_dict(model, weights, options=full)
+    else:
+        set_state_dict(model, optimizer, model_state_dict=weights,
+                       optim_state_dict=torch.load(path / "optimizer.pt", weights_only=True), options=full)
 
 
 def _require_verified(path: Path) -> None:
