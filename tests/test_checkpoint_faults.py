@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -321,3 +322,25 @@ def test_checkpoints_move_between_one_process_and_torchrun(store_dir, tmp_path, 
     assert _losses(moved).keys() == straight.keys()
     for step, loss in _losses(moved).items():
         assert loss == pytest.approx(straight[step], rel=1e-5), step
+
+
+def test_wandb_sink_resumes_its_run_and_is_named_when_missing(store_dir, tmp_path, monkeypatch):  # noqa: F811
+    import types
+
+    inits, logged = [], []
+    fake = types.SimpleNamespace(init=lambda **kwargs: inits.append(kwargs) or types.SimpleNamespace(
+        log=lambda values, step: logged.append((step, values)), finish=lambda: None))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    trainer = _tiny_trainer(store_dir, tmp_path, run__max_steps=1, run__wandb_project="fox")
+    trainer.fit()
+    trainer.close()
+    assert logged[0][0] == 1 and "loss" in logged[0][1] and "acp/kept_fraction" in logged[0][1]
+    resumed = Trainer(load_config(None, overrides(store_dir, tmp_path, data__seq_len=32, batch__global_tokens=64,
+                                                  run__max_steps=2, run__wandb_project="fox")), resume=True)
+    resumed.close()
+    assert [i["project"] for i in inits] == ["fox", "fox"] and inits[0]["id"] == inits[1]["id"]
+    assert inits[1]["resume"] == "allow"
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    with pytest.raises(ValueError, match="run.wandb_project='fox'.*wandb is not installed: pip install wandb"):
+        _tiny_trainer(store_dir, tmp_path, run__wandb_project="fox")

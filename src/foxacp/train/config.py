@@ -81,6 +81,7 @@ class RunSection:
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this, for good (0: none)
     progress: bool = True  # tqdm progress bar on rank 0
     tensorboard: bool = True  # also write TensorBoard events when tensorboard is installed
+    wandb_project: str | None = None  # also log to this Weights & Biases project (needs pip install wandb)
 
     def __post_init__(self):
         _check(self.device in ("auto", "cpu", "cuda"), f"run.device must be auto/cpu/cuda, got {self.device!r}")

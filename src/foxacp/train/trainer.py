@@ -61,7 +61,8 @@ class Trainer:
                                              bf16=self.bf16)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.step, self.tokens = 0, 0
-        self.metrics = MetricLogger(self.out_dir, enabled=self.info.is_main, tensorboard=cfg.run.tensorboard)
+        self.metrics = MetricLogger(self.out_dir, enabled=self.info.is_main, tensorboard=cfg.run.tensorboard,
+                                    wandb_project=cfg.run.wandb_project, resume=resume, config=cfg.to_dict())
         self._stop_signal: int | None = None
         if resume:
             self.resume()
