@@ -344,3 +344,22 @@ def test_wandb_sink_resumes_its_run_and_is_named_when_missing(store_dir, tmp_pat
     monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
     with pytest.raises(ValueError, match="run.wandb_project='fox'.*wandb is not installed: pip install wandb"):
         _tiny_trainer(store_dir, tmp_path, run__wandb_project="fox")
+
+
+def test_init_from_a_run_folder_or_a_hugging_face_folder(store_dir, tmp_path):  # noqa: F811
+    source = _tiny_trainer(store_dir, tmp_path / "source", run__max_steps=1)
+    source.fit()
+    source.close()
+    source.model.save_pretrained(tmp_path / "hf")
+    for origin in (tmp_path / "source", tmp_path / "hf"):
+        started = _tiny_trainer(store_dir, tmp_path / f"from_{origin.name}", run__init_from=origin,
+                                data__seq_len=64, batch__global_tokens=128)  # e.g. a longer context
+        assert started.step == 0
+        for name, value in source.model.state_dict().items():
+            assert torch.equal(started.model.state_dict()[name], value), (origin, name)
+        started.close()
+    with pytest.raises(ValueError, match="run.init_from=.*nowhere.*not a checkpoint folder"):
+        _tiny_trainer(store_dir, tmp_path / "bad", run__init_from=tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="run.init_from=.*source"):  # another model size: shapes differ
+        _tiny_trainer(store_dir, tmp_path / "bad", run__init_from=tmp_path / "source",
+                      model__overrides__hidden_size=32)

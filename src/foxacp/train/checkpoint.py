@@ -326,15 +326,22 @@ def _load_full(path: Path, model, optimizer=None) -> None:
     """A one-process checkpoint's weights (and optimizer state) into ``model``, whether it is
     sharded (under torchrun) or not: every process reads the full tensors and keeps its shard."""
     from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    full = StateDictOptions(full_state_dict=True)
     weights = load_file(str(path / "model.safetensors"))
     if optimizer is None:
-        set_model_state_dict(model, weights, options=full)
+        set_full_weights(model, weights)
     else:
+        full = StateDictOptions(full_state_dict=True)
         set_state_dict(model, optimizer, model_state_dict=weights,
                        optim_state_dict=torch.load(path / "optimizer.pt", weights_only=True), options=full)
+
+
+def set_full_weights(model, weights: dict) -> None:
+    """Full (unsharded) tensors by parameter name into ``model``, sharded or not; names and shapes must match."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
 
 
 def _require_verified(path: Path) -> None:

@@ -78,6 +78,7 @@ class RunSection:
     eval_batches: int = 4  # micro-batches per evaluation
     ckpt_every: int = 0  # steps between checkpoints (0: only at the end / on signals)
     keep_last: int = 3  # checkpoints kept on disk
+    init_from: str | None = None  # start from these weights: a checkpoint, run or Hugging Face folder (not on resume)
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this, for good (0: none)
     progress: bool = True  # tqdm progress bar on rank 0
     tensorboard: bool = True  # also write TensorBoard events when tensorboard is installed

@@ -64,8 +64,9 @@ class Trainer:
         self.metrics = MetricLogger(self.out_dir, enabled=self.info.is_main, tensorboard=cfg.run.tensorboard,
                                     wandb_project=cfg.run.wandb_project, resume=resume, config=cfg.to_dict())
         self._stop_signal: int | None = None
-        if resume:
-            self.resume()
+        resumed = resume and self.resume()
+        if not resumed and cfg.run.init_from is not None:
+            self.init_weights(cfg.run.init_from)
 
     # ----------------------------------------------------------------- setup helpers
     def _loader(self, split: str) -> WindowLoader:
@@ -98,6 +99,28 @@ class Trainer:
                 print(line, flush=True)
             print(f"resumed from {found} (step {self.step}, {self.tokens} tokens)", flush=True)
         return True
+
+    def init_weights(self, source: str) -> None:
+        """Start from the weights of ``source``: a checkpoint folder, a run folder (its newest
+        checkpoint that verifies) or a Hugging Face folder. Optimizer, step and data start fresh."""
+        path = Path(source)
+        try:
+            if checkpoint.checkpoint_root(path).is_dir():
+                found, skipped = distributed.from_main(lambda: checkpoint.newest_verified(path))
+                if found is None:
+                    raise ValueError(f"no checkpoint there verifies: {skipped}")
+                path = found
+            if (path / "trainer.json").is_file():
+                checkpoint.load_model_weights(path, self.model)
+            elif (path / "config.json").is_file():
+                checkpoint.set_full_weights(self.model, FoxForCausalLM.from_pretrained(str(path)).state_dict())
+            else:
+                raise ValueError("it is not a checkpoint folder (trainer.json), a run folder (checkpoints/) "
+                                 "or a Hugging Face folder (config.json)")
+        except (ValueError, RuntimeError, OSError) as err:  # RuntimeError: names or shapes differ
+            raise ValueError(f"run.init_from={source!r}: {err}") from err
+        if self.info.is_main:
+            print(f"initialised the weights from {path}", flush=True)
 
     def save_checkpoint(self) -> Path:
         state = {"tokens": self.tokens, "loader": self.train_data.state_dict(), "config": self.cfg.to_dict(),
