@@ -43,8 +43,8 @@ class OptimSection:
     betas: tuple = (0.9, 0.95)  # AdamW betas of the paper
     weight_decay: float = 0.1  # on linear and embedding weights only
     grad_clip: float = 1.0  # global grad-norm clip
-    warmup_tokens: int = 2**28  # linear warmup length in tokens (paper: 2^28)
-    total_tokens: int = 2_700_000_000  # cosine decays to min_lr_ratio * lr at this many tokens
+    warmup_tokens: int = 16_384  # linear warmup length in tokens (CPU-sized; paper: 2^28, paper-base.yaml)
+    total_tokens: int = 1_000_000  # cosine decays to min_lr_ratio * lr here (CPU-sized: minutes on 2 cores)
     min_lr_ratio: float = 0.0  # paper decays to 0
 
     def __post_init__(self):
@@ -57,8 +57,8 @@ class OptimSection:
 
 @dataclass
 class BatchSection:
-    global_tokens: int = 524_288  # tokens per optimizer step over all ranks (paper: 32 x 16384)
-    micro_batch: int = 1  # sequences per forward per rank; the rest is gradient accumulation
+    global_tokens: int = 4096  # tokens per optimizer step over all ranks (CPU-sized; paper: 524,288)
+    micro_batch: int = 4  # sequences per forward per rank; the rest is gradient accumulation
 
     def __post_init__(self):
         _check(self.global_tokens >= 1 and self.micro_batch >= 1, "batch sizes must be >= 1")
