@@ -176,7 +176,7 @@ def test_resume_falls_back_to_newest_checkpoint_that_verifies(store_dir, tmp_pat
 
 # ----------------------------------------------------------------------------- 4. re-saving a step
 class _Killed(BaseException):
-    """Stands for SIGKILL: no cleanup code runs (``except Exception`` does not catch it)."""
+    """Stands for SIGKILL between two of the renames and deletes that put a re-saved step in place."""
 
 
 def test_resaving_a_step_always_leaves_one_complete_copy(tmp_path, monkeypatch):

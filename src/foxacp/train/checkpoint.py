@@ -37,6 +37,7 @@ import pickle
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -169,7 +170,7 @@ def save(out_dir: str | Path, step: int, model, optimizer, trainer_state: dict, 
             (tmp / "trainer.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1))
             _write_checksums(tmp)
             _fsync_files(tmp)
-    except Exception as exc:
+    except BaseException as exc:  # DCP reports failures as a BaseException
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         if _is_disk_full(exc):
@@ -237,7 +238,7 @@ def _is_disk_full(exc: BaseException) -> bool:
     while exc is not None:
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             return True
-        if "No space left on device" in str(exc):  # safetensors reports it in its own error type
+        if "No space left on device" in str(exc):  # safetensors and DCP report it in their own error types
             return True
         exc = exc.__cause__ or exc.__context__
     return False
@@ -377,7 +378,9 @@ def _dcp_load(state: dict, folder: Path) -> None:
     _read_dcp_metadata(folder / ".metadata")  # refused metadata fails here, with its own message
     reader_cls, planner_cls = _safe_dcp_io()
     try:
-        dcp.load(state, storage_reader=reader_cls(str(folder)), planner=planner_cls())
+        with warnings.catch_warnings():  # one process reading a sharded checkpoint is intended here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+            dcp.load(state, storage_reader=reader_cls(str(folder)), planner=planner_cls())
     except CheckpointException as exc:
         refused = [error for error, _ in exc.failures.values() if isinstance(error, CheckpointError)]
         if refused:

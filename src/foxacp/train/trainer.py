@@ -108,7 +108,7 @@ class Trainer:
             if checkpoint.checkpoint_root(path).is_dir():
                 found, skipped = distributed.from_main(lambda: checkpoint.newest_verified(path))
                 if found is None:
-                    raise ValueError(f"no checkpoint there verifies: {skipped}")
+                    raise ValueError("no checkpoint there verifies: " + "; ".join(f"{f.name}: {r}" for f, r in skipped))
                 path = found
             if (path / "trainer.json").is_file():
                 checkpoint.load_model_weights(path, self.model)
