@@ -87,8 +87,8 @@ class Trainer:
         reasons = [f"skipped checkpoint {folder}: {reason}" for folder, reason in skipped]
         if found is None:
             if skipped:
-                raise checkpoint.CheckpointError("no checkpoint under "
-                                                 f"{checkpoint.checkpoint_root(self.out_dir)} verifies:\n" + "\n".join(reasons))
+                root = checkpoint.checkpoint_root(self.out_dir)
+                raise checkpoint.CheckpointError(f"no checkpoint under {root} verifies:\n" + "\n".join(reasons))
             return False
         state = checkpoint.load(found, self.model, self.optimizer, verify_files=False)
         self.step, self.tokens = state["step"], state["tokens"]
