@@ -22,11 +22,13 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from foxacp.ops import triton_kernels as K
+from foxacp.ops.acp import LOCAL_WINDOW
 from foxacp.ops.triton_attention import HEADS_PER_GROUP, _pad, group_sum_block, tile_config
 
-FLOAT32_POINTERS = {"C", "LSE", "DI", "DC", "ACC_PART", "ML_PART", "PART", "PK", "PV"}
+FLOAT32_POINTERS = {"C", "LSE", "DI", "DC", "ACC_PART", "ML_PART", "PART", "PK", "PV", "LAM"}
+FLOAT64_POINTERS = {"DG"}
 INT32_POINTERS = {"ACP_KV", "ACP_Q", "LO", "HI"}
-FLOAT_SCALARS = {"qk_scale", "sm_scale"}
+FLOAT_SCALARS = {"qk_scale", "sm_scale", "margin"}
 INT_SCALARS = {"B", "H", "HKV", "GROUP", "OFF", "NUM_QT", "NUM_KT", "NUM_CHUNKS"}  # upper-case names that are not pointers
 ONE = {"stride_ct", "stride_dct", "GROUP"}  # == 1 at a typical launch: Triton makes them constants
 DIVISIBLE = {"Tq", "Tk", "H", "HKV", "NUM_QT", "NUM_KT"}
@@ -44,7 +46,7 @@ def signature(fn, constants: dict, dtype: str = "bf16", float32=()) -> dict:
                 else f"*{dtype}"
         elif name.isupper() and name not in INT_SCALARS:
             sig[name] = ("*fp32" if name in FLOAT32_POINTERS or name in float32 else
-                         "*i32" if name in INT32_POINTERS else f"*{dtype}")
+                         "*fp64" if name in FLOAT64_POINTERS else "*i32" if name in INT32_POINTERS else f"*{dtype}")
         else:
             sig[name] = "fp32" if name in FLOAT_SCALARS else "i32"
     return sig
@@ -111,6 +113,10 @@ def main(argv=None) -> None:
                         compile_one(fn, constants, warps, args.stages or stages, label + " gqa", gqa=True)
         compile_one(K.group_sum_kernel, dict(HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_T=group_sum_block(d_pad)), 4, 1,
                     f"D={head_dim} group_sum_kernel")
+        for varlen in (False, True):
+            compile_one(K.local_log_mass_kernel, dict(HEAD_DIM=head_dim, D_PAD=d_pad, ROWS=LOCAL_WINDOW,
+                                                      IS_VARLEN=varlen, PRECISION="tf32"), 4, 1,
+                        f"D={head_dim} local_log_mass_kernel varlen={varlen:d}")
 
 
 if __name__ == "__main__":

@@ -267,3 +267,22 @@ def test_refuses_offsets_beyond_int32(ta):
         ta._check_offsets_fit_int32(q, kv, kv)
     small = torch.empty(2, 32, 2**10, 128, device="meta")
     ta._check_offsets_fit_int32(small, small[:, :8], small[:, :8])
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 2, 70, 70, 24, None), (1, 2, 1, 40, 100, 16, None),
+                                   (1, 4, 2, 129, 129, 16, [0, 1, 47, 48, 129])])
+def test_local_log_mass_kernel_matches_pytorch(ta, shape):
+    """The local rule's log-mass kernel computes what the PyTorch definition does (GQA, Tq < Tk,
+    packed sequences with a one-token sequence), rows that see nothing included."""
+    from foxacp.acp import local_log_mass
+    from foxacp.ops.layout import SequenceLayout
+
+    B, H, Hkv, Tq, Tk, D, cu = shape
+    q, k = torch.randn(B, H, Tq, D, device=DEVICE), torch.randn(B, Hkv, Tk, D, device=DEVICE)
+    decay = torch.nn.functional.logsigmoid(torch.randn(B, H, Tk, device=DEVICE) - 1).double().cumsum(-1)
+    layout = SequenceLayout.from_arguments(None, None if cu is None else torch.tensor(cu, device=DEVICE),
+                                           B, Tq, Tk, torch.device(DEVICE))
+    spec = MaskSpec(B, H, Tq, Tk, layout.key_lo, layout.key_hi, decay, torch.zeros(B, H, device=DEVICE), "local")
+    want = local_log_mass(spec, q, k, 0.3)
+    got = ta.local_log_mass(q, k, decay, layout.key_lo, 0.3)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 if DEVICE == "cpu" else 1e-4)

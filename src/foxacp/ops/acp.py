@@ -338,16 +338,18 @@ def tile_bounds(spec: MaskSpec, block_m: int, block_n: int) -> TilePlan:
 
 def plan_tiles(spec: MaskSpec, block_m: int, block_n: int, *, q: torch.Tensor | None = None,
                k: torch.Tensor | None = None, sm_scale: float | None = None,
-               paper: tuple[torch.Tensor, torch.Tensor] | None = None) -> TilePlan:
+               paper: tuple[torch.Tensor, torch.Tensor] | None = None,
+               log_mass: torch.Tensor | None = None) -> TilePlan:
     """The :class:`TilePlan` of ``spec`` under its rule. ``paper``: the paper rule's ranges if a
     backend already computed them (the Triton pre-pass); the local rule also needs ``q``
-    ``(B, H, Tq, D)``, ``k`` ``(B, Hkv, Tk, D)`` and ``sm_scale``."""
+    ``(B, H, Tq, D)``, ``k`` ``(B, Hkv, Tk, D)`` and ``sm_scale``, and takes :func:`local_log_mass`
+    from ``log_mass`` when a backend computed it (a Triton kernel)."""
     if not spec.has_acp:
         return TilePlan(spec, block_m, block_n)
     paper_kv, paper_q = paper if paper is not None else paper_ranges(spec, block_m, block_n)
     if spec.rule == "paper":
         return TilePlan(spec, block_m, block_n, paper_kv, paper_q, paper_kv)
-    local_kv = local_kv_begin(spec, q, k, sm_scale, block_m, block_n)
+    local_kv = local_kv_begin(spec, q, k, sm_scale, block_m, block_n, log_mass)
     # either proof covers a prefix of key tiles; the longer prefix is proved by one of them. The
     # suffix minimum keeps the begin non-decreasing in m (keeping more is always safe), which
     # makes each key tile's query tiles a prefix: what the backward walks.
@@ -363,7 +365,7 @@ LOCAL_MARGIN = 1e-3  # nats off the local log-mass: covers float32 rounding of i
 
 
 def local_kv_begin(spec: MaskSpec, q: torch.Tensor, k: torch.Tensor, sm_scale: float,
-                   block_m: int, block_n: int) -> torch.Tensor:
+                   block_m: int, block_n: int, log_mass: torch.Tensor | None = None) -> torch.Tensor:
     """The local rule's first kept key tile per query tile, ``(B, H, nqt)`` int64 (module docstring).
 
     ``n0(m)`` counts the key tiles ``n`` below query tile m's first position's tile with
@@ -385,7 +387,9 @@ def local_kv_begin(spec: MaskSpec, q: torch.Tensor, k: torch.Tensor, sm_scale: f
     k_norm = torch.linalg.vector_norm(k.detach(), dim=-1, dtype=compute)  # [B, Hkv, Tk]
     q_max = _tile_reduce(q_norm, block_m, torch.amax)  # [B, H, nqt]
     k_max = _tile_reduce(k_norm, block_n, torch.amax).cummax(-1).values.repeat_interleave(group, 1)
-    lam = _tile_reduce(local_log_mass(spec, q, k, sm_scale), block_m, torch.amin)  # [B, H, nqt]
+    if log_mass is None:
+        log_mass = local_log_mass(spec, q, k, sm_scale)
+    lam = _tile_reduce(log_mass, block_m, torch.amin)  # [B, H, nqt]
 
     c = spec.decay.double()
     decayed_keys = torch.logcumsumexp(-c, dim=-1)[..., k_last]  # ln sum_{j <= last key of n} e^-c_j

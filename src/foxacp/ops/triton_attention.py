@@ -36,7 +36,7 @@ except ImportError as _err:  # pragma: no cover - depends on the environment
     triton = None
     _IMPORT_ERROR = str(_err)
 
-from .acp import MaskSpec, TilePlan, plan_tiles
+from .acp import LOCAL_MARGIN, LOCAL_WINDOW, MaskSpec, TilePlan, plan_tiles
 
 MAX_HEAD_DIM = 256
 DECODE_MAX_Q = 64  # Tq at or below this takes the decoding forward (small query blocks, split keys)
@@ -383,12 +383,39 @@ def required_tiles(head_dim: int) -> tuple[int, int]:
 
 
 def plan(spec: MaskSpec, q, k, sm_scale: float) -> TilePlan:
-    """The call's tile plan: the paper rule from the pre-pass, the local rule's data bound on top."""
+    """The call's tile plan: the paper rule from the pre-pass, the local rule's data bound on top
+    (its local log-mass from one kernel that reads q and k once)."""
     bm, bn = default_tiles(q.shape[-1])
     if not spec.has_acp:
         return TilePlan(spec, bm, bn)
     paper = acp_tiles(spec.decay, spec.delta, spec.seqlen_q, bm, bn)
-    return plan_tiles(spec, bm, bn, q=q, k=k, sm_scale=sm_scale, paper=paper)
+    log_mass = None
+    if spec.rule == "local":
+        q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+        log_mass = local_log_mass(q.detach(), k.detach(), spec.decay, spec.key_lo, float(sm_scale))
+    return plan_tiles(spec, bm, bn, q=q, k=k, sm_scale=sm_scale, paper=paper, log_mass=log_mass)
+
+
+@torch.library.custom_op("foxacp::local_log_mass", mutates_args=())
+def local_log_mass(q: torch.Tensor, k: torch.Tensor, decay_global: torch.Tensor, key_lo: Optional[torch.Tensor],
+                   sm_scale: float) -> torch.Tensor:
+    """:func:`foxacp.ops.acp.local_log_mass` ``(B, H, Tq)`` float32 in one launch (q, k: last dim contiguous)."""
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    lam = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    varlen = key_lo is not None
+    kernels.local_log_mass_kernel[(triton.cdiv(Tq, LOCAL_WINDOW), B * H)](
+        q, k, decay_global, key_lo if varlen else lam, lam, *q.stride()[:3], *k.stride()[:3], *decay_global.stride(),
+        key_lo.stride(0) if varlen else 0, H, H // Hkv, Tq, Tk, Tk - Tq, sm_scale, LOCAL_MARGIN,
+        HEAD_DIM=D, D_PAD=_pad(D), ROWS=LOCAL_WINDOW, IS_VARLEN=varlen,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
+    )
+    return lam
+
+
+@local_log_mass.register_fake
+def _(q, k, decay_global, key_lo, sm_scale):
+    return q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def unavailable_reason(q) -> Optional[str]:

@@ -83,6 +83,51 @@ def acp_tiles_kernel(DG, DELTA, ACP_KV, ACP_Q, stride_dgb, stride_dgh, stride_dg
 
 
 @triton.jit
+def local_log_mass_kernel(Q, K, DG, LO, LAM, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                          stride_dgb, stride_dgh, stride_dgt, stride_lob, H, GROUP, Tq, Tk, OFF, sm_scale, margin,
+                          HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ROWS: tl.constexpr,
+                          IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr):
+    """The local ACP rule's ``lambda`` (:func:`foxacp.ops.acp.local_log_mass`) for ``ROWS`` query rows.
+
+    Row r's log-sum-exp of ``sm_scale q_r . k_j + c_p - c_j`` over the visible keys among the
+    ``ROWS - 1`` keys before the block's first row and the keys up to r itself, minus ``margin``
+    (``+inf`` for a row that sees nothing). One program per (row block, batch*head); q and k are
+    read once. Decays are float64 differences from the block's first key, then float32.
+    """
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = blk * ROWS + tl.arange(0, ROWS)  # [ROWS]
+    pos = rows + OFF
+    first_col = blk * ROWS + OFF - (ROWS - 1)
+    cols = first_col + tl.arange(0, 2 * ROWS)  # [2 ROWS]; the last one is past every row (masked)
+    d = tl.arange(0, D_PAD)
+    row_ok = rows < Tq
+    col_ok = (cols >= 0) & (cols < Tk)
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + rows[:, None] * stride_qt + d[None, :],
+                mask=row_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)  # [ROWS, D_PAD]
+    k = tl.load(K + b.to(tl.int64) * stride_kb + (h // GROUP) * stride_kh + cols[:, None] * stride_kt + d[None, :],
+                mask=col_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)  # [2 ROWS, D_PAD]
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale  # [ROWS, 2 ROWS]
+    DG += b.to(tl.int64) * stride_dgb + h * stride_dgh
+    ref = tl.load(DG + tl.maximum(first_col, 0) * stride_dgt)
+    c_row = (tl.load(DG + tl.minimum(pos, Tk - 1) * stride_dgt) - ref).to(tl.float32)  # [ROWS]
+    c_col = (tl.load(DG + tl.minimum(tl.maximum(cols, 0), Tk - 1) * stride_dgt) - ref).to(tl.float32)  # [2 ROWS]
+    s += c_row[:, None] - c_col[None, :]
+    visible = (cols[None, :] <= pos[:, None]) & col_ok[None, :] & row_ok[:, None]
+    if IS_VARLEN:
+        lo = tl.load(LO + b.to(tl.int64) * stride_lob + tl.minimum(pos, Tk - 1))
+        visible &= cols[None, :] >= lo[:, None]
+    s = tl.where(visible, s, float("-inf"))
+    row_max = tl.max(s, 1)
+    seen = row_max > float("-inf")
+    row_max = tl.where(seen, row_max, 0.0)
+    lse = row_max + tl.log(tl.sum(tl.exp(s - row_max[:, None]), 1))
+    tl.store(LAM + bh.to(tl.int64) * Tq + rows, tl.where(seen, lse - margin, float("inf")), mask=row_ok)
+
+
+@triton.jit
 def _query_block_keys(LO, acp_first, r0, Tq, OFF,
                       BLOCK_M: tl.constexpr, PLAN_M: tl.constexpr, PLAN_N: tl.constexpr,
                       IS_VARLEN: tl.constexpr, HAS_ACP: tl.constexpr):

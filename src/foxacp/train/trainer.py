@@ -254,20 +254,30 @@ class Trainer:
             "mfu": None if peak is None else tokens_per_s * flops.total_computed / (peak * self.info.world_size),
             "flops_per_token": flops.as_dict(),
             "acp": {"kept_fraction": kept,
+                    "paper_kept_fraction": _kept_fraction(layer_stats, "paper_kept"),
                     "layer_kept_fraction": [s["kept_fraction"] for s in layer_stats],
                     "layer_threshold": [s["threshold"] for s in layer_stats]},
         }
 
     def _acp_layer_stats(self) -> list[dict]:
-        """Per layer: kept fraction and mean threshold of the last forward (1.0 / None if dense)."""
+        """Per layer: tiles kept (by the run's rule and by the paper's), causal tiles and the mean
+        threshold of the last forward (1.0 / None if dense). All layers are read back in one host
+        sync: per-layer reads would stall the GPU queue once per layer and step."""
+        all_stats = self.model.acp_stats()
+        rows = [torch.stack([s.kept_tiles.sum().double(), s.paper_kept_tiles.sum().double(), s.causal_tiles.sum().double(),
+                             s.threshold.double().mean() if s.threshold is not None else s.causal_tiles.new_tensor(
+                                 float("nan"), dtype=torch.float64)])
+                for s in all_stats if s is not None]
+        values = iter(torch.stack(rows).tolist() if rows else [])
         out = []
-        for stats in self.model.acp_stats():
+        for stats in all_stats:
             if stats is None:
-                out.append({"kept_fraction": 1.0, "threshold": None, "kept": 0, "causal": 0})
+                out.append({"kept_fraction": 1.0, "threshold": None, "kept": 0, "paper_kept": 0, "causal": 0})
                 continue
-            threshold = None if stats.threshold is None else float(stats.threshold.float().mean())
-            out.append({"kept_fraction": stats.kept_fraction, "threshold": threshold,
-                        "kept": int(stats.kept_tiles.sum()), "causal": int(stats.causal_tiles.sum())})
+            kept, paper_kept, causal, threshold = next(values)
+            out.append({"kept_fraction": kept / causal if causal else 1.0,
+                        "threshold": None if math.isnan(threshold) else threshold,
+                        "kept": int(kept), "paper_kept": int(paper_kept), "causal": int(causal)})
         return out
 
     def _autocast(self):
@@ -302,9 +312,9 @@ class Trainer:
         self.metrics.close()
 
 
-def _kept_fraction(layer_stats: list[dict]) -> float:
+def _kept_fraction(layer_stats: list[dict], key: str = "kept") -> float:
     causal = sum(s["causal"] for s in layer_stats)
-    return sum(s["kept"] for s in layer_stats) / causal if causal else 1.0
+    return sum(s[key] for s in layer_stats) / causal if causal else 1.0
 
 
 def _seed_everything(seed: int) -> None:
