@@ -205,7 +205,7 @@ def test_export_loads_with_auto_model(store_dir, tmp_path):
 
 
 def test_acp_comparison_writes_report(store_dir, tmp_path):
-    from foxacp.train.demo import run_acp_comparison
+    from foxacp.analysis.demo import run_acp_comparison
 
     summary = run_acp_comparison(None, overrides(store_dir, tmp_path, data__seq_len=256, batch__global_tokens=512,
                                                  data__val_fraction=0.1), tmp_path, steps=2, title="t")

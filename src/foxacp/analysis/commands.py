@@ -1,5 +1,6 @@
-"""``foxacp analyze`` (what ACP prunes in a FoX model) and ``foxacp eval`` (held-out quality,
-ACP on/off parity, needle retrieval, throughput). Heavy imports happen inside the commands."""
+"""``foxacp analyze`` (what ACP prunes in a FoX model), ``foxacp eval`` (held-out quality,
+ACP on/off parity, needle retrieval, throughput), ``foxacp hf-tokenizer`` and ``foxacp demo``
+(ACP on vs off training). Heavy imports happen inside the commands."""
 
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ EVAL_TASKS = ("loss", "position", "needle", "throughput")
 
 
 def register(subparsers) -> None:
-    an = subparsers.add_parser("analyze", help="ACP pruning patterns, per-head savings, savings vs length, gates, "
-                                               "thresholds of a FoX model (report.md, PNGs, analysis.json)")
+    an = subparsers.add_parser("analyze")
     an.add_argument("model", help="a training checkpoint or run folder, or a Hugging Face folder")
     _data_args(an)
     an.add_argument("--out", required=True, help="output folder")
@@ -24,8 +24,7 @@ def register(subparsers) -> None:
                     help="heads to draw (default: each chosen layer's most and least pruned head)")
     an.set_defaults(func=_analyze)
 
-    ev = subparsers.add_parser("eval", help="held-out loss/perplexity with ACP on and off, loss by position, "
-                                            "needle in a haystack, throughput")
+    ev = subparsers.add_parser("eval")
     ev.add_argument("models", nargs="+", help="training checkpoints / run folders / Hugging Face folders")
     _data_args(ev)
     ev.add_argument("--out", default=None, help="output folder for report.md, eval.json and PNGs "
@@ -44,12 +43,16 @@ def register(subparsers) -> None:
     ev.add_argument("--repeats", type=int, default=3, help="timed repeats (after one warm-up)")
     ev.set_defaults(func=_eval)
 
-    tk = subparsers.add_parser("hf-tokenizer", help="write a Hugging Face tokenizer into a model folder "
-                                                    "(for AutoTokenizer / lm-eval-harness)")
+    tk = subparsers.add_parser("hf-tokenizer")
     tk.add_argument("folder", help="a save_pretrained / `foxacp export` folder")
     tk.add_argument("--tokenizer", default=None, help="gpt2, bytes or a tokenizers JSON (default: the model's "
                                                       "training tokenizer from foxacp_training.json, else gpt2)")
     tk.set_defaults(func=_hf_tokenizer)
+
+    demo = subparsers.add_parser("demo")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--steps", type=int, default=None, help="training steps per run (default: the demo's)")
+    demo.set_defaults(func=_demo)
 
 
 def _data_args(p) -> None:
@@ -81,14 +84,19 @@ def _finite(obj):
 
 
 def _hf_tokenizer(args) -> int:
+    from ..train.loading import read_training_meta
     from .hf_tokenizer import save_hf_tokenizer
 
-    name = args.tokenizer
-    meta = Path(args.folder) / "foxacp_training.json"
-    if name is None and meta.is_file():
-        name = json.loads(meta.read_text()).get("tokenizer")
+    name = args.tokenizer or read_training_meta(args.folder).get("tokenizer")
     save_hf_tokenizer(name or "gpt2", args.folder)
     _log(f"wrote the {name or 'gpt2'} tokenizer into {args.folder}")
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), steps=args.steps)
     return 0
 
 
@@ -136,7 +144,7 @@ def _eval(args) -> int:
 
     names = args.names or [None] * len(args.models)
     if len(names) != len(args.models):
-        raise SystemExit(f"--names gives {len(names)} labels for {len(args.models)} models")
+        raise ValueError(f"--names gives {len(names)} labels for {len(args.models)} models")
     models = [load_model(m, n) for m, n in zip(args.models, names)]
     store = open_data(args.data, args.tokenizer or models[0].tokenizer)
     device = resolve_device(args.device)

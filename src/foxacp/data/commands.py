@@ -8,7 +8,7 @@ import sys
 
 
 def register(subparsers) -> None:
-    data = subparsers.add_parser("data", help="prepare token stores, train tokenizers, inspect data")
+    data = subparsers.add_parser("data")
     sub = data.add_subparsers(dest="data_command", required=True)
 
     p = sub.add_parser("prepare", help="tokenise text files / directories / JSONL / Parquet into a token store",
@@ -80,7 +80,7 @@ def _builtin(args) -> int:
         store = prepare_builtin(args.name, args.tokenizer, args.out, max_docs=args.max_docs,
                                 max_bytes=args.max_bytes, sdist=args.sdist, progress=not args.no_progress)
     except (RuntimeError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"foxacp: error: {err}", file=sys.stderr)
         return 1
     print(_summary(store))
     return 0
@@ -95,7 +95,7 @@ def _info(args) -> int:
         if args.verify:
             store.verify()
     except (StoreError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"foxacp: error: {err}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(store.manifest, indent=2))

@@ -8,13 +8,13 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    info = subparsers.add_parser("info", help="sizes and parameter counts of model presets")
+    info = subparsers.add_parser("info")
     info.add_argument("presets", nargs="*", help="preset names (default: all); see foxacp.models.PRESETS")
     info.add_argument("--vocab-size", type=int, default=None, help="override the vocabulary size")
     info.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     info.set_defaults(func=_info)
 
-    gen = subparsers.add_parser("generate", help="generate text with a saved model")
+    gen = subparsers.add_parser("generate")
     gen.add_argument("model", help="a save_pretrained / `foxacp export` folder, a training checkpoint, "
                                    "or a preset name (random weights, for smoke tests)")
     gen.add_argument("--prompt", default="", help="prompt text")
@@ -73,27 +73,30 @@ def _fmt(n: int) -> str:
 
 
 def _load_model(spec: str):
-    """``(model, tokenizer name or None)`` from a HF folder, a training checkpoint or a preset."""
+    """``(model, tokenizer name or None)`` from a HF folder, a checkpoint or run folder, or a preset name."""
+    from ..train.loading import load_trained_model
     from .config import PRESETS, preset_config
     from .modeling import FoxForCausalLM
 
-    path = Path(spec)
-    if path.is_dir() and (path / "config.json").is_file():
-        model = FoxForCausalLM.from_pretrained(str(path))
-        tokenizer = None
-        meta = path / "foxacp_training.json"
-        if meta.is_file():
-            tokenizer = json.loads(meta.read_text()).get("tokenizer")
-        return model, tokenizer if isinstance(tokenizer, str) else None
-    if path.exists():
-        from ..train.commands import model_from_checkpoint
-
-        model, state = model_from_checkpoint(path)
-        tokenizer = state.get("tokenizer")
-        return model, tokenizer if isinstance(tokenizer, str) else None
-    if spec in PRESETS:
+    if spec in PRESETS and not Path(spec).exists():
         return FoxForCausalLM(preset_config(spec)), None
-    raise FileNotFoundError(f"{spec!r} is neither a model folder, a checkpoint, nor a preset name")
+    try:
+        model, meta = load_trained_model(spec)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err}; a preset name (random weights) is also accepted") from None
+    tokenizer = meta.get("tokenizer")
+    return model, tokenizer if isinstance(tokenizer, str) else None
+
+
+def _token_ids(text: str) -> list[int]:
+    """``--prompt-ids``: comma-separated non-negative token ids."""
+    try:
+        ids = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        ids = [-1]
+    if any(i < 0 for i in ids):
+        raise ValueError(f"--prompt-ids must be comma-separated non-negative token ids, got {text!r}")
+    return ids
 
 
 def _generate(args) -> int:
@@ -104,12 +107,12 @@ def _generate(args) -> int:
     model, tokenizer_name = _load_model(args.model)
     if args.acp:
         if not model.config.uses_forget_gate:
-            raise SystemExit(f"--acp needs a FoX model, this is {model.config.architecture}")
+            raise ValueError(f"--acp needs a FoX model, this is {model.config.architecture}")
         model.set_acp(True, decode=args.acp_decode)
     model = model.to(device).eval()
     tokenizer = None
     if args.prompt_ids is not None:
-        ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+        ids = _token_ids(args.prompt_ids)
     else:
         from ..data.tokenizer import get_tokenizer
 
@@ -118,7 +121,8 @@ def _generate(args) -> int:
     if not ids:
         ids = [model.config.bos_token_id or 0]
     if max(ids) >= model.config.vocab_size:
-        raise SystemExit(f"prompt token id {max(ids)} is outside the model's vocabulary ({model.config.vocab_size})")
+        raise ValueError(f"--prompt-ids: token id {max(ids)} is outside the model's vocabulary "
+                         f"(0..{model.config.vocab_size - 1})")
     input_ids = torch.tensor([ids] * args.num_samples, device=device)
     sampling = args.temperature > 0
     kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=sampling,
