@@ -1,8 +1,11 @@
 """One typed training config: nested dataclasses, YAML presets, ``key=value`` overrides.
 
-    cfg = load_config("configs/fox-pro-125m-4k.yaml", ["optim.lr=1e-3", "run.max_steps=100"])
+    cfg = load_config("fox-pro-125m-4k", ["optim.lr=1e-3", "run.max_steps=100"])
 
-Every field is validated when the config is built; presets only override fields.
+The shipped presets live in ``foxacp/configs`` (package data; ``configs/`` in the repository
+points there) and load by name or by path. Every field is converted to its type and checked
+when the config is built (bad keys and values raise ``ValueError`` naming the key and what it
+accepts); presets only override fields.
 """
 
 from __future__ import annotations
@@ -276,8 +279,12 @@ def convert_value(key: str, kind: str, value: Any) -> Any:
         raise ValueError(f"{key} must be {accepted}, got {value!r}") from None
 
 
-def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text)
+def _parse_value(text: str, where: str) -> Any:
+    """``text`` read as YAML (``1e-3``, ``true``, ``[0.9, 0.95]``); errors name ``where`` it came from."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"{where} is not valid YAML: {err}") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -294,17 +301,39 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {key!r} goes through a non-section value")
-        node[parts[-1]] = _parse_value(value)
+        node[parts[-1]] = _parse_value(value, f"override {item!r}")
     return raw
 
 
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # package data: the paper presets
+
+
+def shipped_configs() -> list[str]:
+    """Names of the presets shipped with foxacp (``--config NAME``)."""
+    return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml"))
+
+
+def resolve_config_path(spec: str | Path) -> Path:
+    """A YAML file from a path, or from the name of a shipped preset (``fox-pro-125m-16k``)."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    shipped = SHIPPED_CONFIGS / f"{path.name.removesuffix('.yaml')}.yaml"
+    if path.parent == Path(".") and shipped.is_file():
+        return shipped
+    close = difflib.get_close_matches(path.stem, shipped_configs(), n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    raise FileNotFoundError(f"config {str(spec)!r} is neither a file nor a shipped preset{hint} "
+                            f"(shipped: {', '.join(shipped_configs())})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """The config from a YAML file or shipped preset name (None: the defaults) and ``overrides``."""
     raw: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
+        path = resolve_config_path(path)
+        raw = _parse_value(path.read_text(), f"config file {path}") or {}
+        _check(isinstance(raw, dict), f"config file {path} must hold a mapping of sections, got {raw!r}")
         base = raw.pop("base", None)  # presets may extend another preset file
         if base is not None:
             parent = load_config(path.parent / base).to_dict()
