@@ -25,11 +25,12 @@ def register(subparsers) -> None:
 
 def _train(args) -> int:
     """Train; the exit code is 128 + N when signal N stopped the run (after its checkpoint)."""
-    from . import checkpoint, distributed
     from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # checked before torch loads: bad input fails fast
+    from . import checkpoint, distributed
     from .trainer import Trainer
 
-    cfg = load_config(args.config, args.overrides)
     has_checkpoint = checkpoint.latest(cfg.run.out_dir) is not None
     if args.resume and not has_checkpoint:
         raise FileNotFoundError(f"--resume: run.out_dir {cfg.run.out_dir} has no checkpoint to resume from "
