@@ -73,6 +73,8 @@ def test_config_by_shipped_name(capsys):
 def test_bad_generate_arguments(capsys):
     assert "--prompt-ids" in _error(capsys, ["generate", "fox-pro-tiny", "--prompt-ids", "1,x", "--device", "cpu"])
     assert "no such model folder" in _error(capsys, ["generate", "/nonexistent/model"])
+    assert "--top-p must be in (0, 1], got 0.0" in _error(capsys, ["generate", "fox-pro-tiny", "--top-p", "0"])
+    assert "--steps must be >= 1" in _error(capsys, ["demo", "--steps", "-2"])
 
 
 def test_unknown_command_and_option(capsys):

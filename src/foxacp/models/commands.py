@@ -15,8 +15,8 @@ def register(subparsers) -> None:
     info.set_defaults(func=_info)
 
     gen = subparsers.add_parser("generate")
-    gen.add_argument("model", help="a save_pretrained / `foxacp export` folder, a training checkpoint, "
-                                   "or a preset name (random weights, for smoke tests)")
+    gen.add_argument("model", help="a save_pretrained / `foxacp export` folder, a training checkpoint or run "
+                                   "folder, or a preset name (random weights, for smoke tests)")
     gen.add_argument("--prompt", default="", help="prompt text")
     gen.add_argument("--prompt-ids", default=None, help="prompt as comma-separated token ids (no tokenizer)")
     gen.add_argument("--tokenizer", default=None,
@@ -88,6 +88,18 @@ def _load_model(spec: str):
     return model, tokenizer if isinstance(tokenizer, str) else None
 
 
+def _check_sampling(args) -> None:
+    """Refuse sampling settings that ``generate()`` would reject deep inside, or silently misread."""
+    checks = (("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "an integer >= 1"),
+              ("--num-samples", args.num_samples, args.num_samples >= 1, "an integer >= 1"),
+              ("--temperature", args.temperature, args.temperature >= 0, ">= 0 (0: greedy)"),
+              ("--top-k", args.top_k, args.top_k >= 0, ">= 0 (0: off)"),
+              ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]"))
+    for name, value, ok, accepted in checks:
+        if not ok:
+            raise ValueError(f"{name} must be {accepted}, got {value}")
+
+
 def _token_ids(text: str) -> list[int]:
     """``--prompt-ids``: comma-separated non-negative token ids."""
     try:
@@ -102,6 +114,7 @@ def _token_ids(text: str) -> list[int]:
 def _generate(args) -> int:
     import torch
 
+    _check_sampling(args)
     torch.manual_seed(args.seed)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer_name = _load_model(args.model)
