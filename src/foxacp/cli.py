@@ -87,6 +87,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``foxacp ARGV`` (default: the process's arguments); returns the exit code (module doc)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = _debug(argv)
     try:
