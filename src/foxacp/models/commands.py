@@ -119,8 +119,9 @@ def _generate(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer_name = _load_model(args.model)
     if args.acp:
-        if not model.config.uses_forget_gate:
-            raise ValueError(f"--acp needs a FoX model, this is {model.config.architecture}")
+        if not getattr(model.config, "uses_forget_gate", False):
+            kind = getattr(model.config, "architecture", model.config.model_type)
+            raise ValueError(f"--acp needs a FoX model (forget gate), this is {kind}")
         model.set_acp(True, decode=args.acp_decode)
     model = model.to(device).eval()
     tokenizer = None
