@@ -26,9 +26,8 @@ import torch
 import triton
 
 from foxacp import forgetting_attention
+from foxacp.acp import MaskSpec, threshold_from_data
 from foxacp.ops import triton_attention
-from foxacp.ops.acp import MaskSpec
-from foxacp.ops.api import _cumulative_decay, _threshold
 
 SHAPES = [  # (B, H, Hkv, T, D)
     (8, 16, 16, 4096, 64),
@@ -94,13 +93,19 @@ def time_round_robin(contenders: dict, backward: bool, grads, rounds: int) -> di
     return times
 
 
-def plan_for(q, k, log_f, block):
-    """The ACP tile plan at FlexAttention's block size, as the API would build it."""
+def acp_spec(q, k, log_f, rule="paper"):
+    """The ``adaptive_threshold="auto"`` spec of a plain causal call, as the API builds it:
+    ``(spec, float32 decay, canonical q, k)``."""
     qc, kc, gate = q.transpose(1, 2), k.transpose(1, 2), log_f.transpose(1, 2)
     B, H, T, D = qc.shape
-    decay, decay_global = _cumulative_decay(gate, None, False, False)
-    delta = _threshold("auto", -10.0, qc, kc, 1 / math.sqrt(D), B, H, T)
-    spec = MaskSpec(B, H, T, T, None, None, decay_global, delta)
+    decay_global = torch.cumsum(gate, dim=-1, dtype=torch.float64)
+    delta = threshold_from_data(qc, kc, 1 / math.sqrt(D), T, -10.0).float()
+    return MaskSpec(B, H, T, T, None, None, decay_global, delta, rule), decay_global.float(), qc, kc
+
+
+def plan_for(q, k, log_f, block):
+    """The ACP tile plan at FlexAttention's block size, as the API would build it."""
+    spec, decay, _, _ = acp_spec(q, k, log_f)
     return spec.plan(block, block), decay
 
 
@@ -148,8 +153,7 @@ def tune(json_path, part="all"):
     """Time the custom ops alone for candidate tile configs (forward with and without TMA
     descriptors; no API preamble), and the preamble parts. ACP (nothing prunable) only for the
     default config."""
-    from foxacp.ops.triton_attention import TileConfig, _CONFIGS, fox_attn_bwd, fox_attn_fwd
-    from foxacp.ops.acp import threshold_from_data
+    from foxacp.ops.triton_attention import TileConfig, _CONFIGS, acp_tiles, fox_attn_bwd, fox_attn_fwd
 
     results = []
     # (block_m, block_n, warps, stages) per head dim; configs whose TMA variant crashes ptxas 12.8 left out
@@ -185,14 +189,18 @@ def tune(json_path, part="all"):
         scale = 1 / math.sqrt(D)
         dout = torch.randn_like(qc)
         flops = 4 * B * H * T * T * D / 2
+
+        def plan_args(acp, D=D, T=T, dg=dg, delta=delta):
+            """The plan arrays on the candidate config's tiles (the pre-pass is inside the timing)."""
+            return acp_tiles(dg, delta, T, _CONFIGS[D].block_m, _CONFIGS[D].block_n) if acp else (None, None)
+
         sdpa_f = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(
             qc, kc, vc, is_causal=True), warmup=25, rep=100, return_mode="median")
         print(f"D={D} sdpa fwd {sdpa_f:.3f} ms", flush=True)
         base = _CONFIGS[D]
         for cand in fwd_cands[D] if part in ("all", "fwd") else []:
             timed("fwd", D, cand, lambda c: TileConfig(*c, 16, 16, 16, 16, base.bwd_warps, base.bwd_stages),
-                  lambda acp: fox_attn_fwd(qc, kc, vc, decay, dg if acp else None, None, None,
-                                           delta if acp else None, scale), sdpa_f, flops,
+                  lambda acp: fox_attn_fwd(qc, kc, vc, decay, *plan_args(acp), None, None, scale), sdpa_f, flops,
                   cand == (base.block_m, base.block_n, base.fwd_warps, base.fwd_stages))
         out, lse = fox_attn_fwd(qc, kc, vc, decay, None, None, None, None, scale)
         qg, kg, vg = (t.detach().requires_grad_(True) for t in (qc, kc, vc))
@@ -202,13 +210,13 @@ def tune(json_path, part="all"):
         print(f"D={D} sdpa bwd {sdpa_b:.3f} ms", flush=True)
         for cand in bwd_cands[D] if part in ("all", "bwd") else []:
             timed("bwd", D, cand, lambda c: TileConfig(base.block_m, base.block_n, base.fwd_warps, base.fwd_stages, *c),
-                  lambda acp: fox_attn_bwd(dout, qc, kc, vc, decay, dg if acp else None, None, None,
-                                           delta if acp else None, out, lse, scale), sdpa_b, None,
+                  lambda acp: fox_attn_bwd(dout, qc, kc, vc, decay, *plan_args(acp), None, None, out, lse, scale),
+                  sdpa_b, None,
                   cand == (base.m1, base.n1, base.m2, base.n2, base.bwd_warps, base.bwd_stages))
         # the API preamble: data threshold and the float64 decay cumsum
         gate = log_f.transpose(1, 2)
         for name, fn in [("threshold_from_data", lambda: threshold_from_data(qc, kc, scale, T)),
-                         ("cumulative_decay", lambda: _cumulative_decay(gate, None, False, False))]:
+                         ("cumulative_decay", lambda: torch.cumsum(gate, -1, dtype=torch.float64).float())]:
             ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
             results.append(dict(D=D, kind=name, ms=ms))
             print(f"D={D} {name} {ms:.3f} ms", flush=True)
@@ -221,14 +229,14 @@ def tune(json_path, part="all"):
 def overhead(json_path):
     """ACP cost when nothing is prunable, per component (CUDA-event medians via do_bench)."""
     from foxacp.ops import acp as acp_mod
-    from foxacp.ops.triton_attention import _acp_tiles, default_tiles, fox_attn_bwd, fox_attn_fwd
+    from foxacp.ops.triton_attention import acp_tiles, default_tiles, fox_attn_bwd, fox_attn_fwd
 
     def ms(fn):
         fn()
         torch.cuda.synchronize()
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
-    def torch_threshold(qc, kc, scale, T):  # the PyTorch path (before the fused kernels)
+    def torch_threshold(qc, kc, scale, T):  # the PyTorch path (CPU; kernel-notes compares it with the fused one)
         B, H, Hkv = qc.shape[0], qc.shape[1], kc.shape[1]
         q_max = acp_mod._row_norms(qc).amax(-1)
         k_max = acp_mod._row_norms(kc).amax(-1)
@@ -242,24 +250,27 @@ def overhead(json_path):
         qc, kc, vc = (t.transpose(1, 2) for t in (q, k, v))
         gate = log_f.transpose(1, 2)
         scale = 1 / math.sqrt(D)
-        decay, dg = _cumulative_decay(gate, None, False, False)
-        delta = _threshold("auto", -10.0, qc, kc, scale, B, H, T)
+        spec, decay, _, _ = acp_spec(q, k, log_f)
+        dg, delta = spec.decay, spec.delta
+        local_spec = acp_spec(q, k, log_f, "local")[0]
         bm, bn = default_tiles(D)
+        acp_kv, acp_q = acp_tiles(dg, delta, T, bm, bn)
         out, lse = fox_attn_fwd(qc, kc, vc, decay, None, None, None, None, scale)
         dout = torch.randn_like(qc)
         leaves = [t.detach().requires_grad_(True) for t in (q, k, v, log_f)]
         grads = torch.randn_like(q)
         r = dict(shape=(B, H, Hkv, T, D))
         r["threshold torch"] = ms(lambda: torch_threshold(qc, kc, scale, T))
-        r["threshold fused"] = ms(lambda: _threshold("auto", -10.0, qc, kc, scale, B, H, T))
-        r["decay f64 (old: .double().cumsum)"] = ms(lambda: (torch.cumsum(gate.double(), -1).float()))
-        r["decay f64 (cumsum dtype=f64)"] = ms(lambda: _cumulative_decay(gate, None, False, False))
+        r["threshold fused"] = ms(lambda: threshold_from_data(qc, kc, scale, T, -10.0))
+        r["decay f64 (.double().cumsum)"] = ms(lambda: (torch.cumsum(gate.double(), -1).float()))
+        r["decay f64 (cumsum dtype=f64)"] = ms(lambda: torch.cumsum(gate, -1, dtype=torch.float64).float())
         r["decay f32 cumsum"] = ms(lambda: torch.cumsum(gate, -1))
-        r["acp pre-pass"] = ms(lambda: _acp_tiles(dg, delta, B, H, T, T, bm, bn))
+        r["acp pre-pass"] = ms(lambda: acp_tiles(dg, delta, T, bm, bn))
+        r["local plan (pre-pass + data bound)"] = ms(lambda: triton_attention.plan(local_spec, qc, kc, scale))
         r["op fwd dense"] = ms(lambda: fox_attn_fwd(qc, kc, vc, decay, None, None, None, None, scale))
-        r["op fwd acp"] = ms(lambda: fox_attn_fwd(qc, kc, vc, decay, dg, None, None, delta, scale))
+        r["op fwd acp"] = ms(lambda: fox_attn_fwd(qc, kc, vc, decay, acp_kv, acp_q, None, None, scale))
         r["op bwd dense"] = ms(lambda: fox_attn_bwd(dout, qc, kc, vc, decay, None, None, None, None, out, lse, scale))
-        r["op bwd acp"] = ms(lambda: fox_attn_bwd(dout, qc, kc, vc, decay, dg, None, None, delta, out, lse, scale))
+        r["op bwd acp"] = ms(lambda: fox_attn_bwd(dout, qc, kc, vc, decay, acp_kv, acp_q, None, None, out, lse, scale))
         with torch.no_grad():
             r["api fwd dense"] = ms(lambda: forgetting_attention(q, k, v, log_f, backend="triton"))
             r["api fwd acp auto"] = ms(lambda: forgetting_attention(q, k, v, log_f, backend="triton",
@@ -269,6 +280,8 @@ def overhead(json_path):
         r["api fwd+bwd dense"] = bench(lambda: forgetting_attention(*leaves, backend="triton"), True, grads)
         r["api fwd+bwd acp auto"] = bench(lambda: forgetting_attention(*leaves, backend="triton",
                                                                        adaptive_threshold="auto"), True, grads)
+        r["api fwd+bwd acp local"] = bench(lambda: forgetting_attention(*leaves, backend="triton", adaptive_threshold="auto",
+                                                                        acp_rule="local"), True, grads)
         # host time per API call (enqueue only): is the CPU on the critical path?
         with torch.no_grad():
             for name, kw in [("host us/call fwd dense", {}), ("host us/call fwd acp", {"adaptive_threshold": "auto"})]:
@@ -334,10 +347,12 @@ def main():
                     qh, kh, vh, is_causal=True, enable_gqa=H != Hkv).transpose(1, 2),
                 "fox dense": lambda: forgetting_attention(*leaves, backend="triton"),
                 "fox acp": lambda: forgetting_attention(*leaves, backend="triton", adaptive_threshold="auto"),
+                "fox acp local": lambda: forgetting_attention(*leaves, backend="triton", adaptive_threshold="auto",
+                                                              acp_rule="local"),
             }
             _, stats = forgetting_attention(q, k, v, log_f, backend="triton", adaptive_threshold="auto",
-                                            return_stats=True)
-            kept = {"fox acp": stats.kept_fraction}
+                                            acp_rule="local", return_stats=True)
+            kept = {"fox acp": stats.paper_kept_fraction, "fox acp local": stats.kept_fraction}
             if args.compare_tma:
                 contenders["fox dense no-tma"] = contenders["fox dense"]  # timed with TMA off, below
             if parallel_forgetting_attn is not None:
@@ -375,8 +390,8 @@ def main():
 
 def print_table(rows):
     print("\n| shape (B,H,Hkv,T,D) | gate | mode | SDPA ms | fox dense | fox dense no-TMA | fox ACP (kept) "
-          "| flex causal (no gate) | flex dense | flex ACP |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| fox ACP local (kept) | flex causal (no gate) | flex dense | flex ACP |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     keyed = {}
     for r in rows:
         keyed.setdefault((r["B"], r["H"], r["Hkv"], r["T"], r["D"], r["gate"], r["mode"]), {})[r["contender"]] = r
@@ -386,11 +401,12 @@ def print_table(rows):
             r = group.get(name)
             return "-" if r is None else f"{r['ms']:.2f} (x{r['vs_sdpa']:.2f})"
         sdpa = group.get("sdpa causal")
-        acp = group.get("fox acp")
-        acp_cell = "-" if acp is None else f"{acp['ms']:.2f} (x{acp['vs_sdpa']:.2f}, {acp['kept']:.2f})"
+        def acp_cell(name):
+            r = group.get(name)
+            return "-" if r is None else f"{r['ms']:.2f} (x{r['vs_sdpa']:.2f}, {r['kept']:.2f})"
         print(f"| {tuple(shape)} | {gate} | {mode} | {sdpa['ms'] if sdpa else float('nan'):.2f} | "
-              f"{cell('fox dense')} | {cell('fox dense no-tma')} | {acp_cell} | {cell('flex causal')} | {cell('flex dense')} "
-              f"| {cell('flex acp')} |")
+              f"{cell('fox dense')} | {cell('fox dense no-tma')} | {acp_cell('fox acp')} | {acp_cell('fox acp local')} "
+              f"| {cell('flex causal')} | {cell('flex dense')} | {cell('flex acp')} |")
 
 
 if __name__ == "__main__":

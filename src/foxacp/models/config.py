@@ -23,9 +23,11 @@ import math
 
 from transformers import PretrainedConfig
 
+from ..ops.acp import ACP_RULES
+from ..ops.backends import BACKEND_NAMES as ATTENTION_BACKENDS
+
 ARCHITECTURES = ("fox-pro", "fox-llama", "transformer-pro", "transformer-llama")
 FGATE_BIAS_INITS = ("zero", "spread")
-ATTENTION_BACKENDS = ("auto", "reference", "torch", "triton")
 
 
 def mlp_intermediate_size(hidden_size: int, ratio: float) -> int:
@@ -68,6 +70,7 @@ class FoxConfig(PretrainedConfig):
         acp: bool = False,  # Adaptive Computation Pruning in forgetting attention
         acp_log_eps: float = -10.0,  # ACP bound: pruned attention mass <= e^acp_log_eps
         acp_decode: bool = False,  # ACP also in decoding steps (<= 64 new tokens against a cache)
+        acp_rule: str = "paper",  # ACP bound: "paper" (arXiv 2504.06949) or "local" (data-aware, ops/acp.py)
         attention_backend: str = "auto",  # forgetting_attention backend ("auto": triton on GPU)
         activation_checkpointing: bool = False,  # recompute each block in backward
         pad_vocab_size_multiple: int = 64,  # LM-head rows padded (50257 -> 50304) for fast GEMMs
@@ -88,11 +91,11 @@ class FoxConfig(PretrainedConfig):
                             ("loss_chunk_size", loss_chunk_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name, value in (("acp", acp), ("acp_decode", acp_decode),
-                            ("activation_checkpointing", activation_checkpointing),
+        for name, value in (("activation_checkpointing", activation_checkpointing),
                             ("use_qk_norm", use_qk_norm), ("use_kv_shift", use_kv_shift),
                             ("use_output_gate", use_output_gate)):
-            # bool("false") is True: a text value would switch the feature on silently
+            # bool("false") is True: a text value would switch the feature on silently (acp and
+            # acp_decode are checked by update_acp)
             if not (isinstance(value, bool) or (value is None and name.startswith("use_"))):
                 raise ValueError(f"{name} must be true or false, got {value!r}")
         if num_key_value_heads is None:
@@ -120,15 +123,11 @@ class FoxConfig(PretrainedConfig):
         if not 1.0 <= fgate_min_decay <= fgate_max_decay:
             raise ValueError(f"need 1 <= fgate_min_decay <= fgate_max_decay, got "
                              f"{fgate_min_decay} and {fgate_max_decay}")
-        if not (isinstance(acp_log_eps, (int, float)) and acp_log_eps < 0):
-            raise ValueError(f"acp_log_eps must be a negative number, got {acp_log_eps!r}")
-        if acp and not is_fox:
-            raise ValueError(f"acp=True needs a forget gate; architecture {architecture!r} has none")
-        if attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention_backend must be one of {list(ATTENTION_BACKENDS)}, "
-                             f"got {attention_backend!r}")
 
         self.architecture = architecture
+        self.acp = False
+        self.update_acp(acp=acp, acp_log_eps=acp_log_eps, acp_decode=acp_decode, acp_rule=acp_rule,
+                        attention_backend=attention_backend)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -147,16 +146,36 @@ class FoxConfig(PretrainedConfig):
         self.fgate_bias_init = fgate_bias_init
         self.fgate_min_decay = float(fgate_min_decay)
         self.fgate_max_decay = float(fgate_max_decay)
-        self.acp = bool(acp)
-        self.acp_log_eps = float(acp_log_eps)
-        self.acp_decode = bool(acp_decode)
-        self.attention_backend = attention_backend
         self.activation_checkpointing = bool(activation_checkpointing)
         self.pad_vocab_size_multiple = pad_vocab_size_multiple
         self.loss_chunk_size = loss_chunk_size
         self.use_cache = use_cache
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    def update_acp(self, *, acp: bool | None = None, acp_log_eps: float | None = None,
+                   acp_decode: bool | None = None, acp_rule: str | None = None,
+                   attention_backend: str | None = None) -> None:
+        """Check and set the attention settings (``None`` keeps a value): the one place they are
+        validated. Forgetting-attention layers read them from this object at every call."""
+        if acp_log_eps is not None and (isinstance(acp_log_eps, bool) or not isinstance(acp_log_eps, (int, float))
+                                        or not acp_log_eps < 0):
+            raise ValueError(f"acp_log_eps must be a negative number, got {acp_log_eps!r}")
+        for name, flag in (("acp", acp), ("acp_decode", acp_decode)):
+            if flag is not None and not isinstance(flag, bool):
+                raise ValueError(f"{name} must be true or false, got {flag!r}")
+        if acp and not self.uses_forget_gate:
+            raise ValueError(f"acp=True needs a forget gate; architecture {self.architecture!r} has none")
+        if acp_rule is not None and acp_rule not in ACP_RULES:
+            raise ValueError(f"acp_rule must be one of {list(ACP_RULES)}, got {acp_rule!r}")
+        if attention_backend is not None and attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {list(ATTENTION_BACKENDS)}, "
+                             f"got {attention_backend!r}")
+        for name, value, kind in (("acp", acp, bool), ("acp_log_eps", acp_log_eps, float),
+                                  ("acp_decode", acp_decode, bool), ("acp_rule", acp_rule, str),
+                                  ("attention_backend", attention_backend, str)):
+            if value is not None:
+                setattr(self, name, kind(value))
 
     @property
     def uses_forget_gate(self) -> bool:
