@@ -57,6 +57,18 @@ def test_sections_validate_on_construction():
     assert cfg.data.seq_len == 128 and isinstance(cfg.data.seq_len, int) and cfg.batch.global_tokens == 1024
 
 
+def test_every_model_override_is_type_checked():
+    import inspect
+
+    from foxacp.models import FoxConfig
+
+    names = [p for p in inspect.signature(FoxConfig.__init__).parameters if p not in ("self", "kwargs")]
+    assert "acp" in names and len(names) > 20
+    for name in names:
+        with pytest.raises(ValueError, match=f"model.overrides.{name} must be "):
+            load_config(None, [f"model.overrides.{name}=[1, 2]"])
+
+
 def test_fox_config_rejects_text_booleans():
     from foxacp.models import FoxConfig
 

@@ -269,6 +269,8 @@ def convert_value(key: str, kind: str, value: Any) -> Any:
     """
     optional = kind.endswith(" | None")
     base = kind.removesuffix(" | None")
+    if base not in _CONVERTERS:  # a type of its own (none today): the class it goes to checks it
+        return value
     converter, accepted = _CONVERTERS[base]
     if value is None and optional:
         return None
