@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from foxacp.train.demo import run_acp_comparison
+from foxacp.analysis.demo import run_acp_comparison
 
 
 def main(argv=None) -> None:

@@ -11,6 +11,8 @@ Face (``model(input_ids).logits``, ``generate()``); FoX models also get the ACP-
   end; exact match of the greedy answer's leading digits.
 - :func:`throughput`: prefill tokens/s (one forward over the prompt) and decode tokens/s (one
   token per step from the cache), timed after a warm-up.
+- :func:`run_eval`: all of the above for a list of loaded models (what ``foxacp eval`` runs);
+  :func:`foxacp.analysis.outputs.write_eval` writes its result as a report folder.
 """
 
 from __future__ import annotations
@@ -210,3 +212,57 @@ def throughput(model, *, prompt_len: int, decode_tokens: int, batch: int, vocab:
     return {"prompt_len": prompt_len, "batch": batch, "decode_tokens": decode_tokens, "repeats": repeats,
             "prefill_s": prefill, "decode_s": decode,
             "prefill_tokens_per_s": batch * prompt_len / prefill, "decode_tokens_per_s": batch * decode_tokens / decode}
+
+
+# ---- all of `foxacp eval` ---------------------------------------------------------------------
+def run_eval(models, store, *, seq_len: int, num_seqs: int, val_fraction: float, tasks, device, dtype,
+             smooth: int | None = None, needle_lengths=None, needle_depths=(0.0, 0.5, 1.0), needle_trials: int = 4,
+             throughput_len: int | None = None, throughput_batch: int = 1, decode_tokens: int = 64,
+             repeats: int = 3, log=print) -> dict:
+    """All evaluations for ``models`` (:class:`~foxacp.analysis.loading.LoadedModel`); a JSON-ready dict."""
+    from .loading import heldout_windows, set_acp, store_tokenizer
+
+    windows = heldout_windows(store, seq_len, num_seqs, val_fraction)
+    window = smooth or max(1, seq_len // 64)
+    res = {"settings": {"seq_len": seq_len, "num_seqs": len(windows.input_ids), "val_fraction": val_fraction,
+                        "device": str(device), "dtype": str(dtype).replace("torch.", ""), "tasks": list(tasks)},
+           "data": windows.source, "models": [], "loss": [], "acp_parity": {}, "position": {},
+           "position_window": window, "needle": {}, "throughput": []}
+    tokenizer = haystacks = None
+    if "needle" in tasks:
+        tokenizer = store_tokenizer(store)
+        needle_lengths = needle_lengths or sorted({max(64, seq_len // 4), max(64, seq_len // 2), seq_len})
+        hay = heldout_windows(store, max(needle_lengths), max(1, needle_trials), val_fraction)
+        haystacks = [row[1:].tolist() for row in hay.input_ids]  # drop the BOS
+    for loaded in models:
+        model = loaded.model.to(device=device, dtype=dtype).eval()
+        res["models"].append({"name": loaded.name, "source": loaded.source, "step": loaded.step,
+                              "architecture": getattr(model.config, "architecture", type(model).__name__)})
+        settings = ("on", "off") if loaded.is_fox else ("n/a",)
+        original_acp = bool(getattr(model.config, "acp", False))
+        losses = {}
+        for acp in settings:
+            if loaded.is_fox:
+                set_acp(model, acp == "on")
+            label = loaded.name if acp == "n/a" else f"{loaded.name} ACP {acp}"
+            if "loss" in tasks or "position" in tasks:
+                log(f"{label}: loss on {len(windows.input_ids)} windows of {seq_len}")
+                losses[acp] = per_token_losses(model, windows.input_ids, windows.labels, device=device)
+                res["loss"].append({"model": loaded.name, "acp": acp, **loss_summary(losses[acp])})
+                if "position" in tasks:
+                    res["position"][label] = position_curve(losses[acp], window)
+            if "needle" in tasks:
+                log(f"{label}: needle grid")
+                res["needle"][label] = needle_grid(model, tokenizer, haystacks, needle_lengths, list(needle_depths),
+                                                     needle_trials, device=device, log=log)
+            if "throughput" in tasks:
+                log(f"{label}: throughput")
+                t = throughput(model, prompt_len=throughput_len or seq_len, decode_tokens=decode_tokens,
+                                 batch=throughput_batch, vocab=model.config.vocab_size, device=device, repeats=repeats)
+                res["throughput"].append({"label": label, "model": loaded.name, "acp": acp, **t})
+        if loaded.is_fox and "on" in losses and "off" in losses:
+            res["acp_parity"][loaded.name] = acp_parity(losses["on"], losses["off"], float(model.config.acp_log_eps))
+        if loaded.is_fox:
+            set_acp(model, original_acp)
+        model.to("cpu")
+    return res

@@ -1,9 +1,9 @@
 """Models and held-out windows for the analyses: one loader for checkpoints and HF folders.
 
-``load_model(spec)`` accepts a training checkpoint or run folder (``model_from_checkpoint``) or a
-Hugging Face folder (``AutoModelForCausalLM.from_pretrained``; importing :mod:`foxacp.models`
-registers FoX models). It returns the model and what its training used (context length,
-held-out fraction, tokenizer), so evaluations default to the training run's held-out split.
+``load_model(spec)`` accepts a training checkpoint, a run folder or a Hugging Face folder
+(:func:`foxacp.train.loading.load_trained_model`). It returns the model and what its training used
+(context length, held-out fraction, tokenizer), so evaluations default to the training run's
+held-out split.
 
 ``heldout_windows(store, L, n)`` returns ``n`` rows ``(input_ids, labels)`` of ``L`` tokens from
 the held-out documents, in order (no shuffling), as the training loader cuts them.
@@ -11,7 +11,6 @@ the held-out documents, in order (no shuffling), as the training loader cuts the
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,37 +35,12 @@ class LoadedModel:
 
 def load_model(spec: str | Path, name: str | None = None) -> LoadedModel:
     """A model from a training checkpoint / run folder or a Hugging Face folder, on CPU."""
-    path = Path(spec)
-    label = name or _label(path)
-    if _is_hf_folder(path):
-        import foxacp.models  # noqa: F401  (registers model_type "foxacp" with the Auto classes)
-        from transformers import AutoModelForCausalLM
+    from ..train.loading import load_trained_model
 
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-        meta_path = path / "foxacp_training.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        data = meta.get("config", {}).get("data", {})
-        return LoadedModel(model.eval(), label, str(path), data.get("seq_len"), data.get("val_fraction"),
-                           meta.get("tokenizer"), meta.get("step"))
-    if path.exists():
-        from ..train.commands import model_from_checkpoint
-
-        model, state = model_from_checkpoint(path)
-        data = state.get("config", {}).get("data", {})
-        return LoadedModel(model.eval(), label, str(path), data.get("seq_len"), data.get("val_fraction"),
-                           state.get("tokenizer"), state.get("step"))
-    raise FileNotFoundError(f"{spec}: neither a Hugging Face folder (config.json) nor a checkpoint / run folder")
-
-
-def _is_hf_folder(path: Path) -> bool:
-    """A save_pretrained folder: its config.json names a ``model_type`` (a run folder's does not)."""
-    config = path / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        return "model_type" in json.loads(config.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
+    model, meta = load_trained_model(spec)
+    data = (meta.get("config") or {}).get("data", {})
+    return LoadedModel(model, name or _label(Path(spec)), str(spec), data.get("seq_len"), data.get("val_fraction"),
+                       meta.get("tokenizer"), meta.get("step"))
 
 
 def _label(path: Path) -> str:

@@ -13,7 +13,7 @@ import sys
 
 
 def register(subparsers) -> None:
-    data = subparsers.add_parser("data", help="prepare token stores, train tokenizers, inspect data")
+    data = subparsers.add_parser("data")
     sub = data.add_subparsers(dest="data_command", required=True)
 
     p = sub.add_parser("prepare", help="tokenise text files / directories / JSONL / Parquet into a token store",

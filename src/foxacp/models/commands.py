@@ -9,15 +9,15 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    info = subparsers.add_parser("info", help="sizes and parameter counts of model presets")
+    info = subparsers.add_parser("info")
     info.add_argument("presets", nargs="*", help="preset names (default: all); see foxacp.models.PRESETS")
     info.add_argument("--vocab-size", type=int, default=None, help="override the vocabulary size")
     info.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     info.set_defaults(func=_info)
 
-    gen = subparsers.add_parser("generate", help="generate text with a saved model")
-    gen.add_argument("model", help="a save_pretrained / `foxacp export` folder, a training checkpoint, "
-                                   "or a preset name (random weights, for smoke tests)")
+    gen = subparsers.add_parser("generate")
+    gen.add_argument("model", help="a save_pretrained / `foxacp export` folder, a training checkpoint or run "
+                                   "folder, or a preset name (random weights, for smoke tests)")
     gen.add_argument("--prompt", default="", help="prompt text")
     gen.add_argument("--prompt-ids", default=None, help="prompt as comma-separated token ids (no tokenizer)")
     gen.add_argument("--tokenizer", default=None,
@@ -34,8 +34,7 @@ def register(subparsers) -> None:
                      help="with --acp: prune the single-token decoding steps too (config.acp_decode)")
     gen.set_defaults(func=_generate)
 
-    conv = subparsers.add_parser("convert", help="turn a checkpoint of the FoX reference code (zhixuan-lin/"
-                                                 "forgetting-transformer, Hugging Face format) into a foxacp folder")
+    conv = subparsers.add_parser("convert")
     conv.add_argument("src", help="the reference's folder (config.json of ForgettingTransformerForCausalLM + weights)")
     conv.add_argument("out", help="output folder (must not exist or be empty)")
     conv.set_defaults(func=_convert)
@@ -80,43 +79,60 @@ def _fmt(n: int) -> str:
 
 
 def _load_model(spec: str):
-    """``(model, tokenizer name or None)`` from a HF folder, a training checkpoint or a preset."""
+    """``(model, tokenizer name or None)`` from a HF folder, a checkpoint or run folder, or a preset name."""
+    from ..train.loading import load_trained_model
     from .config import PRESETS, preset_config
     from .modeling import FoxForCausalLM
 
-    path = Path(spec)
-    if path.is_dir() and (path / "config.json").is_file():
-        model = FoxForCausalLM.from_pretrained(str(path))
-        tokenizer = None
-        meta = path / "foxacp_training.json"
-        if meta.is_file():
-            tokenizer = json.loads(meta.read_text()).get("tokenizer")
-        return model, tokenizer if isinstance(tokenizer, str) else None
-    if path.exists():
-        from ..train.commands import model_from_checkpoint
-
-        model, state = model_from_checkpoint(path)
-        tokenizer = state.get("tokenizer")
-        return model, tokenizer if isinstance(tokenizer, str) else None
-    if spec in PRESETS:
+    if spec in PRESETS and not Path(spec).exists():
         return FoxForCausalLM(preset_config(spec)), None
-    raise FileNotFoundError(f"{spec!r} is neither a model folder, a checkpoint, nor a preset name")
+    try:
+        model, meta = load_trained_model(spec)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err}; a preset name (random weights) is also accepted") from None
+    tokenizer = meta.get("tokenizer")
+    return model, tokenizer if isinstance(tokenizer, str) else None
+
+
+def _check_sampling(args) -> None:
+    """Refuse sampling settings that ``generate()`` would reject deep inside, or silently misread."""
+    checks = (("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "an integer >= 1"),
+              ("--num-samples", args.num_samples, args.num_samples >= 1, "an integer >= 1"),
+              ("--temperature", args.temperature, args.temperature >= 0, ">= 0 (0: greedy)"),
+              ("--top-k", args.top_k, args.top_k >= 0, ">= 0 (0: off)"),
+              ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]"))
+    for name, value, ok, accepted in checks:
+        if not ok:
+            raise ValueError(f"{name} must be {accepted}, got {value}")
+
+
+def _token_ids(text: str) -> list[int]:
+    """``--prompt-ids``: comma-separated non-negative token ids."""
+    try:
+        ids = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        ids = [-1]
+    if any(i < 0 for i in ids):
+        raise ValueError(f"--prompt-ids must be comma-separated non-negative token ids, got {text!r}")
+    return ids
 
 
 def _generate(args) -> int:
     import torch
 
+    _check_sampling(args)
     torch.manual_seed(args.seed)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer_name = _load_model(args.model)
     if args.acp:
-        if not model.config.uses_forget_gate:
-            raise SystemExit(f"--acp needs a FoX model, this is {model.config.architecture}")
+        if not getattr(model.config, "uses_forget_gate", False):
+            kind = getattr(model.config, "architecture", model.config.model_type)
+            raise ValueError(f"--acp needs a FoX model (forget gate), this is {kind}")
         model.set_acp(True, decode=args.acp_decode)
     model = model.to(device).eval()
     tokenizer = None
     if args.prompt_ids is not None:
-        ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+        ids = _token_ids(args.prompt_ids)
     else:
         from ..data.tokenizer import get_tokenizer
 
@@ -125,7 +141,8 @@ def _generate(args) -> int:
     if not ids:
         ids = [model.config.bos_token_id or 0]
     if max(ids) >= model.config.vocab_size:
-        raise SystemExit(f"prompt token id {max(ids)} is outside the model's vocabulary ({model.config.vocab_size})")
+        raise ValueError(f"--prompt-ids: token id {max(ids)} is outside the model's vocabulary "
+                         f"(0..{model.config.vocab_size - 1})")
     input_ids = torch.tensor([ids] * args.num_samples, device=device)
     sampling = args.temperature > 0
     kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=sampling,
@@ -149,12 +166,9 @@ def _generate(args) -> int:
 
 
 def _convert(args) -> int:
-    from .convert import ConversionError, convert_checkpoint, tokenizer_note
+    from .convert import convert_checkpoint, tokenizer_note
 
-    try:
-        model = convert_checkpoint(args.src, args.out)
-    except ConversionError as err:
-        raise SystemExit(f"foxacp convert: {err}") from None
+    model = convert_checkpoint(args.src, args.out)  # a ConversionError is a ValueError: the CLI names it, exit 2
     config = model.config
     print(f"wrote {args.out}: {config.architecture}, {config.num_hidden_layers} layers, d {config.hidden_size}, "
           f"{config.num_attention_heads} heads, {_fmt(model.parameter_counts()['total'])} parameters")

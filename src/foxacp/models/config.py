@@ -92,6 +92,13 @@ class FoxConfig(PretrainedConfig):
                             ("loss_chunk_size", loss_chunk_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name, value in (("activation_checkpointing", activation_checkpointing),
+                            ("use_qk_norm", use_qk_norm), ("use_kv_shift", use_kv_shift),
+                            ("use_output_gate", use_output_gate)):
+            # bool("false") is True: a text value would switch the feature on silently (acp and
+            # acp_decode are checked by update_acp)
+            if not (isinstance(value, bool) or (value is None and name.startswith("use_"))):
+                raise ValueError(f"{name} must be true or false, got {value!r}")
         if num_key_value_heads is None:
             num_key_value_heads = num_attention_heads
         if num_key_value_heads < 1 or num_attention_heads % num_key_value_heads != 0:

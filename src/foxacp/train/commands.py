@@ -1,87 +1,58 @@
-"""``foxacp train``, ``foxacp export`` and ``foxacp demo``."""
+"""``foxacp train`` and ``foxacp export``: arguments in, library calls out."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 
 def register(subparsers) -> None:
-    train = subparsers.add_parser("train", help="pretrain a model (one process, or many under torchrun)")
-    train.add_argument("--config", default=None, help="YAML preset (see configs/); omitted: the tiny CPU defaults")
-    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run.out_dir")
+    train = subparsers.add_parser("train")
+    train.add_argument("--config", default=None,
+                       help="a shipped preset by name (e.g. fox-pro-125m-16k; see foxacp/configs) or a YAML "
+                            "file; omitted: the tiny CPU defaults")
+    resume = train.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true",
+                        help="continue from the newest checkpoint in run.out_dir (an error when there is none)")
+    resume.add_argument("--auto-resume", action="store_true",
+                        help="continue from the newest checkpoint in run.out_dir if there is one, else start "
+                             "a new run (for jobs a scheduler may requeue)")
     train.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=1e-3 model.overrides.acp=true")
     train.set_defaults(func=_train)
 
-    export = subparsers.add_parser("export", help="write a checkpoint as a Hugging Face folder")
+    export = subparsers.add_parser("export")
     export.add_argument("checkpoint", help="a checkpoint folder (…/checkpoints/step_N) or a run folder")
     export.add_argument("out", help="output folder for save_pretrained")
     export.set_defaults(func=_export)
 
-    demo = subparsers.add_parser("demo", help="prepare the embedded corpus, train ACP on/off, write a report")
-    demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--steps", type=int, default=None, help="training steps per run (default: the demo's)")
-    demo.set_defaults(func=_demo)
-
 
 def _train(args) -> int:
-    from . import distributed
+    """Train; the exit code is 128 + N when signal N stopped the run (after its checkpoint)."""
     from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # checked before torch loads: bad input fails fast
+    from . import checkpoint, distributed
     from .trainer import Trainer
 
-    trainer = Trainer(load_config(args.config, args.overrides), resume=args.resume)
+    has_checkpoint = checkpoint.latest(cfg.run.out_dir) is not None
+    if args.resume and not has_checkpoint:
+        raise FileNotFoundError(f"--resume: run.out_dir {cfg.run.out_dir} has no checkpoint to resume from "
+                                f"(nothing under {checkpoint.checkpoint_root(cfg.run.out_dir)}); drop --resume "
+                                f"to start a new run, or use --auto-resume to start one when there is none")
+    trainer = Trainer(cfg, resume=has_checkpoint and (args.resume or args.auto_resume))
     try:
         trainer.fit()
     finally:
         trainer.close()
         distributed.shutdown()
-    return 0
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder from itself or from a run folder (its newest checkpoint)."""
-    from . import checkpoint
-
-    path = Path(path)
-    if (path / "trainer.json").exists():
-        return path
-    found = checkpoint.latest(path)
-    if found is None:
-        raise FileNotFoundError(f"{path} is neither a checkpoint (no trainer.json) nor a run folder with checkpoints")
-    return found
-
-
-def model_from_checkpoint(path: str | Path):
-    """``(FoxForCausalLM, trainer state)`` rebuilt from a training checkpoint, on CPU, float32."""
-    from ..models import FoxForCausalLM, preset_config
-    from . import checkpoint
-
-    ckpt = resolve_checkpoint(path)
-    state = json.loads((ckpt / "trainer.json").read_text())
-    model_cfg = state["config"]["model"]
-    sizes = {key: state[key] for key in ("vocab_size", "bos_token_id", "eos_token_id")}
-    config = preset_config(model_cfg["preset"], **{**sizes, **model_cfg["overrides"]})
-    model = FoxForCausalLM(config)
-    checkpoint.load_model_weights(ckpt, model)
-    return model, state
+    return 128 + trainer.stop_signal if trainer.stop_signal is not None else 0
 
 
 def _export(args) -> int:
     from ..models.hf_tokenizer import save_training_tokenizer
+    from .loading import load_trained_model, write_training_meta
 
-    model, state = model_from_checkpoint(args.checkpoint)
+    model, meta = load_trained_model(args.checkpoint)
     model.save_pretrained(args.out)
-    (Path(args.out) / "foxacp_training.json").write_text(json.dumps(
-        {"step": state["step"], "tokens": state["tokens"], "tokenizer": state.get("tokenizer"),
-         "config": state["config"]}, indent=1))
-    if save_training_tokenizer(args.out, state) is None:
-        print(f"note: no tokenizer written (the run's tokenizer {state.get('tokenizer')!r} is not available here)")
-    print(f"wrote {args.out} (step {state['step']})")
-    return 0
-
-
-def _demo(args) -> int:
-    from .demo import run_demo
-
-    run_demo(Path(args.out), steps=args.steps)
+    write_training_meta(args.out, meta)
+    if save_training_tokenizer(args.out, meta) is None:
+        print(f"note: no tokenizer written (the run's tokenizer {meta.get('tokenizer')!r} is not available here)")
+    print(f"wrote {args.out} (step {meta['step']})")
     return 0

@@ -130,6 +130,11 @@ class Trainer:
         return checkpoint.save(self.out_dir, self.step, self.model, self.optimizer, state, self.cfg.run.keep_last,
                                self.cfg.run.keep_every)
 
+    @property
+    def stop_signal(self) -> int | None:
+        """The signal (SIGINT, SIGTERM) that stopped ``fit()`` after its checkpoint, or None."""
+        return self._stop_signal
+
     # ----------------------------------------------------------------- the loop
     def fit(self) -> list[dict]:
         """Train until ``total_steps``; returns the metric records of this call."""

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from ..analysis.training_report import write_comparison_report
-from .config import load_config
-from .trainer import Trainer
+from ..train.config import load_config
+from ..train.trainer import Trainer
+from .training_report import write_comparison_report
 
 # The demo: a model and context where attention is a real share of the work, small enough for
 # 2 CPU cores (about 4 minutes for both runs); on a GPU the same command runs longer.
