@@ -281,7 +281,7 @@ def overhead(json_path):
         grads = torch.randn_like(q)
         r = dict(shape=(B, H, Hkv, T, D))
         r["threshold torch"] = ms(lambda: torch_threshold(qc, kc, scale, T))
-        r["threshold fused"] = ms(lambda: threshold_from_data(qc, kc, scale, T, LOG_EPS))
+        r["threshold fused"] = ms(lambda: triton_attention.acp_data_threshold(qc, kc, scale, T, LOG_EPS))
         # a float64 copy of the gate, then cumsum: the baseline of cumsum(dtype=float64) (kernel-notes attempt 6)
         r["decay f64 (.double().cumsum)"] = ms(lambda: (torch.cumsum(gate.double(), -1).float()))
         r["decay f64 (cumsum dtype=f64)"] = ms(lambda: decays(gate))

@@ -11,8 +11,8 @@ Two kinds of evidence:
 """
 
 import json
-import re
 import math
+import re
 from pathlib import Path
 
 import pytest

@@ -97,13 +97,9 @@ def threshold_from_data(q: torch.Tensor, k: torch.Tensor, sm_scale: float, seq_l
 
     ``q``: ``(B, H, Tq, D)``, ``k``: ``(B, Hkv, Tk, D)`` (any strides). With GQA the bound is
     taken per kv group (the largest query norm among the group's heads). Returns ``(B, H)``
-    float32. Half-precision CUDA inputs take one fused Triton pass (two launches) when Triton is
-    installed; otherwise float32 norms in PyTorch.
+    float32, from float32 norms in PyTorch (:func:`foxacp.forgetting_attention` uses the Triton
+    backend's fused two-launch version for half-precision CUDA inputs).
     """
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype:
-        fused = _fused_threshold()
-        if fused is not None:
-            return fused(q.detach(), k.detach(), float(sm_scale), int(seq_len), float(log_eps))
     batch, heads = q.shape[0], q.shape[1]
     kv_heads = k.shape[1]
     q_max = _row_norms(q).amax(dim=-1)  # [B, H]
@@ -112,15 +108,6 @@ def threshold_from_data(q: torch.Tensor, k: torch.Tensor, sm_scale: float, seq_l
     q_max = q_max.view(batch, kv_heads, group).amax(dim=-1, keepdim=True).expand(-1, -1, group)
     bound = q_max.reshape(batch, heads) * k_max.repeat_interleave(group, dim=1) * sm_scale
     return -(2.0 * bound + math.log(max(seq_len, 1))) + log_eps
-
-
-def _fused_threshold():
-    """The Triton custom op for the data threshold, or None without Triton."""
-    try:
-        from .triton_attention import acp_data_threshold, triton
-    except ImportError:  # pragma: no cover - depends on the environment
-        return None
-    return None if triton is None else acp_data_threshold
 
 
 def _row_norms(t: torch.Tensor) -> torch.Tensor:

@@ -216,6 +216,20 @@ def _check_tensors(q, k, v, log_fgate, head_first: bool) -> None:
                          f"got {tuple(log_fgate.shape)}")
 
 
+def _data_threshold(q, k, sm_scale: float, seqlen_k: int, log_eps: float) -> torch.Tensor:
+    """:func:`~foxacp.ops.acp.threshold_from_data`; half-precision CUDA inputs take the Triton
+    backend's fused version (one read of q and k in their layout) where it is available."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype:
+        try:
+            triton_backend = backends.load("triton")
+        except ValueError:
+            triton_backend = None
+        if triton_backend is not None and triton_backend.unavailable_reason(q) is None:
+            return triton_backend.acp_data_threshold(q.detach(), k.detach(), float(sm_scale), int(seqlen_k),
+                                                     float(log_eps))
+    return threshold_from_data(q, k, sm_scale, seqlen_k, log_eps)
+
+
 def _threshold(adaptive_threshold, log_eps: float, q, k, sm_scale: float, batch: int, heads: int,
                seqlen_k: int) -> torch.Tensor | None:
     """ACP threshold delta as float32 ``(B, H)``, or None for dense attention."""
@@ -228,7 +242,7 @@ def _threshold(adaptive_threshold, log_eps: float, q, k, sm_scale: float, batch:
         if not isinstance(log_eps, (int, float)) or not log_eps < 0:
             raise ValueError(f"log_eps must be a negative number, got {log_eps!r}")
         # NaN activations give a NaN bound: prune nothing there rather than everything
-        return threshold_from_data(q, k, sm_scale, seqlen_k, log_eps).float().nan_to_num(nan=-math.inf)
+        return _data_threshold(q, k, sm_scale, seqlen_k, log_eps).float().nan_to_num(nan=-math.inf)
     if isinstance(adaptive_threshold, bool) or not isinstance(adaptive_threshold, (int, float, torch.Tensor)):
         raise TypeError(f"adaptive_threshold must be None, 'auto', a float or a tensor, "
                         f"got {type(adaptive_threshold).__name__}")
