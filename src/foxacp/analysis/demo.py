@@ -26,14 +26,19 @@ DEMO_SETTINGS = [
 CPU_STEPS, GPU_STEPS = 40, 200
 
 
-def run_acp_comparison(config: str | None, overrides: list[str], out: Path, steps: int, title: str) -> str:
-    """Train ``config`` + ``overrides`` for ``steps`` steps with ACP off, then on; write the report."""
+def run_acp_comparison(config: str | None, overrides: list[str], out: Path, steps: int, title: str,
+                       rules: tuple[str, ...] = ("paper",)) -> str:
+    """Train ``config`` + ``overrides`` for ``steps`` steps with ACP off, then on under each of
+    ``rules`` (runs ``acp_on`` for the paper's rule, ``acp_on_<rule>`` for others); write the report."""
+    variants = [("acp_off", ["model.overrides.acp=false"])]
+    variants += [("acp_on" if rule == "paper" else f"acp_on_{rule}",
+                  ["model.overrides.acp=true", f"model.overrides.acp_rule={rule}"]) for rule in rules]
     runs = {}
-    for name, acp in (("acp_off", "false"), ("acp_on", "true")):
+    for name, acp_overrides in variants:
         run_dir = out / name
         shutil.rmtree(run_dir, ignore_errors=True)  # old metrics would mix with the new ones
         run_overrides = overrides + [f"run.out_dir={run_dir}", f"run.max_steps={steps}", "run.log_every=1",
-                                     "run.eval_every=0", "run.ckpt_every=0", f"model.overrides.acp={acp}"]
+                                     "run.eval_every=0", "run.ckpt_every=0", *acp_overrides]
         cfg = load_config(config, run_overrides)
         if cfg.optim.total_tokens < steps * cfg.batch.global_tokens:  # the schedule spans the comparison
             cfg = load_config(config, run_overrides + [f"optim.total_tokens={steps * cfg.batch.global_tokens}"])
@@ -44,7 +49,8 @@ def run_acp_comparison(config: str | None, overrides: list[str], out: Path, step
         finally:
             trainer.close()
         runs[name] = run_dir
-    summary = write_comparison_report(runs, out, baseline="acp_off", candidate="acp_on", title=title)
+    summary = write_comparison_report(runs, out, baseline="acp_off", candidates=[name for name, _ in variants[1:]],
+                                      title=title)
     print("\n" + summary)
     print(f"report: {out / 'report.md'}")
     return summary

@@ -74,24 +74,28 @@ def plot_runs(runs: dict[str, Path], out_dir: Path) -> dict[str, str]:
     return figures
 
 
-def write_comparison_report(runs: dict[str, Path], out_dir: Path, *, baseline: str, candidate: str,
+def write_comparison_report(runs: dict[str, Path], out_dir: Path, *, baseline: str, candidates: list[str],
                             title: str = "ACP on vs off") -> str:
-    """Write ``report.md`` + PNGs + ``summary.json`` comparing ``candidate`` to ``baseline``."""
+    """Write ``report.md`` + PNGs + ``summary.json`` comparing each of ``candidates`` to ``baseline``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     summaries = {name: summarize_run(path) for name, path in runs.items()}
     figures = plot_runs(runs, out_dir)
-    base, cand = summaries[baseline], summaries[candidate]
-    speedup = base["median_step_time_s"] / cand["median_step_time_s"]
-    val_diff = None if base["val_loss"] is None or cand["val_loss"] is None else cand["val_loss"] - base["val_loss"]
-    summary = (
-        f"{candidate} vs {baseline} after {cand['steps']} steps: final training loss "
-        f"{cand['final_loss']:.4f} vs {base['final_loss']:.4f} (difference {cand['final_loss'] - base['final_loss']:+.4f})"
-        + ("" if val_diff is None else f", held-out loss difference {val_diff:+.4f}")
-        + f". ACP kept {cand['mean_kept_fraction']:.1%} of the causal attention tiles on average, saving "
-        f"{cand['attention_flops_saved_fraction']:.1%} of attention FLOPs "
-        f"({cand['total_flops_saved_fraction']:.1%} of all training FLOPs). Median step time "
-        f"{cand['median_step_time_s']:.3f} s vs {base['median_step_time_s']:.3f} s: speed-up {speedup:.2f}x."
-    )
+    base = summaries[baseline]
+    speedups, lines_out = {}, []
+    for candidate in candidates:
+        cand = summaries[candidate]
+        speedups[candidate] = base["median_step_time_s"] / cand["median_step_time_s"]
+        val_diff = None if base["val_loss"] is None or cand["val_loss"] is None else cand["val_loss"] - base["val_loss"]
+        lines_out.append(
+            f"{candidate} vs {baseline} after {cand['steps']} steps: final training loss "
+            f"{cand['final_loss']:.4f} vs {base['final_loss']:.4f} (difference {cand['final_loss'] - base['final_loss']:+.4f})"
+            + ("" if val_diff is None else f", held-out loss difference {val_diff:+.4f}")
+            + f". ACP kept {cand['mean_kept_fraction']:.1%} of the causal attention tiles on average, saving "
+            f"{cand['attention_flops_saved_fraction']:.1%} of attention FLOPs "
+            f"({cand['total_flops_saved_fraction']:.1%} of all training FLOPs). Median step time "
+            f"{cand['median_step_time_s']:.3f} s vs {base['median_step_time_s']:.3f} s: "
+            f"speed-up {speedups[candidate]:.2f}x.")
+    summary = "\n\n".join(lines_out)
     lines = [f"# {title}", "", summary, "", "| run | steps | final loss | val loss | median step s | tokens/s | kept | attn FLOPs saved |",
              "|---|---|---|---|---|---|---|---|"]
     for name, s in summaries.items():
@@ -101,7 +105,7 @@ def write_comparison_report(runs: dict[str, Path], out_dir: Path, *, baseline: s
                      f"{s['attention_flops_saved_fraction']:.3f} |")
     lines += [""] + [f"![{name}]({file})" for name, file in figures.items()]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
-    (out_dir / "summary.json").write_text(json.dumps({"summary": summary, "speedup": speedup, "runs": summaries},
+    (out_dir / "summary.json").write_text(json.dumps({"summary": summary, "speedup": speedups, "runs": summaries},
                                                      indent=1))
     return summary
 
