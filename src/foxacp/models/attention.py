@@ -107,7 +107,7 @@ class _AttentionBase(nn.Module):
         prev_k = prev_v = None
         if cache is not None:
             prev_k, prev_v = cache.shift_key, cache.shift_value
-            cache.shift_key, cache.shift_value = k[:, -1].detach(), v[:, -1].detach()
+            cache.keep_shift_inputs(k, v)
         return kv_shift(k, a_k, prev_k, ctx.restart), kv_shift(v, a_v, prev_v, ctx.restart)
 
     def _attend(self, x, q, k, v, ctx, cache):  # pragma: no cover - abstract

@@ -7,13 +7,16 @@ untied LM head whose rows are padded to a multiple of 64 (logits are sliced back
 
 Hugging Face conventions: ``labels`` are unshifted (the model shifts; -100 is ignored),
 ``attention_mask`` marks left padding (leading zeros; right padding needs no mask in a causal
-model), ``past_key_values`` is a :class:`~foxacp.models.cache.FoxCache`, and ``generate()``
-works with greedy search, sampling and left-padded batches. The model imports nothing from
-``torch.distributed``.
+model), the cache is a :class:`~foxacp.models.cache.FoxCache` passed as ``past_key_values`` or
+``cache`` (the name transformers >= 5.24 uses; outputs carry it under the installed version's
+name), and ``generate()`` works with greedy search, sampling, beam search, left-padded batches and
+assisted decoding / prompt lookup, feeding the model only the positions its cache lacks. The model
+imports nothing from ``torch.distributed``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -33,6 +36,11 @@ from .cache import FoxCache, LayerCache
 from .config import FoxConfig
 from .layers import HeadRMSNorm, RMSNorm, SwiGLU
 from .loss import chunked_cross_entropy
+
+# transformers >= 5.24 calls the generation cache ``cache`` (generate()'s model kwargs and the output
+# field), older versions ``past_key_values``.
+CACHE_NAME = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+_NOT_PASSED = object()  # prepare_inputs_for_generation: next_sequence_length not given (transformers 4)
 
 try:  # transformers 5: init functions that leave loaded weights alone
     from transformers import initialization as _init
@@ -244,15 +252,16 @@ class FoxModel(FoxPreTrainedModel):
         cu_seqlens: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        cache: FoxCache | None = None,
         **kwargs,
     ):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
-        if use_cache and past_key_values is None:
-            past_key_values = FoxCache(self.config.num_hidden_layers)
-        cache = past_key_values
+        cache = _given_cache(past_key_values, cache)
+        if use_cache and cache is None:
+            cache = FoxCache(self.config.num_hidden_layers)
         if cache is not None and cu_seqlens is not None:
             raise ValueError("cu_seqlens (packed sequences) cannot be combined with a generation cache")
         ctx = self._context(B, T, x.device, attention_mask, cache, cu_seqlens)
@@ -274,7 +283,7 @@ class FoxModel(FoxPreTrainedModel):
         if cache is not None:
             cache.seen_tokens += T
             cache.seq_start = ctx.seq_start
-        out = BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache,
+        out = BaseModelOutputWithPast(last_hidden_state=x, **{CACHE_NAME: cache},
                                       hidden_states=tuple(hidden_states) if hidden_states is not None else None)
         return out if return_dict is not False else out.to_tuple()
 
@@ -317,6 +326,17 @@ class FoxModel(FoxPreTrainedModel):
                 keys = torch.arange(total, device=device)
                 ctx.sdpa_mask = (keys[None, :] <= positions_k[:, None])[None, None]
         return ctx
+
+
+def _given_cache(past_key_values, cache) -> FoxCache | None:
+    """The cache passed under either name (``past_key_values`` or ``cache``), checked to be a FoxCache."""
+    if past_key_values is not None and cache is not None and past_key_values is not cache:
+        raise ValueError("pass the cache as past_key_values or as cache, not both")
+    given = cache if cache is not None else past_key_values
+    if given is not None and not isinstance(given, FoxCache):
+        raise TypeError(f"the cache must be a foxacp FoxCache (FoxForCausalLM keeps forget-gate and KV-shift "
+                        f"state in it), got {type(given).__name__}")
+    return given
 
 
 def _leading_padding(attention_mask, B: int, total: int, device) -> torch.Tensor | None:
@@ -374,15 +394,17 @@ class FoxForCausalLM(FoxPreTrainedModel, GenerationMixin):
         shift_labels: torch.LongTensor | None = None,
         return_logits: bool = True,
         num_items_in_batch: int | torch.Tensor | None = None,
+        cache: FoxCache | None = None,
         **kwargs,
     ):
         """Next-token logits and, with ``labels`` (unshifted) or ``shift_labels`` (already aligned
         with the inputs), the mean cross-entropy over non-ignored targets (divided by
         ``num_items_in_batch`` instead when given). ``return_logits=False`` skips the
         ``(B, T, V)`` logits (training); the loss never materialises them in float32."""
-        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
-                             inputs_embeds=inputs_embeds, use_cache=use_cache, cu_seqlens=cu_seqlens,
-                             output_hidden_states=output_hidden_states, return_dict=True)
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                             past_key_values=_given_cache(past_key_values, cache), inputs_embeds=inputs_embeds,
+                             use_cache=use_cache, cu_seqlens=cu_seqlens, output_hidden_states=output_hidden_states,
+                             return_dict=True)
         hidden = outputs.last_hidden_state
         loss = None
         if labels is not None or shift_labels is not None:
@@ -404,29 +426,49 @@ class FoxForCausalLM(FoxPreTrainedModel, GenerationMixin):
             else:
                 kept = hidden[:, logits_to_keep]
             logits = self.lm_head(kept)[..., :self.config.vocab_size]
-        out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
                                      hidden_states=outputs.hidden_states)
         return out if return_dict is not False else out.to_tuple()
 
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
+        """generate() hook: start with an empty FoxCache unless one is passed or ``use_cache`` is off
+        (before the first step, so that assisted decoding finds it)."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if generation_config.use_cache is not False and model_kwargs.get(CACHE_NAME) is None:
+            model_kwargs[CACHE_NAME] = FoxCache(self.config.num_hidden_layers)
+
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
-                                      inputs_embeds=None, use_cache=True, logits_to_keep=None, **kwargs):
-        if past_key_values is None and use_cache:
-            past_key_values = FoxCache(self.config.num_hidden_layers)
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if past > 0:
-            inputs = {"input_ids": input_ids[:, past:]}
-        elif inputs_embeds is not None:
+                                      inputs_embeds=None, cache=None, next_sequence_length=_NOT_PASSED,
+                                      cache_position=None, **kwargs):
+        """Inputs of one generate() step: only the trailing positions the cache does not hold yet.
+
+        Which positions are new: ``next_sequence_length`` trailing ones where transformers passes it
+        (5.x; None means all of ``input_ids``), else the ``cache_position`` ones (4.x), else those
+        past the cache length. Other keyword arguments go to ``forward`` unchanged.
+        """
+        cache = _given_cache(past_key_values, cache)
+        past = cache.get_seq_length() if cache is not None else 0
+        if inputs_embeds is not None and past == 0:
             inputs = {"inputs_embeds": inputs_embeds}
         else:
-            inputs = {"input_ids": input_ids}
-        inputs.update(past_key_values=past_key_values, attention_mask=attention_mask, use_cache=use_cache)
-        if logits_to_keep is not None:
-            inputs["logits_to_keep"] = logits_to_keep
-        return inputs
+            new = _new_positions(input_ids.shape[1], past, next_sequence_length, cache_position)
+            inputs = {"input_ids": input_ids[:, input_ids.shape[1] - new:]}
+        return {**kwargs, **inputs, "past_key_values": cache, "attention_mask": attention_mask}
 
-    def _reorder_cache(self, past_key_values: FoxCache, beam_idx: torch.Tensor) -> FoxCache:
-        past_key_values.reorder_cache(beam_idx)
-        return past_key_values
+
+def _new_positions(length: int, cached: int, next_sequence_length, cache_position) -> int:
+    """How many trailing positions of a ``length``-long ``input_ids`` a generate() step must feed
+    (see :meth:`FoxForCausalLM.prepare_inputs_for_generation`)."""
+    if next_sequence_length is not _NOT_PASSED:
+        new = length if next_sequence_length is None else int(next_sequence_length)
+    elif cache_position is not None:
+        new = len(cache_position)
+    else:
+        new = length - cached
+    if not 0 < new <= length:
+        raise ValueError(f"input_ids has {length} positions and the cache holds {cached}: nothing new to feed "
+                         f"({new} positions); pass the whole sequence")
+    return new
 
 
 def register_auto_classes() -> None:
