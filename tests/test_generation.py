@@ -96,6 +96,30 @@ def test_left_padded_batch_feeds_only_new_tokens(arch):
     assert torch.equal(batch, model.generate(ids, use_cache=False, **kwargs))
 
 
+def test_generate_continues_from_a_returned_cache():
+    model = tiny("fox-pro")
+    prompt = torch.randint(1, VOCAB, (2, 7))
+    kwargs = dict(do_sample=False, pad_token_id=0)
+    full = model.generate(prompt, max_new_tokens=8, **kwargs)
+    first = model.generate(prompt, max_new_tokens=4, return_dict_in_generate=True, **kwargs)
+    cache = getattr(first, CACHE_NAME)
+    assert isinstance(cache, FoxCache) and cache.get_seq_length() == 10  # the last token is not fed yet
+    with recorded_steps(model) as steps:
+        second = model.generate(first.sequences, max_new_tokens=4, **{CACHE_NAME: cache}, **kwargs)
+    assert steps == [(10, 1), (11, 1), (12, 1), (13, 1)]
+    assert torch.equal(second, full)
+
+
+def test_generate_from_inputs_embeds_feeds_only_new_tokens():
+    model = tiny("fox-pro")
+    prompt = torch.randint(1, VOCAB, (2, 7))
+    kwargs = dict(do_sample=False, pad_token_id=0, max_new_tokens=4, attention_mask=torch.ones_like(prompt))
+    with recorded_steps(model) as steps:
+        out = model.generate(inputs_embeds=model.get_input_embeddings()(prompt), **kwargs)
+    assert steps == [(0, 7), (7, 1), (8, 1), (9, 1)]
+    assert torch.equal(out, model.generate(prompt, **kwargs)[:, 7:])
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_prompt_lookup_decoding_equals_greedy(arch):
     model = tiny(arch)
