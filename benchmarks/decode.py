@@ -5,9 +5,10 @@
 
 ``generate``: for each ``--scenarios`` entry ``BATCHxPROMPT`` (default 1x2048, 8x2048, 1x32768),
 tokens/s of greedy ``model.generate()`` decoding (``--tokens`` new tokens; the prefill time, from a
-one-token generate, is subtracted) for the foxacp preset (random weights, spread gates) and for a
-``transformers.LlamaForCausalLM`` of the same width, depth, heads, MLP and vocabulary, in the same
-run. ``tokens_per_s`` counts every sequence of the batch. ``--hf-static`` adds HF's Llama with its
+one-token generate, is subtracted) for the foxacp preset (random weights, spread gates) with its
+default cache and with ``cache_implementation="static"`` (the step captured as a CUDA graph), and
+for a ``transformers.LlamaForCausalLM`` of the same width, depth, heads, MLP and vocabulary, in the
+same run. ``tokens_per_s`` counts every sequence of the batch. ``--hf-static`` adds HF's Llama with its
 static cache (generate() then compiles the decoding step with CUDA graphs).
 
 ``acp``: builds the preset, fills the cache with a ``--prompt``-token prefill, then times
@@ -163,7 +164,9 @@ def run_generate(args, device, dtype) -> dict:
     fox = FoxForCausalLM(preset_config(args.preset, fgate_bias_init="spread")).to(device, dtype).eval()
     longest = max(prompt for _, prompt in args.scenarios) + args.tokens
     llama = llama_like(fox.config, longest).to(device, dtype).eval()
-    models = [("foxacp " + args.preset, fox, {}), ("hf llama (same size)", llama, {})]
+    models = [("foxacp " + args.preset, fox, {}),
+              ("foxacp " + args.preset + ", static cache (captured)", fox, {"cache_implementation": "static"}),
+              ("hf llama (same size)", llama, {})]
     if args.hf_static:
         models.append(("hf llama, static cache (compiled)", llama, {"cache_implementation": "static"}))
     rows = []
@@ -173,7 +176,7 @@ def run_generate(args, device, dtype) -> dict:
             row = {"model": name, "batch": batch, "prompt": length,
                    **generate_speed(model, prompt, args.tokens, args.repeats, device, **kwargs)}
             rows.append(row)
-            print(f"{name:<36} batch {batch:>2} prompt {length:>6}: {row['tokens_per_s']:9.1f} tokens/s "
+            print(f"{name:<52} batch {batch:>2} prompt {length:>6}: {row['tokens_per_s']:9.1f} tokens/s "
                   f"({row['ms_per_step']:.2f} ms/step, first token {row['first_token_s']:.3f} s)", flush=True)
     return {"preset": args.preset, "tokens": args.tokens, "rows": rows}
 

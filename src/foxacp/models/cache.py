@@ -208,3 +208,166 @@ class FoxCache(Cache):
 
     def memory_bytes(self) -> int:
         return sum(layer.memory_bytes() for layer in self.layers)
+
+
+class StaticLayerCache:
+    """One layer's preallocated decoding buffers (see :class:`StaticFoxCache`). It implements the
+    :class:`LayerCache` calls of the attention layers for single-token steps, writing in place at
+    the shared ``position``, so a step has fixed shapes and addresses (CUDA-graph capturable)."""
+
+    is_static = True
+
+    def __init__(self, owner: StaticFoxCache, num_heads: int, num_kv_heads: int, head_dim: int,
+                 forget_gate: bool, kv_shift: bool, dtype: torch.dtype):
+        B, L, device = owner.seq_start.shape[0], owner.max_length, owner.position.device
+        self.owner = owner
+        self.key = torch.zeros(B, L, num_kv_heads, head_dim, device=device, dtype=dtype)
+        self.value = torch.zeros_like(self.key)
+        # c = cumsum(log f) of every position, and of the newest one alone; FoX only
+        self.decay = torch.zeros(B, L, num_heads, device=device) if forget_gate else None
+        self.last_decay = torch.zeros(B, 1, num_heads, device=device) if forget_gate else None
+        self._shift_key = torch.zeros(B, num_kv_heads, head_dim, device=device, dtype=dtype) if kv_shift else None
+        self._shift_value = torch.zeros_like(self._shift_key) if kv_shift else None
+
+    @property
+    def shift_key(self) -> torch.Tensor | None:
+        # a copy: the layer reads the state, then overwrites the buffer, then uses what it read
+        return None if self._shift_key is None else self._shift_key.clone()
+
+    @property
+    def shift_value(self) -> torch.Tensor | None:
+        return None if self._shift_value is None else self._shift_value.clone()
+
+    def keep_shift_inputs(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        self._shift_key.copy_(key[:, -1])
+        self._shift_value.copy_(value[:, -1])
+
+    def append(self, key: torch.Tensor, value: torch.Tensor, decay: torch.Tensor | None = None):
+        """Write one position at ``position``; return the whole buffers (the step masks the unused
+        positions with :meth:`StaticFoxCache.visible`)."""
+        at = self.owner.position.view(1)
+        self.key.index_copy_(1, at, key)
+        self.value.index_copy_(1, at, value)
+        if decay is not None:
+            self.decay.index_copy_(1, at, decay)
+            self.last_decay.copy_(decay)
+        return self.key, self.value, self.decay
+
+    def attend(self, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, log_f: torch.Tensor) -> torch.Tensor:
+        """Forgetting attention of one new token ``q`` ``(B, 1, H, D)`` over the filled positions
+        (float32 scores ``q.k / sqrt(D) + c_t - c_j``), after appending ``key``, ``value`` and
+        ``c_t = c_{t-1} + log_f``. Query head ``h`` reads key head ``h // (H / Hkv)``."""
+        c = self.last_decay + log_f  # [B, 1, H]
+        keys, values, decay = self.append(key, value, c)
+        B, _, H, D = q.shape
+        L, Hkv = keys.shape[1], keys.shape[2]
+        qg = q.float().view(B, Hkv, H // Hkv, D)
+        scores = torch.einsum("bkgd,bjkd->bkgj", qg, keys.float()) * D ** -0.5  # [B, Hkv, G, L]
+        scores = scores + (c.transpose(1, 2) - decay.transpose(1, 2)).view(B, Hkv, H // Hkv, L)
+        scores = scores.masked_fill(~self.owner.visible[:, None, None, :], float("-inf"))
+        out = torch.einsum("bkgj,bjkd->bkgd", scores.softmax(-1), values.float())  # [B, Hkv, G, D]
+        return out.reshape(B, 1, H, D).to(q.dtype)
+
+    def buffers(self) -> list[torch.Tensor]:
+        return [t for t in (self.key, self.value, self.decay, self.last_decay, self._shift_key, self._shift_value)
+                if t is not None]
+
+
+class StaticFoxCache(Cache):
+    """Preallocated decoding cache of ``max_length`` positions for a batch of ``batch_size``.
+
+    The prompt is prefilled through a :class:`FoxCache` and copied in (:meth:`load`); every later
+    step feeds one token per row, writes it at ``position`` (a device tensor, advanced in place)
+    and attends over the whole buffers with the positions not yet written (and left padding)
+    masked, so all steps have the same shapes: :class:`~foxacp.models.FoxForCausalLM` records one
+    as a CUDA graph and replays it. ``generate(cache_implementation="static")`` uses it.
+    Beam-search reordering works; cropping does not (the KV-shift state is not kept per position).
+    """
+
+    def __init__(self, config, batch_size: int, max_length: int, device=None, dtype=torch.float32):
+        self.max_length = max_length
+        self.position = torch.zeros((), dtype=torch.long, device=device)  # next position to write
+        self.seq_start = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.visible = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
+        layer = dict(num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads,
+                     head_dim=config.head_dim, forget_gate=config.uses_forget_gate, kv_shift=config.use_kv_shift,
+                     dtype=dtype)
+        super().__init__(layers=[StaticLayerCache(self, **layer) for _ in range(config.num_hidden_layers)])
+        self.seen_tokens = 0
+        self.warmed_up = False  # FoxForCausalLM: a step ran (on CUDA: on a side stream, before the capture)
+        self.decode_graph = None  # FoxForCausalLM: the captured step (CUDA)
+
+    @property
+    def batch_size(self) -> int:
+        return self.seq_start.shape[0]
+
+    max_batch_size = batch_size  # the name in transformers 4
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, layer_idx: int) -> StaticLayerCache:
+        return self.layers[layer_idx]
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def update(self, *args, **kwargs):
+        raise TypeError("StaticFoxCache is filled by FoxForCausalLM's attention layers, not through Cache.update")
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return self.max_length
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return self.max_length
+
+    @property
+    def is_compileable(self) -> bool:
+        return False  # FoxForCausalLM captures its steps itself; transformers must not compile forward
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    def crop(self, length: int) -> None:
+        raise NotImplementedError("StaticFoxCache cannot be cropped; use a FoxCache (the default cache)")
+
+    def load(self, cache: FoxCache) -> None:
+        """Copy a prefilled :class:`FoxCache` (same batch size) into the buffers."""
+        T = cache.get_seq_length()
+        if T + 1 > self.max_length:
+            raise ValueError(f"a prompt of {T} positions leaves no room in a StaticFoxCache of max_length "
+                             f"{self.max_length}")
+        for static, layer in zip(self.layers, cache.layers):
+            static.key[:, :T] = layer.key
+            static.value[:, :T] = layer.value
+            if static.decay is not None:
+                static.decay[:, :T] = layer.decay
+                static.last_decay.copy_(layer.decay[:, -1:])
+            if static._shift_key is not None:
+                static.keep_shift_inputs(layer.shift_key[:, None], layer.shift_value[:, None])
+        self.seq_start.copy_(cache.seq_start if cache.seq_start is not None else torch.zeros_like(self.seq_start))
+        self.position.fill_(T)
+        self.seen_tokens = T
+
+    def begin_step(self) -> None:
+        """Mark the positions the coming step attends to: written ones, the new one, no padding."""
+        j = torch.arange(self.max_length, device=self.position.device)
+        self.visible.copy_((j[None, :] <= self.position) & (j[None, :] >= self.seq_start[:, None]))
+
+    def end_step(self) -> None:
+        self.position.add_(1)
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """Select batch rows ``beam_idx`` in place (the buffers keep their addresses)."""
+        for buffer in [t for layer in self.layers for t in layer.buffers()] + [self.seq_start]:
+            buffer.copy_(buffer.index_select(0, beam_idx.to(buffer.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.reorder_cache(indices)
+
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.buffers())

@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover
 
 from ..ops import AcpStats
 from .attention import AttentionContext, ForgetGateProjection, ForgettingAttentionLayer, SoftmaxAttentionLayer
-from .cache import FoxCache, LayerCache
+from .cache import FoxCache, LayerCache, StaticFoxCache
 from .config import FoxConfig
 from .layers import HeadRMSNorm, RMSNorm, SwiGLU
 from .loss import chunked_cross_entropy
@@ -260,6 +260,8 @@ class FoxModel(FoxPreTrainedModel):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
         cache = _given_cache(past_key_values, cache)
+        if isinstance(cache, StaticFoxCache):
+            raise TypeError("a StaticFoxCache is used through FoxForCausalLM (its decoding steps are captured)")
         if use_cache and cache is None:
             cache = FoxCache(self.config.num_hidden_layers)
         if cache is not None and cu_seqlens is not None:
@@ -286,6 +288,18 @@ class FoxModel(FoxPreTrainedModel):
         out = BaseModelOutputWithPast(last_hidden_state=x, **{CACHE_NAME: cache},
                                       hidden_states=tuple(hidden_states) if hidden_states is not None else None)
         return out if return_dict is not False else out.to_tuple()
+
+    def decode_step(self, input_ids: torch.LongTensor, cache: StaticFoxCache) -> torch.Tensor:
+        """Final hidden states ``(B, 1, d)`` of one new token per row against a :class:`StaticFoxCache`
+        whose :meth:`~StaticFoxCache.begin_step` ran; fixed shapes, no host synchronisation."""
+        ctx = AttentionContext()
+        if self.config.uses_rope:
+            ctx.positions = (cache.position - cache.seq_start)[:, None]
+            ctx.sdpa_mask = cache.visible[:, None, None, :]
+        x = self.embed_tokens(input_ids)
+        for block, layer_cache in zip(self.layers, cache.layers):
+            x = block(x, ctx, layer_cache)
+        return self.norm(x)
 
     def _context(self, B: int, T: int, device, attention_mask, cache: FoxCache | None, cu_seqlens) -> AttentionContext:
         past = cache.get_seq_length() if cache is not None else 0
@@ -328,12 +342,12 @@ class FoxModel(FoxPreTrainedModel):
         return ctx
 
 
-def _given_cache(past_key_values, cache) -> FoxCache | None:
-    """The cache passed under either name (``past_key_values`` or ``cache``), checked to be a FoxCache."""
+def _given_cache(past_key_values, cache) -> FoxCache | StaticFoxCache | None:
+    """The cache passed under either name (``past_key_values`` or ``cache``), checked to be foxacp's."""
     if past_key_values is not None and cache is not None and past_key_values is not cache:
         raise ValueError("pass the cache as past_key_values or as cache, not both")
     given = cache if cache is not None else past_key_values
-    if given is not None and not isinstance(given, FoxCache):
+    if given is not None and not isinstance(given, (FoxCache, StaticFoxCache)):
         raise TypeError(f"the cache must be a foxacp FoxCache (FoxForCausalLM keeps forget-gate and KV-shift "
                         f"state in it), got {type(given).__name__}")
     return given
@@ -400,7 +414,13 @@ class FoxForCausalLM(FoxPreTrainedModel, GenerationMixin):
         """Next-token logits and, with ``labels`` (unshifted) or ``shift_labels`` (already aligned
         with the inputs), the mean cross-entropy over non-ignored targets (divided by
         ``num_items_in_batch`` instead when given). ``return_logits=False`` skips the
-        ``(B, T, V)`` logits (training); the loss never materialises them in float32."""
+        ``(B, T, V)`` logits (training); the loss never materialises them in float32. With a
+        :class:`StaticFoxCache`: see :meth:`_static_forward`."""
+        if isinstance(_given_cache(past_key_values, cache), StaticFoxCache):
+            if labels is not None or shift_labels is not None or cu_seqlens is not None:
+                raise ValueError("a StaticFoxCache is for decoding: no labels, shift_labels or cu_seqlens")
+            return self._static_forward(input_ids, attention_mask, inputs_embeds, _given_cache(past_key_values, cache),
+                                        logits_to_keep)
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask,
                              past_key_values=_given_cache(past_key_values, cache), inputs_embeds=inputs_embeds,
                              use_cache=use_cache, cu_seqlens=cu_seqlens, output_hidden_states=output_hidden_states,
@@ -430,11 +450,59 @@ class FoxForCausalLM(FoxPreTrainedModel, GenerationMixin):
                                      hidden_states=outputs.hidden_states)
         return out if return_dict is not False else out.to_tuple()
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
-        """generate() hook: start with an empty FoxCache unless one is passed or ``use_cache`` is off
-        (before the first step, so that assisted decoding finds it)."""
-        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        if generation_config.use_cache is not False and model_kwargs.get(CACHE_NAME) is None:
+    def _static_forward(self, input_ids, attention_mask, inputs_embeds, cache: StaticFoxCache, logits_to_keep):
+        """forward() with a :class:`StaticFoxCache`: the prompt goes through a :class:`FoxCache` that is
+        then copied in; every later call feeds one token per row. On CUDA the first step runs
+        eagerly (it also warms up) and the second records a CUDA graph that every step replays."""
+        if cache.get_seq_length() == 0:
+            prompt_cache = FoxCache(self.config.num_hidden_layers)
+            logits = self(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                          past_key_values=prompt_cache, use_cache=True, logits_to_keep=logits_to_keep).logits
+            cache.load(prompt_cache)
+            return CausalLMOutputWithPast(logits=logits, **{CACHE_NAME: cache})
+        if input_ids is None or tuple(input_ids.shape) != (cache.batch_size, 1):
+            raise ValueError(f"after the prompt, a StaticFoxCache takes input_ids of shape ({cache.batch_size}, 1), "
+                             f"got {None if input_ids is None else tuple(input_ids.shape)}")
+        if cache.get_seq_length() >= cache.max_length:
+            raise ValueError(f"the StaticFoxCache is full ({cache.max_length} positions)")
+        if input_ids.device.type != "cuda":
+            logits = self._decode_step(input_ids, cache)
+        elif cache.decode_graph is not None:
+            logits = cache.decode_graph(input_ids)
+        elif cache.warmed_up:
+            cache.decode_graph = _DecodeGraph(lambda ids: self._decode_step(ids, cache), input_ids)
+            logits = cache.decode_graph(input_ids)
+        else:  # CUDA graphs want one run on a side stream before the capture
+            side = torch.cuda.Stream(device=input_ids.device)
+            side.wait_stream(torch.cuda.current_stream(input_ids.device))
+            with torch.cuda.stream(side):
+                logits = self._decode_step(input_ids, cache)
+            torch.cuda.current_stream(input_ids.device).wait_stream(side)
+            cache.warmed_up = True
+        cache.seen_tokens += 1
+        return CausalLMOutputWithPast(logits=logits, **{CACHE_NAME: cache})
+
+    @torch.no_grad()
+    def _decode_step(self, input_ids: torch.LongTensor, cache: StaticFoxCache) -> torch.Tensor:
+        """Logits ``(B, 1, V)`` of one token per row; writes it into ``cache`` and advances it."""
+        cache.begin_step()
+        hidden = self.model.decode_step(input_ids, cache)
+        cache.end_step()
+        return self.lm_head(hidden)[..., :self.config.vocab_size]
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, mode_or_assistant, batch_size: int,
+                                      max_cache_length: int, *args, **kwargs) -> None:
+        """generate() hook: start with an empty FoxCache (a :class:`StaticFoxCache` with
+        ``cache_implementation="static"``) unless one is passed or ``use_cache`` is off; before the
+        first step, so that assisted decoding finds it."""
+        if generation_config.use_cache is False or model_kwargs.get(CACHE_NAME) is not None:
+            super()._prepare_cache_for_generation(generation_config, model_kwargs, mode_or_assistant, batch_size,
+                                                  max_cache_length, *args, **kwargs)
+        elif generation_config.cache_implementation == "static":
+            rows = max(generation_config.num_beams, generation_config.num_return_sequences or 1) * batch_size
+            model_kwargs[CACHE_NAME] = StaticFoxCache(self.config, rows, max_cache_length + 1, device=self.device,
+                                                      dtype=self.dtype)
+        else:
             model_kwargs[CACHE_NAME] = FoxCache(self.config.num_hidden_layers)
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
@@ -454,6 +522,22 @@ class FoxForCausalLM(FoxPreTrainedModel, GenerationMixin):
             new = _new_positions(input_ids.shape[1], past, next_sequence_length, cache_position)
             inputs = {"input_ids": input_ids[:, input_ids.shape[1] - new:]}
         return {**kwargs, **inputs, "past_key_values": cache, "attention_mask": attention_mask}
+
+
+class _DecodeGraph:
+    """One decoding step recorded as a CUDA graph: calling it copies the tokens into the recorded
+    input and replays the graph."""
+
+    def __init__(self, step, input_ids: torch.Tensor):
+        self.input_ids = input_ids.clone()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = step(self.input_ids)
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        self.input_ids.copy_(input_ids)
+        self.graph.replay()
+        return self.logits.clone()  # the next replay overwrites the recorded output
 
 
 def _new_positions(length: int, cached: int, next_sequence_length, cache_position) -> int:
