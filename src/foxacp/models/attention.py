@@ -144,8 +144,8 @@ class ForgettingAttentionLayer(_AttentionBase):
 
     def _attend(self, x, q, k, v, ctx: AttentionContext, cache: LayerCache | None):
         log_f = F.logsigmoid(self.fgate_proj(x).float())  # [B, T, H]
-        if getattr(cache, "is_static", False):  # a preallocated decoding step: the cache attends (capturable)
-            return cache.attend(q, k, v, log_f)
+        if getattr(cache, "owns_attention", False):  # static decoding buffers, or an evicting cache
+            return cache.attend(q, k, v, log_f, ctx)
         cumulative = cache is not None
         if cumulative:
             if ctx.padding is not None:

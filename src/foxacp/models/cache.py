@@ -130,10 +130,13 @@ class FoxCache(Cache):
     """
 
     def __init__(self, num_layers: int, max_crop: int = DEFAULT_MAX_CROP):
-        super().__init__(layers=[LayerCache(max_crop) for _ in range(num_layers)])
-        self.max_crop = max_crop
+        self.num_layers, self.max_crop = num_layers, max_crop
+        super().__init__(layers=self._new_layers())
         self.seq_start: torch.Tensor | None = None
         self.seen_tokens = 0
+
+    def _new_layers(self) -> list[LayerCache]:
+        return [LayerCache(self.max_crop) for _ in range(self.num_layers)]
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -168,7 +171,7 @@ class FoxCache(Cache):
 
     def reset(self) -> None:
         """Empty the cache (same layers, same ``max_crop``)."""
-        self.layers = [LayerCache(self.max_crop) for _ in self.layers]
+        self.layers = self._new_layers()
         self.seq_start = None
         self.seen_tokens = 0
 
@@ -210,12 +213,129 @@ class FoxCache(Cache):
         return sum(layer.memory_bytes() for layer in self.layers)
 
 
+class EvictingLayerCache(LayerCache):
+    """A forgetting-attention layer's cache that drops the keys ACP prunes for good.
+
+    ACP prunes key ``j`` for query ``t`` when ``c_t - c_j < delta``. With QK-norm ``delta`` (per
+    query head) depends only on the weights and the maximum context length, and ``c`` never
+    increases, so a key pruned for the newest query stays pruned for every later one. Keys,
+    values and ``c`` are kept per kv head (``(B, T_h, D)``, ``(B, T_h, G)``: heads forget at very
+    different rates), and every ``evict_every`` new positions each kv head drops the oldest keys
+    that all its query heads prune in every batch row. Attention runs per kv head over what is
+    kept (dense: what ACP would still prune there is kept and attended exactly).
+    """
+
+    owns_attention = True  # ForgettingAttentionLayer calls attend()
+
+    def __init__(self, threshold: torch.Tensor, num_kv_heads: int, evict_every: int, max_crop: int):
+        super().__init__(max_crop)
+        self.threshold = threshold  # [H] delta per query head
+        self.evict_every = evict_every
+        self.keys: list[torch.Tensor] = []  # per kv head [B, T_h, D]
+        self.values: list[torch.Tensor] = []
+        self.decays: list[torch.Tensor] = []  # per kv head [B, T_h, G] float32
+        self.start = [0] * num_kv_heads  # position of each kv head's oldest kept key
+        self.new_since_eviction = 0
+
+    def attend(self, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, log_f: torch.Tensor, ctx) -> torch.Tensor:
+        """Append this call's positions, attend per kv head, evict when due. q ``(B, T, H, D)``."""
+        from ..ops import forgetting_attention  # ops sits below models; imported here to keep cache.py light
+
+        B, T, H, D = q.shape
+        Hkv = key.shape[2]
+        G = H // Hkv
+        if ctx.padding is not None:  # padded positions do not decay
+            log_f = log_f.masked_fill(ctx.padding[:, :, None], 0.0)
+        c = torch.cumsum(log_f.double(), dim=1)
+        if self.decays:
+            c = c + torch.cat([decay[:, -1:] for decay in self.decays], dim=-1).double()
+        c = c.float().view(B, T, Hkv, G)
+        outputs = []
+        for h in range(Hkv):
+            self._append_head(h, key[:, :, h], value[:, :, h], c[:, :, h])
+            seq_start = None if ctx.seq_start is None else (ctx.seq_start - self.start[h]).clamp_min(0)
+            outputs.append(forgetting_attention(q[:, :, h * G:(h + 1) * G], self.keys[h][:, :, None],
+                                                self.values[h][:, :, None], self.decays[h], seq_start=seq_start,
+                                                cumulative_gate=True))
+        self.new_since_eviction += T
+        if self.new_since_eviction >= self.evict_every:
+            self.evict()
+        return torch.cat(outputs, dim=2)
+
+    def _append_head(self, h: int, key: torch.Tensor, value: torch.Tensor, decay: torch.Tensor) -> None:
+        if len(self.keys) <= h:  # own copies: a view would keep the whole (B, T, Hkv, D) tensor alive
+            self.keys.append(key.contiguous())
+            self.values.append(value.contiguous())
+            self.decays.append(decay.contiguous())
+        else:
+            self.keys[h] = torch.cat([self.keys[h], key], dim=1)
+            self.values[h] = torch.cat([self.values[h], value], dim=1)
+            self.decays[h] = torch.cat([self.decays[h], decay], dim=1)
+
+    def evict(self) -> None:
+        """Drop, per kv head, the oldest keys pruned for the newest query in every row and query head."""
+        G = self.threshold.shape[0] // len(self.keys)
+        for h, decay in enumerate(self.decays):
+            delta = self.threshold[h * G:(h + 1) * G].to(decay.device)
+            pruned = (decay[:, -1:] - decay < delta).sum(dim=1)  # [B, G]: a prefix, as c never increases
+            drop = int(pruned.min())
+            if drop:
+                self.keys[h] = self.keys[h][:, drop:].clone()
+                self.values[h] = self.values[h][:, drop:].clone()
+                self.decays[h] = self.decays[h][:, drop:].clone()
+                self.start[h] += drop
+        self.new_since_eviction = 0
+
+    def kept(self) -> list[int]:
+        """Keys kept per kv head."""
+        return [k.shape[1] for k in self.keys]
+
+    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        for stored in (self.keys, self.values, self.decays):
+            stored[:] = [fn(t) for t in stored]
+        self.shift_keys.apply(fn)
+        self.shift_values.apply(fn)
+
+    def drop_last(self, n: int) -> None:
+        raise NotImplementedError("an evicting cache cannot be cropped: keys were dropped for queries being removed")
+
+    def memory_bytes(self) -> int:
+        tensors = [*self.keys, *self.values, *self.decays, *self.shift_keys.chunks, *self.shift_values.chunks]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class EvictingFoxCache(FoxCache):
+    """A :class:`FoxCache` whose forgetting-attention layers evict ACP-pruned keys
+    (:class:`EvictingLayerCache`; ``thresholds[i]`` is layer i's ``(H,)`` delta, None for a layer
+    that keeps everything). Built by :meth:`FoxForCausalLM.acp_eviction_cache`. Not croppable."""
+
+    def __init__(self, thresholds: list[torch.Tensor | None], num_kv_heads: int, evict_every: int = 64,
+                 max_crop: int = DEFAULT_MAX_CROP):
+        if evict_every < 1:
+            raise ValueError(f"evict_every must be >= 1, got {evict_every}")
+        self.thresholds, self.num_kv_heads, self.evict_every = thresholds, num_kv_heads, evict_every
+        super().__init__(len(thresholds), max_crop)
+
+    def _new_layers(self) -> list[LayerCache]:
+        return [LayerCache(self.max_crop) if t is None
+                else EvictingLayerCache(t, self.num_kv_heads, self.evict_every, self.max_crop)
+                for t in self.thresholds]
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    def crop(self, length: int) -> None:
+        if length != 0:
+            raise NotImplementedError("an EvictingFoxCache cannot be cropped (it drops keys for good)")
+
+
 class StaticLayerCache:
     """One layer's preallocated decoding buffers (see :class:`StaticFoxCache`). It implements the
     :class:`LayerCache` calls of the attention layers for single-token steps, writing in place at
     the shared ``position``, so a step has fixed shapes and addresses (CUDA-graph capturable)."""
 
-    is_static = True
+    owns_attention = True  # ForgettingAttentionLayer calls attend() (fixed shapes, capturable)
 
     def __init__(self, owner: StaticFoxCache, num_heads: int, num_kv_heads: int, head_dim: int,
                  forget_gate: bool, kv_shift: bool, dtype: torch.dtype):
@@ -253,7 +373,7 @@ class StaticLayerCache:
             self.last_decay.copy_(decay)
         return self.key, self.value, self.decay
 
-    def attend(self, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, log_f: torch.Tensor) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, log_f: torch.Tensor, ctx=None) -> torch.Tensor:
         """Forgetting attention of one new token ``q`` ``(B, 1, H, D)`` over the filled positions
         (float32 scores ``q.k / sqrt(D) + c_t - c_j``), after appending ``key``, ``value`` and
         ``c_t = c_{t-1} + log_f``. Query head ``h`` reads key head ``h // (H / Hkv)``."""

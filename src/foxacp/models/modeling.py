@@ -30,9 +30,9 @@ try:  # transformers >= 4.50 keeps GenerationMixin out of PreTrainedModel
 except ImportError:  # pragma: no cover
     from transformers.generation import GenerationMixin
 
-from ..ops import AcpStats
+from ..ops import AcpStats, threshold_from_qk_norm
 from .attention import AttentionContext, ForgetGateProjection, ForgettingAttentionLayer, SoftmaxAttentionLayer
-from .cache import FoxCache, LayerCache, StaticFoxCache
+from .cache import EvictingFoxCache, FoxCache, LayerCache, StaticFoxCache
 from .config import FoxConfig
 from .layers import HeadRMSNorm, RMSNorm, SwiGLU
 from .loss import chunked_cross_entropy
@@ -489,6 +489,20 @@ class FoxForCausalLM(FoxPreTrainedModel, GenerationMixin):
         hidden = self.model.decode_step(input_ids, cache)
         cache.end_step()
         return self.lm_head(hidden)[..., :self.config.vocab_size]
+
+    def acp_eviction_cache(self, max_length: int, log_eps: float | None = None, evict_every: int = 64) -> EvictingFoxCache:
+        """An empty cache that drops the keys ACP prunes for good (pass it to ``generate()`` as the
+        cache). ``max_length``: the longest context it will hold (prompt + new tokens; the
+        threshold, and so the bound, is for that length); ``log_eps``: the bound's ``ln eps``
+        (default ``config.acp_log_eps``). Needs forgetting attention with QK-norm (the threshold
+        then depends on the weights only)."""
+        if not (self.config.uses_forget_gate and self.config.use_qk_norm):
+            raise ValueError(f"ACP eviction needs a forget gate and QK-norm; architecture "
+                             f"{self.config.architecture!r} with use_qk_norm={self.config.use_qk_norm} has not both")
+        log_eps = self.config.acp_log_eps if log_eps is None else log_eps
+        thresholds = [threshold_from_qk_norm(layer.q_norm.weight, layer.k_norm.weight, layer.head_dim, max_length, log_eps)
+                      if isinstance(layer, ForgettingAttentionLayer) else None for layer in self._fox_layers()]
+        return EvictingFoxCache(thresholds, self.config.num_key_value_heads, evict_every=evict_every)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, mode_or_assistant, batch_size: int,
                                       max_cache_length: int, *args, **kwargs) -> None:
