@@ -2,6 +2,7 @@
 
     python benchmarks/decode.py generate --preset fox-pro-125m --json decode_generate.json
     python benchmarks/decode.py acp --preset fox-pro-125m --prompt 16384 --tokens 32 --json decode_acp.json
+    python benchmarks/decode.py evict --preset fox-pro-125m --contexts 16384 65536 131072 --json decode_evict.json
 
 ``generate``: for each ``--scenarios`` entry ``BATCHxPROMPT`` (default 1x2048, 8x2048, 1x32768),
 tokens/s of greedy ``model.generate()`` decoding (``--tokens`` new tokens; the prefill time, from a
@@ -10,6 +11,12 @@ default cache and with ``cache_implementation="static"`` (the step captured as a
 for a ``transformers.LlamaForCausalLM`` of the same width, depth, heads, MLP and vocabulary, in the
 same run. ``tokens_per_s`` counts every sequence of the batch. ``--hf-static`` adds HF's Llama with its
 static cache (generate() then compiles the decoding step with CUDA graphs).
+
+``evict``: for each ``--contexts`` length, the same prompt and the same ``--tokens`` teacher-forced
+single-token steps with the full :class:`FoxCache` and with ACP eviction
+(``model.acp_eviction_cache``): cache bytes after the steps, decoding tokens/s, kept-key
+fraction and the largest logit difference. ``--checkpoint`` loads a trained model instead of
+random weights with spread gates.
 
 ``acp``: builds the preset, fills the cache with a ``--prompt``-token prefill, then times
 ``--tokens`` greedy single-token steps (median of ``--repeats``) with ACP off, on in the prefill
@@ -30,6 +37,7 @@ import torch
 import transformers
 
 from foxacp.models import FoxCache, FoxForCausalLM, preset_config
+from foxacp.models.cache import EvictingLayerCache
 
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "cudaEventSynchronize")
 
@@ -181,6 +189,46 @@ def run_generate(args, device, dtype) -> dict:
     return {"preset": args.preset, "tokens": args.tokens, "rows": rows}
 
 
+def teacher_forced(model, cache, prompt, steps, device) -> tuple[list[torch.Tensor], float]:
+    """Logits of each of ``steps`` given tokens after a ``prompt`` prefill, and seconds per step."""
+    model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    sync(device)
+    start = time.perf_counter()
+    logits = [model(input_ids=steps[:, t:t + 1], past_key_values=cache, use_cache=True).logits[:, -1].float()
+              for t in range(steps.shape[1])]
+    sync(device)
+    return logits, (time.perf_counter() - start) / steps.shape[1]
+
+
+def run_evict(args, device, dtype) -> dict:
+    """Full cache against ACP eviction at every context length: memory, speed, logit difference."""
+    torch.manual_seed(0)
+    if args.checkpoint:
+        model = FoxForCausalLM.from_pretrained(args.checkpoint, dtype=dtype).to(device).eval()
+    else:
+        model = FoxForCausalLM(preset_config(args.preset, fgate_bias_init="spread")).to(device, dtype).eval()
+    rows = []
+    for length in args.contexts:
+        prompt = torch.randint(1, model.config.vocab_size, (1, length), device=device)
+        steps = torch.randint(1, model.config.vocab_size, (1, args.tokens), device=device)
+        full = FoxCache(model.config.num_hidden_layers)
+        evicting = model.acp_eviction_cache(length + args.tokens, log_eps=args.log_eps)
+        want, full_s = teacher_forced(model, full, prompt, steps, device)
+        full_bytes = full.memory_bytes()
+        del full
+        got, evict_s = teacher_forced(model, evicting, prompt, steps, device)
+        kept = [k for layer in evicting.layers if isinstance(layer, EvictingLayerCache) for k in layer.kept()]
+        row = {"context": length, "full_cache_bytes": full_bytes, "evict_cache_bytes": evicting.memory_bytes(),
+               "full_tokens_per_s": 1 / full_s, "evict_tokens_per_s": 1 / evict_s,
+               "kept_key_fraction": sum(kept) / (len(kept) * (length + args.tokens)) if kept else 1.0,
+               "max_logit_diff": max(float((g - w).abs().max()) for g, w in zip(got, want))}
+        rows.append(row)
+        print(f"context {length:>7}: cache {row['full_cache_bytes'] / 2**20:9.1f} -> {row['evict_cache_bytes'] / 2**20:9.1f} MiB "
+              f"(kept {row['kept_key_fraction']:.3f}), {row['full_tokens_per_s']:7.1f} -> {row['evict_tokens_per_s']:7.1f} "
+              f"tokens/s, max |logit diff| {row['max_logit_diff']:.2e}", flush=True)
+    return {"preset": args.checkpoint or args.preset, "tokens": args.tokens, "log_eps": args.log_eps, "rows": rows}
+
+
 def run_acp(args, device, dtype) -> dict:
     """Decoding steps with ACP off / prefill only / every step, with a profile of each."""
     torch.manual_seed(0)
@@ -226,7 +274,13 @@ def main(argv=None) -> None:
     acp.add_argument("--profile-steps", type=int, default=4)
     acp.add_argument("--top", type=int, default=12)
     acp.set_defaults(run=run_acp)
-    for sub in (gen, acp):
+    evict = modes.add_parser("evict", help="ACP KV-cache eviction against the full cache")
+    evict.add_argument("--contexts", type=int, nargs="+", default=[16384, 65536, 131072])
+    evict.add_argument("--tokens", type=int, default=64)
+    evict.add_argument("--log-eps", type=float, default=-10.0)
+    evict.add_argument("--checkpoint", default=None, help="a saved model folder (default: random weights)")
+    evict.set_defaults(run=run_evict)
+    for sub in (gen, acp, evict):
         sub.add_argument("--preset", default="fox-pro-125m")
         sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         sub.add_argument("--json", default=None)
