@@ -10,7 +10,7 @@ from foxacp.models import EvictingFoxCache, FoxCache
 from foxacp.models.attention import ForgettingAttentionLayer
 from foxacp.models.modeling import CACHE_NAME
 from foxacp.ops import threshold_from_qk_norm
-from test_generation import VOCAB, tiny
+from test_generation import VOCAB, left_padded, tiny
 
 LOG_EPS = -10.0
 # per query head: never forgets; forgets fast | two fast-forgetting heads (kv groups of 2 heads)
@@ -70,8 +70,8 @@ def test_evicted_keys_carry_at_most_eps_of_the_attention():
 
 def test_generate_with_eviction_equals_the_full_cache():
     model = adversarial_gates(tiny("fox-pro"))
-    prompt = torch.randint(1, VOCAB, (2, 40))
-    kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    prompt, mask = left_padded([torch.randint(1, VOCAB, (n,)) for n in (40, 31)])
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
     cache = model.acp_eviction_cache(max_length=50, evict_every=4)
     assert torch.equal(model.generate(prompt, **{CACHE_NAME: cache}, **kwargs), model.generate(prompt, **kwargs))
     assert isinstance(cache, EvictingFoxCache) and cache.get_seq_length() == 49

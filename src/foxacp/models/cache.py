@@ -13,6 +13,10 @@ The cache is updated in place by the model; ``get_seq_length()`` is the number o
 crops it for assisted decoding and prompt lookup. Cropping rolls the KV-shift state back too, which
 needs the pre-shift tokens of the removed positions: each layer keeps those of the last
 ``max_crop`` positions (without copying: the chunks the model produced are kept as they are).
+
+Two variants: :class:`StaticFoxCache` preallocates the buffers so that a decoding step has fixed
+shapes (``generate(cache_implementation="static")``; captured as a CUDA graph on GPUs), and
+:class:`EvictingFoxCache` drops the keys ACP prunes for good (``model.acp_eviction_cache``).
 """
 
 from __future__ import annotations

@@ -348,8 +348,8 @@ def _given_cache(past_key_values, cache) -> FoxCache | StaticFoxCache | None:
         raise ValueError("pass the cache as past_key_values or as cache, not both")
     given = cache if cache is not None else past_key_values
     if given is not None and not isinstance(given, (FoxCache, StaticFoxCache)):
-        raise TypeError(f"the cache must be a foxacp FoxCache (FoxForCausalLM keeps forget-gate and KV-shift "
-                        f"state in it), got {type(given).__name__}")
+        raise TypeError(f"the cache must be a foxacp FoxCache or StaticFoxCache (they keep the forget-gate and "
+                        f"KV-shift state), got {type(given).__name__}")
     return given
 
 
@@ -408,7 +408,7 @@ class FoxForCausalLM(FoxPreTrainedModel, GenerationMixin):
         shift_labels: torch.LongTensor | None = None,
         return_logits: bool = True,
         num_items_in_batch: int | torch.Tensor | None = None,
-        cache: FoxCache | None = None,
+        cache: FoxCache | StaticFoxCache | None = None,
         **kwargs,
     ):
         """Next-token logits and, with ``labels`` (unshifted) or ``shift_labels`` (already aligned
@@ -416,15 +416,14 @@ class FoxForCausalLM(FoxPreTrainedModel, GenerationMixin):
         ``num_items_in_batch`` instead when given). ``return_logits=False`` skips the
         ``(B, T, V)`` logits (training); the loss never materialises them in float32. With a
         :class:`StaticFoxCache`: see :meth:`_static_forward`."""
-        if isinstance(_given_cache(past_key_values, cache), StaticFoxCache):
+        cache = _given_cache(past_key_values, cache)
+        if isinstance(cache, StaticFoxCache):
             if labels is not None or shift_labels is not None or cu_seqlens is not None:
                 raise ValueError("a StaticFoxCache is for decoding: no labels, shift_labels or cu_seqlens")
-            return self._static_forward(input_ids, attention_mask, inputs_embeds, _given_cache(past_key_values, cache),
-                                        logits_to_keep)
-        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                             past_key_values=_given_cache(past_key_values, cache), inputs_embeds=inputs_embeds,
-                             use_cache=use_cache, cu_seqlens=cu_seqlens, output_hidden_states=output_hidden_states,
-                             return_dict=True)
+            return self._static_forward(input_ids, attention_mask, inputs_embeds, cache, logits_to_keep)
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+                             inputs_embeds=inputs_embeds, use_cache=use_cache, cu_seqlens=cu_seqlens,
+                             output_hidden_states=output_hidden_states, return_dict=True)
         hidden = outputs.last_hidden_state
         loss = None
         if labels is not None or shift_labels is not None:
