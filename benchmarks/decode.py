@@ -223,8 +223,9 @@ def run_evict(args, device, dtype) -> dict:
                "kept_key_fraction": sum(kept) / (len(kept) * (length + args.tokens)) if kept else 1.0,
                "max_logit_diff": max(float((g - w).abs().max()) for g, w in zip(got, want))}
         rows.append(row)
-        print(f"context {length:>7}: cache {row['full_cache_bytes'] / 2**20:9.1f} -> {row['evict_cache_bytes'] / 2**20:9.1f} MiB "
-              f"(kept {row['kept_key_fraction']:.3f}), {row['full_tokens_per_s']:7.1f} -> {row['evict_tokens_per_s']:7.1f} "
+        mib = (row["full_cache_bytes"] / 2**20, row["evict_cache_bytes"] / 2**20)
+        print(f"context {length:>7}: cache {mib[0]:9.1f} -> {mib[1]:9.1f} MiB (kept {row['kept_key_fraction']:.3f}), "
+              f"{row['full_tokens_per_s']:7.1f} -> {row['evict_tokens_per_s']:7.1f} "
               f"tokens/s, max |logit diff| {row['max_logit_diff']:.2e}", flush=True)
     return {"preset": args.checkpoint or args.preset, "tokens": args.tokens, "log_eps": args.log_eps, "rows": rows}
 
@@ -252,7 +253,8 @@ def run_acp(args, device, dtype) -> dict:
     result = {"preset": args.preset, "prompt": args.prompt, "batch": args.batch, "tokens": args.tokens, "rows": rows}
     if host_us is not None:
         result["attention_host_us"] = host_us
-        print("\nattention call, host us (API / custom op / launcher): " + " / ".join(f"{us:.0f}" for us in host_us.values()))
+        print("\nattention call, host us (API / custom op / launcher): "
+              + " / ".join(f"{us:.0f}" for us in host_us.values()))
     return result
 
 

@@ -60,7 +60,8 @@ def test_evicted_keys_carry_at_most_eps_of_the_attention():
         assert layer.start == pruned.view(2, 2, 2).amin(dim=(0, 2)).tolist()
         # the mass the full cache's last query puts on the evicted keys (softmax of q.k/sqrt(D) + c_t - c_j)
         keys = full_layer.key.repeat_interleave(2, dim=2)  # [B, T, H, D]
-        scores = torch.einsum("bhd,bjhd->bhj", q[:, -1], keys) / 4 + (full_layer.decay[:, -1:] - full_layer.decay).transpose(1, 2)
+        decay = (full_layer.decay[:, -1:] - full_layer.decay).transpose(1, 2)  # [B, H, T]
+        scores = torch.einsum("bhd,bjhd->bhj", q[:, -1], keys) / 4 + decay
         weights = scores.softmax(-1)  # [B, H, T]
         for h in range(4):
             assert float(weights[:, h, :layer.start[h // 2]].sum(-1).max()) <= eps

@@ -25,7 +25,8 @@ def test_static_cache_beam_search_equals_the_default_cache():
     model = tiny("fox-pro")
     prompt = torch.randint(1, VOCAB, (2, 6))
     kwargs = dict(max_new_tokens=6, do_sample=False, num_beams=3, num_return_sequences=2, pad_token_id=0)
-    assert torch.equal(model.generate(prompt, cache_implementation="static", **kwargs), model.generate(prompt, **kwargs))
+    static = model.generate(prompt, cache_implementation="static", **kwargs)
+    assert torch.equal(static, model.generate(prompt, **kwargs))
 
 
 def test_static_cache_steps_match_the_default_cache_and_check_their_input():
@@ -34,7 +35,8 @@ def test_static_cache_steps_match_the_default_cache_and_check_their_input():
     new = torch.randint(1, VOCAB, (2, 3))
     default, static = FoxCache(2), StaticFoxCache(model.config, batch_size=2, max_length=12)
     with torch.no_grad():
-        torch.testing.assert_close(model(ids, past_key_values=static).logits, model(ids, past_key_values=default).logits)
+        prefill = model(ids, past_key_values=static).logits
+        torch.testing.assert_close(prefill, model(ids, past_key_values=default).logits)
         for t in range(3):
             torch.testing.assert_close(model(new[:, t:t + 1], past_key_values=static).logits,
                                        model(new[:, t:t + 1], past_key_values=default).logits, rtol=1e-4, atol=1e-4)

@@ -377,7 +377,8 @@ class StaticLayerCache:
             self.last_decay.copy_(decay)
         return self.key, self.value, self.decay
 
-    def attend(self, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, log_f: torch.Tensor, ctx=None) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, log_f: torch.Tensor,
+               ctx=None) -> torch.Tensor:
         """Forgetting attention of one new token ``q`` ``(B, 1, H, D)`` over the filled positions
         (float32 scores ``q.k / sqrt(D) + c_t - c_j``), after appending ``key``, ``value`` and
         ``c_t = c_{t-1} + log_f``. Query head ``h`` reads key head ``h // (H / Hkv)``."""

@@ -489,7 +489,8 @@ class FoxForCausalLM(FoxPreTrainedModel, GenerationMixin):
         cache.end_step()
         return self.lm_head(hidden)[..., :self.config.vocab_size]
 
-    def acp_eviction_cache(self, max_length: int, log_eps: float | None = None, evict_every: int = 64) -> EvictingFoxCache:
+    def acp_eviction_cache(self, max_length: int, log_eps: float | None = None,
+                           evict_every: int = 64) -> EvictingFoxCache:
         """An empty cache that drops the keys ACP prunes for good (pass it to ``generate()`` as the
         cache). ``max_length``: the longest context it will hold (prompt + new tokens; the
         threshold, and so the bound, is for that length); ``log_eps``: the bound's ``ln eps``
@@ -499,8 +500,9 @@ class FoxForCausalLM(FoxPreTrainedModel, GenerationMixin):
             raise ValueError(f"ACP eviction needs a forget gate and QK-norm; architecture "
                              f"{self.config.architecture!r} with use_qk_norm={self.config.use_qk_norm} has not both")
         log_eps = self.config.acp_log_eps if log_eps is None else log_eps
-        thresholds = [threshold_from_qk_norm(layer.q_norm.weight, layer.k_norm.weight, layer.head_dim, max_length, log_eps)
-                      if isinstance(layer, ForgettingAttentionLayer) else None for layer in self._fox_layers()]
+        thresholds = [threshold_from_qk_norm(layer.q_norm.weight, layer.k_norm.weight, layer.head_dim, max_length,
+                                             log_eps) if isinstance(layer, ForgettingAttentionLayer) else None
+                      for layer in self._fox_layers()]
         return EvictingFoxCache(thresholds, self.config.num_key_value_heads, evict_every=evict_every)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, mode_or_assistant, batch_size: int,
