@@ -5,11 +5,11 @@
     python benchmarks/decode.py evict --preset fox-pro-125m --contexts 16384 65536 131072 --json decode_evict.json
 
 ``generate``: for each ``--scenarios`` entry ``BATCHxPROMPT`` (default 1x2048, 8x2048, 1x32768),
-tokens/s of greedy ``model.generate()`` decoding (``--tokens`` new tokens; the prefill time, from a
-one-token generate, is subtracted) for the foxacp preset (random weights, spread gates) with its
-default cache and with ``cache_implementation="static"`` (the step captured as a CUDA graph), and
-for a ``transformers.LlamaForCausalLM`` of the same width, depth, heads, MLP and vocabulary, in the
-same run. ``tokens_per_s`` counts every sequence of the batch. ``--hf-static`` adds HF's Llama with its
+steady tokens/s of greedy ``model.generate()`` decoding (from ``--tokens`` and ``--tokens // 2`` new
+tokens, so that the prefill and one-off setup cancel; both are reported too) for the foxacp preset
+(random weights, spread gates) with its default cache and with ``cache_implementation="static"``
+(the step captured as a CUDA graph), and for a ``transformers.LlamaForCausalLM`` of the same
+width, depth, heads, MLP and vocabulary, in the same run. ``tokens_per_s`` counts every sequence of the batch. ``--hf-static`` adds HF's Llama with its
 static cache (generate() then compiles the decoding step with CUDA graphs).
 
 ``evict``: for each ``--contexts`` length, the same prompt and the same ``--tokens`` teacher-forced
@@ -149,14 +149,18 @@ def generate_seconds(model, prompt, new_tokens: int, device, **kwargs) -> float:
 
 
 def generate_speed(model, prompt, tokens: int, repeats: int, device, **kwargs) -> dict:
-    """Decoding tokens/s of ``generate()``: (``tokens`` - 1) steps, the prefill (a one-token
-    generate) subtracted; medians over ``repeats`` after one warm-up of each."""
-    generate_seconds(model, prompt, 1, device, **kwargs)
-    generate_seconds(model, prompt, tokens, device, **kwargs)
-    first = statistics.median(generate_seconds(model, prompt, 1, device, **kwargs) for _ in range(repeats))
-    total = statistics.median(generate_seconds(model, prompt, tokens, device, **kwargs) for _ in range(repeats))
-    step = (total - first) / (tokens - 1)
-    return {"first_token_s": first, "ms_per_step": 1e3 * step, "tokens_per_s": prompt.shape[0] / step}
+    """Steady decoding speed of ``generate()``: the time of ``tokens`` new tokens minus that of
+    ``tokens // 2`` (both pay the prefill and any one-off setup, e.g. a CUDA graph capture), per
+    extra step; ``setup_s`` is what the first ``tokens // 2`` steps took beyond that pace.
+    Medians over ``repeats`` after one warm-up of each length."""
+    half = tokens // 2
+    seconds = {}
+    for n in (1, half, tokens):
+        generate_seconds(model, prompt, n, device, **kwargs)
+        seconds[n] = statistics.median(generate_seconds(model, prompt, n, device, **kwargs) for _ in range(repeats))
+    step = (seconds[tokens] - seconds[half]) / (tokens - half)
+    return {"first_token_s": seconds[1], "setup_s": seconds[half] - seconds[1] - (half - 1) * step,
+            "ms_per_step": 1e3 * step, "tokens_per_s": prompt.shape[0] / step}
 
 
 def parse_scenario(text: str) -> tuple[int, int]:
@@ -185,7 +189,8 @@ def run_generate(args, device, dtype) -> dict:
                    **generate_speed(model, prompt, args.tokens, args.repeats, device, **kwargs)}
             rows.append(row)
             print(f"{name:<52} batch {batch:>2} prompt {length:>6}: {row['tokens_per_s']:9.1f} tokens/s "
-                  f"({row['ms_per_step']:.2f} ms/step, first token {row['first_token_s']:.3f} s)", flush=True)
+                  f"({row['ms_per_step']:.2f} ms/step, first token {row['first_token_s']:.3f} s, "
+                  f"setup {row['setup_s']:.3f} s)", flush=True)
     return {"preset": args.preset, "tokens": args.tokens, "rows": rows}
 
 
@@ -287,8 +292,8 @@ def main(argv=None) -> None:
         sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         sub.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    if args.mode == "generate" and args.tokens < 2:
-        parser.error("--tokens must be at least 2 (the first token comes from the prefill)")
+    if args.mode == "generate" and args.tokens < 4:
+        parser.error("--tokens must be at least 4 (the speed comes from --tokens against --tokens // 2)")
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with torch.no_grad():
