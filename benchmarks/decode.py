@@ -9,8 +9,9 @@ steady tokens/s of greedy ``model.generate()`` decoding (from ``--tokens`` and `
 tokens, so that the prefill and one-off setup cancel; both are reported too) for the foxacp preset
 (random weights, spread gates) with its default cache and with ``cache_implementation="static"``
 (the step captured as a CUDA graph), and for a ``transformers.LlamaForCausalLM`` of the same
-width, depth, heads, MLP and vocabulary, in the same run. ``tokens_per_s`` counts every sequence of the batch. ``--hf-static`` adds HF's Llama with its
-static cache (generate() then compiles the decoding step with CUDA graphs).
+width, depth, heads, MLP and vocabulary, in the same run. ``tokens_per_s`` counts every sequence
+of the batch. ``--hf-static`` adds HF's Llama with its static cache (generate() then compiles the
+decoding step with CUDA graphs).
 
 ``evict``: for each ``--contexts`` length, the same prompt and the same ``--tokens`` teacher-forced
 single-token steps with the full :class:`FoxCache` and with ACP eviction
