@@ -7,9 +7,10 @@
 ``generate``: for each ``--scenarios`` entry ``BATCHxPROMPT`` (default 1x2048, 8x2048, 1x32768),
 steady tokens/s of greedy ``model.generate()`` decoding (from ``--tokens`` and ``--tokens // 2`` new
 tokens, so that the prefill and one-off setup cancel; both are reported too) for the foxacp preset
-(random weights, spread gates) with its default cache and with ``cache_implementation="static"``
-(the step captured as a CUDA graph), and for a ``transformers.LlamaForCausalLM`` of the same
-width, depth, heads, MLP and vocabulary, in the same run. ``tokens_per_s`` counts every sequence
+(random weights, spread gates) with ``cache_implementation="dynamic"`` (FoxCache) and ``"static"``
+(the step captured as a CUDA graph: generate()'s default on CUDA), and for a
+``transformers.LlamaForCausalLM`` of the same width, depth, heads, MLP and vocabulary, in the same
+run. ``tokens_per_s`` counts every sequence
 of the batch. ``--hf-static`` adds HF's Llama with its static cache (generate() then compiles the
 decoding step with CUDA graphs).
 
@@ -177,8 +178,8 @@ def run_generate(args, device, dtype) -> dict:
     fox = FoxForCausalLM(preset_config(args.preset, fgate_bias_init="spread")).to(device, dtype).eval()
     longest = max(prompt for _, prompt in args.scenarios) + args.tokens
     llama = llama_like(fox.config, longest).to(device, dtype).eval()
-    models = [("foxacp " + args.preset, fox, {}),
-              ("foxacp " + args.preset + ", static cache (captured)", fox, {"cache_implementation": "static"}),
+    models = [("foxacp " + args.preset + ", FoxCache (uncaptured)", fox, {"cache_implementation": "dynamic"}),
+              ("foxacp " + args.preset + ", StaticFoxCache (captured)", fox, {"cache_implementation": "static"}),
               ("hf llama (same size)", llama, {})]
     if args.hf_static:
         models.append(("hf llama, static cache (compiled)", llama, {"cache_implementation": "static"}))

@@ -46,3 +46,27 @@ def test_static_cache_steps_match_the_default_cache_and_check_their_input():
             model(new, past_key_values=static)
     with pytest.raises(NotImplementedError, match="cannot be cropped"):
         static.crop(-1)
+
+
+def test_generate_captures_decoding_by_default_on_cuda_only(monkeypatch):
+    from transformers import GenerationConfig
+    from transformers.generation import GenerationMode
+
+    model = tiny("fox-pro")
+    greedy = GenerationConfig(do_sample=False)
+    assert not model._captures_decoding(greedy, None)  # CPU: nothing to capture
+    assert model._captures_decoding(GenerationConfig(cache_implementation="static"), None)
+    monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda")))
+    assert model._captures_decoding(greedy, None)  # transformers 4 passes the assistant model (None)
+    assert model._captures_decoding(greedy, GenerationMode.BEAM_SEARCH)  # transformers 5 passes the mode
+    assert not model._captures_decoding(GenerationConfig(cache_implementation="dynamic"), None)
+    assert not model._captures_decoding(GenerationConfig(prompt_lookup_num_tokens=3), None)  # needs crop()
+    assert not model._captures_decoding(greedy, GenerationMode.ASSISTED_GENERATION)
+    assert not model._captures_decoding(GenerationConfig(output_hidden_states=True), None)
+
+
+def test_unsupported_cache_implementation_raises():
+    model = tiny("fox-pro")
+    with pytest.raises(ValueError, match="cache_implementation"):
+        model.generate(torch.randint(1, VOCAB, (1, 4)), max_new_tokens=2, cache_implementation="quantized",
+                       pad_token_id=0)

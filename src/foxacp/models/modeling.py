@@ -29,6 +29,7 @@ try:  # transformers >= 4.50 keeps GenerationMixin out of PreTrainedModel
     from transformers import GenerationMixin
 except ImportError:  # pragma: no cover
     from transformers.generation import GenerationMixin
+from transformers.generation import GenerationMode
 
 from ..ops import AcpStats, threshold_from_qk_norm
 from .attention import AttentionContext, ForgetGateProjection, ForgettingAttentionLayer, SoftmaxAttentionLayer
@@ -36,6 +37,10 @@ from .cache import EvictingFoxCache, FoxCache, LayerCache, StaticFoxCache
 from .config import FoxConfig
 from .layers import HeadRMSNorm, RMSNorm, SwiGLU
 from .loss import chunked_cross_entropy
+
+# generate() modes that feed one token per row per step: they can use the captured decoding step
+SINGLE_TOKEN_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE, GenerationMode.BEAM_SEARCH,
+                      GenerationMode.BEAM_SAMPLE)
 
 # transformers >= 5.24 calls the generation cache ``cache`` (generate()'s model kwargs and the output
 # field), older versions ``past_key_values``.
@@ -507,18 +512,35 @@ class FoxForCausalLM(FoxPreTrainedModel, GenerationMixin):
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, mode_or_assistant, batch_size: int,
                                       max_cache_length: int, *args, **kwargs) -> None:
-        """generate() hook: start with an empty FoxCache (a :class:`StaticFoxCache` with
-        ``cache_implementation="static"``) unless one is passed or ``use_cache`` is off; before the
-        first step, so that assisted decoding finds it."""
+        """generate() hook: start with an empty cache unless one is passed or ``use_cache`` is off
+        (before the first step, so that assisted decoding finds it): a :class:`StaticFoxCache`
+        where :meth:`_captures_decoding` says so, else a :class:`FoxCache`. ``mode_or_assistant``:
+        the generation mode (transformers 5) or the assistant model (transformers 4)."""
+        if generation_config.cache_implementation not in (None, "dynamic", "static"):
+            raise ValueError(f"FoxForCausalLM supports cache_implementation None, 'dynamic' (FoxCache) or 'static' "
+                             f"(StaticFoxCache), got {generation_config.cache_implementation!r}")
         if generation_config.use_cache is False or model_kwargs.get(CACHE_NAME) is not None:
             super()._prepare_cache_for_generation(generation_config, model_kwargs, mode_or_assistant, batch_size,
                                                   max_cache_length, *args, **kwargs)
-        elif generation_config.cache_implementation == "static":
+        elif self._captures_decoding(generation_config, mode_or_assistant):
             rows = max(generation_config.num_beams, generation_config.num_return_sequences or 1) * batch_size
             model_kwargs[CACHE_NAME] = StaticFoxCache(self.config, rows, max_cache_length + 1, device=self.device,
                                                       dtype=self.dtype)
         else:
             model_kwargs[CACHE_NAME] = FoxCache(self.config.num_hidden_layers)
+
+    def _captures_decoding(self, generation_config, mode_or_assistant) -> bool:
+        """Whether generate() decodes through a :class:`StaticFoxCache` (steps replayed as a CUDA
+        graph): with ``cache_implementation="static"``, and by default on CUDA for greedy search,
+        sampling and beam search unless hidden states are asked for. ``cache_implementation=
+        "dynamic"`` opts out; assisted decoding and prompt lookup always use a (croppable) FoxCache."""
+        if generation_config.cache_implementation is not None:
+            return generation_config.cache_implementation == "static"
+        if self.device.type != "cuda" or generation_config.output_hidden_states:
+            return False
+        mode = mode_or_assistant if isinstance(mode_or_assistant, GenerationMode) \
+            else generation_config.get_generation_mode(mode_or_assistant)
+        return mode in SINGLE_TOKEN_MODES
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
                                       inputs_embeds=None, cache=None, next_sequence_length=_NOT_PASSED,
