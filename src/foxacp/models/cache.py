@@ -21,6 +21,7 @@ shapes (``generate(cache_implementation="static")``; captured as a CUDA graph on
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from typing import Callable
 
@@ -334,6 +335,27 @@ class EvictingFoxCache(FoxCache):
             raise NotImplementedError("an EvictingFoxCache cannot be cropped (it drops keys for good)")
 
 
+def _bmm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.bmm(a, b)`` in float32. Half-precision CUDA inputs are multiplied as they are, with
+    float32 accumulation and output (no float32 copy of the cache), where this torch can."""
+    if a.dtype == torch.float32:
+        return torch.bmm(a, b)
+    if a.is_cuda and _bmm_has_out_dtype(a.device, a.dtype):
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.bmm(a.float(), b.float())
+
+
+@functools.cache
+def _bmm_has_out_dtype(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.bmm(..., out_dtype=torch.float32)`` runs for ``dtype`` on ``device`` (asked
+    once, during the uncaptured first step)."""
+    try:
+        x = torch.zeros(1, 1, 1, device=device, dtype=dtype)
+        return torch.bmm(x, x, out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
 class StaticLayerCache:
     """One layer's preallocated decoding buffers (see :class:`StaticFoxCache`). It implements the
     :class:`LayerCache` calls of the attention layers for single-token steps, writing in place at
@@ -345,10 +367,11 @@ class StaticLayerCache:
                  forget_gate: bool, kv_shift: bool, dtype: torch.dtype):
         B, L, device = owner.seq_start.shape[0], owner.max_length, owner.position.device
         self.owner = owner
-        self.key = torch.zeros(B, L, num_kv_heads, head_dim, device=device, dtype=dtype)
+        # head-major, so that one batched matmul per step reads each head's keys as they lie
+        self.key = torch.zeros(B, num_kv_heads, L, head_dim, device=device, dtype=dtype)
         self.value = torch.zeros_like(self.key)
-        # c = cumsum(log f) of every position, and of the newest one alone; FoX only
-        self.decay = torch.zeros(B, L, num_heads, device=device) if forget_gate else None
+        # c = cumsum(log f) of every position [B, H, L], and of the newest one [B, 1, H]; FoX only
+        self.decay = torch.zeros(B, num_heads, L, device=device) if forget_gate else None
         self.last_decay = torch.zeros(B, 1, num_heads, device=device) if forget_gate else None
         self._shift_key = torch.zeros(B, num_kv_heads, head_dim, device=device, dtype=dtype) if kv_shift else None
         self._shift_value = torch.zeros_like(self._shift_key) if kv_shift else None
@@ -367,15 +390,16 @@ class StaticLayerCache:
         self._shift_value.copy_(value[:, -1])
 
     def append(self, key: torch.Tensor, value: torch.Tensor, decay: torch.Tensor | None = None):
-        """Write one position at ``position``; return the whole buffers (the step masks the unused
-        positions with :meth:`StaticFoxCache.visible`)."""
+        """Write one position (``(B, 1, Hkv, D)``, decay ``(B, 1, H)``) at ``position``; return the
+        whole key and value buffers as ``(B, L, Hkv, D)`` views and the decay buffer (the step
+        masks the positions not written yet with :attr:`StaticFoxCache.visible`)."""
         at = self.owner.position.view(1)
-        self.key.index_copy_(1, at, key)
-        self.value.index_copy_(1, at, value)
+        self.key.index_copy_(2, at, key.transpose(1, 2))
+        self.value.index_copy_(2, at, value.transpose(1, 2))
         if decay is not None:
-            self.decay.index_copy_(1, at, decay)
+            self.decay.index_copy_(2, at, decay.transpose(1, 2))
             self.last_decay.copy_(decay)
-        return self.key, self.value, self.decay
+        return self.key.transpose(1, 2), self.value.transpose(1, 2), self.decay
 
     def attend(self, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, log_f: torch.Tensor,
                ctx=None) -> torch.Tensor:
@@ -383,15 +407,15 @@ class StaticLayerCache:
         (float32 scores ``q.k / sqrt(D) + c_t - c_j``), after appending ``key``, ``value`` and
         ``c_t = c_{t-1} + log_f``. Query head ``h`` reads key head ``h // (H / Hkv)``."""
         c = self.last_decay + log_f  # [B, 1, H]
-        keys, values, decay = self.append(key, value, c)
+        self.append(key, value, c)
         B, _, H, D = q.shape
-        L, Hkv = keys.shape[1], keys.shape[2]
-        qg = q.float().view(B, Hkv, H // Hkv, D)
-        scores = torch.einsum("bkgd,bjkd->bkgj", qg, keys.float()) * D ** -0.5  # [B, Hkv, G, L]
-        scores = scores + (c.transpose(1, 2) - decay.transpose(1, 2)).view(B, Hkv, H // Hkv, L)
+        Hkv, L = self.key.shape[1], self.key.shape[2]
+        G = H // Hkv
+        scores = _bmm_float32(q.reshape(B * Hkv, G, D), self.key.view(B * Hkv, L, D).transpose(1, 2))
+        scores = scores.view(B, Hkv, G, L) * D ** -0.5 + (c.transpose(1, 2) - self.decay).view(B, Hkv, G, L)
         scores = scores.masked_fill(~self.owner.visible[:, None, None, :], float("-inf"))
-        out = torch.einsum("bkgj,bjkd->bkgd", scores.softmax(-1), values.float())  # [B, Hkv, G, D]
-        return out.reshape(B, 1, H, D).to(q.dtype)
+        weights = scores.softmax(-1).view(B * Hkv, G, L).to(self.value.dtype)
+        return _bmm_float32(weights, self.value.view(B * Hkv, L, D)).view(B, 1, H, D).to(q.dtype)
 
     def buffers(self) -> list[torch.Tensor]:
         return [t for t in (self.key, self.value, self.decay, self.last_decay, self._shift_key, self._shift_value)
@@ -467,10 +491,10 @@ class StaticFoxCache(Cache):
             raise ValueError(f"a prompt of {T} positions leaves no room in a StaticFoxCache of max_length "
                              f"{self.max_length}")
         for static, layer in zip(self.layers, cache.layers):
-            static.key[:, :T] = layer.key
-            static.value[:, :T] = layer.value
+            static.key[:, :, :T] = layer.key.transpose(1, 2)
+            static.value[:, :, :T] = layer.value.transpose(1, 2)
             if static.decay is not None:
-                static.decay[:, :T] = layer.decay
+                static.decay[:, :, :T] = layer.decay.transpose(1, 2)
                 static.last_decay.copy_(layer.decay[:, -1:])
             if static._shift_key is not None:
                 static.keep_shift_inputs(layer.shift_key[:, None], layer.shift_value[:, None])
