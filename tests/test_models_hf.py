@@ -1,6 +1,8 @@
 """Hugging Face integration: Auto classes, save/load round trip, CLI generate."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -51,6 +53,15 @@ def test_auto_classes_know_foxacp(tmp_path):
     again = AutoConfig.from_pretrained(tmp_path)
     strip = lambda d: {k: v for k, v in d.items() if k != "_name_or_path"}  # noqa: E731
     assert strip(again.to_dict()) == strip(config.to_dict())
+
+
+def test_auto_model_loads_after_a_plain_import_foxacp(tmp_path):
+    FoxForCausalLM(preset_config("fox-pro-tiny", vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)).save_pretrained(tmp_path)
+    code = ("import sys, foxacp; assert 'transformers' not in sys.modules, 'import foxacp must stay light'; "
+            "from transformers import AutoModelForCausalLM; "
+            f"model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}); "
+            "assert type(model).__name__ == 'FoxForCausalLM', type(model)")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_bf16_load_and_forward(tmp_path):

@@ -7,6 +7,8 @@ the package (and ``foxacp --help``) stays fast.
 import importlib
 from importlib.metadata import PackageNotFoundError, version
 
+from . import _auto_register
+
 try:
     __version__ = version("foxacp")  # the one source: pyproject.toml's [project] version
 except PackageNotFoundError:  # a source tree on PYTHONPATH that was never installed
@@ -21,3 +23,7 @@ def __getattr__(name: str):
     if name == "acp":
         return importlib.import_module(".acp", __name__)
     raise AttributeError(f"module 'foxacp' has no attribute {name!r}")
+
+
+# transformers' Auto classes learn model_type "foxacp" when they are imported (transformers is not imported here)
+_auto_register.install()

@@ -6,7 +6,7 @@ gives the paper's sizes. Importing this package registers ``model_type="foxacp"`
 ``AutoConfig``/``AutoModelForCausalLM``.
 """
 
-from .cache import FoxCache, LayerCache
+from .cache import EvictingFoxCache, FoxCache, LayerCache, StaticFoxCache
 from .config import ARCHITECTURES, PRESETS, FoxConfig, mlp_intermediate_size, preset_config
 from .loss import chunked_cross_entropy
 from .modeling import FoxForCausalLM, FoxModel, FoxPreTrainedModel, fgate_bias_values, register_auto_classes
@@ -14,6 +14,7 @@ from .modeling import FoxForCausalLM, FoxModel, FoxPreTrainedModel, fgate_bias_v
 __all__ = [
     "ARCHITECTURES",
     "PRESETS",
+    "EvictingFoxCache",
     "FoxCache",
     "FoxConfig",
     "FoxForCausalLM",
@@ -24,5 +25,6 @@ __all__ = [
     "fgate_bias_values",
     "mlp_intermediate_size",
     "preset_config",
+    "StaticFoxCache",
     "register_auto_classes",
 ]

@@ -110,7 +110,7 @@ class _AttentionBase(nn.Module):
         prev_k = prev_v = None
         if cache is not None:
             prev_k, prev_v = cache.shift_key, cache.shift_value
-            cache.shift_key, cache.shift_value = k[:, -1].detach(), v[:, -1].detach()
+            cache.keep_shift_inputs(k, v)
         return kv_shift(k, a_k, prev_k, ctx.restart), kv_shift(v, a_v, prev_v, ctx.restart)
 
     def _attend(self, x, q, k, v, ctx, cache):  # pragma: no cover - abstract
@@ -144,6 +144,8 @@ class ForgettingAttentionLayer(_AttentionBase):
 
     def _attend(self, x, q, k, v, ctx: AttentionContext, cache: LayerCache | None):
         log_f = F.logsigmoid(self.fgate_proj(x).float())  # [B, T, H]
+        if getattr(cache, "owns_attention", False):  # static decoding buffers, or an evicting cache
+            return cache.attend(q, k, v, log_f, ctx)
         cumulative = cache is not None
         if cumulative:
             if ctx.padding is not None:

@@ -7,13 +7,16 @@ untied LM head whose rows are padded to a multiple of 64 (logits are sliced back
 
 Hugging Face conventions: ``labels`` are unshifted (the model shifts; -100 is ignored),
 ``attention_mask`` marks left padding (leading zeros; right padding needs no mask in a causal
-model), ``past_key_values`` is a :class:`~foxacp.models.cache.FoxCache`, and ``generate()``
-works with greedy search, sampling and left-padded batches. The model imports nothing from
-``torch.distributed``.
+model), the cache is a :class:`~foxacp.models.cache.FoxCache` passed as ``past_key_values`` or
+``cache`` (the name transformers >= 5.24 uses; outputs carry it under the installed version's
+name), and ``generate()`` works with greedy search, sampling, beam search, left-padded batches and
+assisted decoding / prompt lookup, feeding the model only the positions its cache lacks. The model
+imports nothing from ``torch.distributed``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -26,14 +29,24 @@ try:  # transformers >= 4.50 keeps GenerationMixin out of PreTrainedModel
     from transformers import GenerationMixin
 except ImportError:  # pragma: no cover
     from transformers.generation import GenerationMixin
+from transformers.generation import GenerationMode
 
-from ..ops import AcpStats
+from ..ops import AcpStats, threshold_from_qk_norm
 from ..ops.layout import SequenceLayout
 from .attention import AttentionContext, ForgetGateProjection, ForgettingAttentionLayer, SoftmaxAttentionLayer
-from .cache import FoxCache, LayerCache
+from .cache import EvictingFoxCache, FoxCache, LayerCache, StaticFoxCache
 from .config import FoxConfig
 from .layers import HeadRMSNorm, RMSNorm, SwiGLU
 from .loss import chunked_cross_entropy
+
+# generate() modes that feed one token per row per step: they can use the captured decoding step
+SINGLE_TOKEN_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE, GenerationMode.BEAM_SEARCH,
+                      GenerationMode.BEAM_SAMPLE)
+
+# transformers >= 5.24 calls the generation cache ``cache`` (generate()'s model kwargs and the output
+# field), older versions ``past_key_values``.
+CACHE_NAME = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+_NOT_PASSED = object()  # prepare_inputs_for_generation: next_sequence_length not given (transformers 4)
 
 try:  # transformers 5: init functions that leave loaded weights alone
     from transformers import initialization as _init
@@ -229,15 +242,18 @@ class FoxModel(FoxPreTrainedModel):
         cu_seqlens: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        cache: FoxCache | None = None,
         **kwargs,
     ):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
-        if use_cache and past_key_values is None:
-            past_key_values = FoxCache(self.config.num_hidden_layers)
-        cache = past_key_values
+        cache = _given_cache(past_key_values, cache)
+        if isinstance(cache, StaticFoxCache):
+            raise TypeError("a StaticFoxCache is used through FoxForCausalLM (its decoding steps are captured)")
+        if use_cache and cache is None:
+            cache = FoxCache(self.config.num_hidden_layers)
         if cache is not None and cu_seqlens is not None:
             raise ValueError("cu_seqlens (packed sequences) cannot be combined with a generation cache")
         ctx = self._context(B, T, x.device, attention_mask, cache, cu_seqlens)
@@ -259,9 +275,21 @@ class FoxModel(FoxPreTrainedModel):
         if cache is not None:
             cache.seen_tokens += T
             cache.seq_start = ctx.seq_start
-        out = BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache,
+        out = BaseModelOutputWithPast(last_hidden_state=x, **{CACHE_NAME: cache},
                                       hidden_states=tuple(hidden_states) if hidden_states is not None else None)
         return out if return_dict is not False else out.to_tuple()
+
+    def decode_step(self, input_ids: torch.LongTensor, cache: StaticFoxCache) -> torch.Tensor:
+        """Final hidden states ``(B, 1, d)`` of one new token per row against a :class:`StaticFoxCache`
+        whose :meth:`~StaticFoxCache.begin_step` ran; fixed shapes, no host synchronisation."""
+        ctx = AttentionContext()
+        if self.config.uses_rope:
+            ctx.positions = (cache.position - cache.seq_start)[:, None]
+            ctx.sdpa_mask = cache.visible[:, None, None, :]
+        x = self.embed_tokens(input_ids)
+        for block, layer_cache in zip(self.layers, cache.layers):
+            x = block(x, ctx, layer_cache)
+        return self.norm(x)
 
     def _context(self, B: int, T: int, device, attention_mask, cache: FoxCache | None, cu_seqlens) -> AttentionContext:
         past = cache.get_seq_length() if cache is not None else 0
@@ -304,6 +332,17 @@ class FoxModel(FoxPreTrainedModel):
                 keys = torch.arange(total, device=device)
                 ctx.sdpa_mask = (keys[None, :] <= positions_k[:, None])[None, None]
         return ctx
+
+
+def _given_cache(past_key_values, cache) -> FoxCache | StaticFoxCache | None:
+    """The cache passed under either name (``past_key_values`` or ``cache``), checked to be foxacp's."""
+    if past_key_values is not None and cache is not None and past_key_values is not cache:
+        raise ValueError("pass the cache as past_key_values or as cache, not both")
+    given = cache if cache is not None else past_key_values
+    if given is not None and not isinstance(given, (FoxCache, StaticFoxCache)):
+        raise TypeError(f"the cache must be a foxacp FoxCache or StaticFoxCache (they keep the forget-gate and "
+                        f"KV-shift state), got {type(given).__name__}")
+    return given
 
 
 def _leading_padding(attention_mask, B: int, total: int, device) -> torch.Tensor | None:
@@ -361,13 +400,20 @@ class FoxForCausalLM(FoxPreTrainedModel, GenerationMixin):
         shift_labels: torch.LongTensor | None = None,
         return_logits: bool = True,
         num_items_in_batch: int | torch.Tensor | None = None,
+        cache: FoxCache | StaticFoxCache | None = None,
         **kwargs,
     ):
         """Next-token logits and, with ``labels`` (unshifted) or ``shift_labels`` (already aligned
         with the inputs), the mean cross-entropy over non-ignored targets (divided by
         ``num_items_in_batch`` instead when given). ``return_logits=False`` skips the
-        ``(B, T, V)`` logits (training); the loss never materialises them in float32."""
-        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
+        ``(B, T, V)`` logits (training); the loss never materialises them in float32. With a
+        :class:`StaticFoxCache`: see :meth:`_static_forward`."""
+        cache = _given_cache(past_key_values, cache)
+        if isinstance(cache, StaticFoxCache):
+            if labels is not None or shift_labels is not None or cu_seqlens is not None:
+                raise ValueError("a StaticFoxCache is for decoding: no labels, shift_labels or cu_seqlens")
+            return self._static_forward(input_ids, attention_mask, inputs_embeds, cache, logits_to_keep)
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
                              inputs_embeds=inputs_embeds, use_cache=use_cache, cu_seqlens=cu_seqlens,
                              output_hidden_states=output_hidden_states, return_dict=True)
         hidden = outputs.last_hidden_state
@@ -391,29 +437,146 @@ class FoxForCausalLM(FoxPreTrainedModel, GenerationMixin):
             else:
                 kept = hidden[:, logits_to_keep]
             logits = self.lm_head(kept)[..., :self.config.vocab_size]
-        out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
                                      hidden_states=outputs.hidden_states)
         return out if return_dict is not False else out.to_tuple()
 
+    def _static_forward(self, input_ids, attention_mask, inputs_embeds, cache: StaticFoxCache, logits_to_keep):
+        """forward() with a :class:`StaticFoxCache`: the prompt goes through a :class:`FoxCache` that is
+        then copied in; every later call feeds one token per row. On CUDA the first step runs
+        eagerly (it also warms up) and the second records a CUDA graph that every step replays."""
+        if cache.get_seq_length() == 0:
+            prompt_cache = FoxCache(self.config.num_hidden_layers)
+            logits = self(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                          past_key_values=prompt_cache, use_cache=True, logits_to_keep=logits_to_keep).logits
+            cache.load(prompt_cache)
+            return CausalLMOutputWithPast(logits=logits, **{CACHE_NAME: cache})
+        if input_ids is None or tuple(input_ids.shape) != (cache.batch_size, 1):
+            raise ValueError(f"after the prompt, a StaticFoxCache takes input_ids of shape ({cache.batch_size}, 1), "
+                             f"got {None if input_ids is None else tuple(input_ids.shape)}")
+        if cache.get_seq_length() >= cache.max_length:
+            raise ValueError(f"the StaticFoxCache is full ({cache.max_length} positions)")
+        if input_ids.device.type != "cuda":
+            logits = self._decode_step(input_ids, cache)
+        elif cache.decode_graph is not None:
+            logits = cache.decode_graph(input_ids)
+        elif cache.warmed_up:
+            cache.decode_graph = _DecodeGraph(lambda ids: self._decode_step(ids, cache), input_ids)
+            logits = cache.decode_graph(input_ids)
+        else:  # CUDA graphs want one run on a side stream before the capture
+            side = torch.cuda.Stream(device=input_ids.device)
+            side.wait_stream(torch.cuda.current_stream(input_ids.device))
+            with torch.cuda.stream(side):
+                logits = self._decode_step(input_ids, cache)
+            torch.cuda.current_stream(input_ids.device).wait_stream(side)
+            cache.warmed_up = True
+        cache.seen_tokens += 1
+        return CausalLMOutputWithPast(logits=logits, **{CACHE_NAME: cache})
+
+    @torch.no_grad()
+    def _decode_step(self, input_ids: torch.LongTensor, cache: StaticFoxCache) -> torch.Tensor:
+        """Logits ``(B, 1, V)`` of one token per row; writes it into ``cache`` and advances it."""
+        cache.begin_step()
+        hidden = self.model.decode_step(input_ids, cache)
+        cache.end_step()
+        return self.lm_head(hidden)[..., :self.config.vocab_size]
+
+    def acp_eviction_cache(self, max_length: int, log_eps: float | None = None,
+                           evict_every: int = 64) -> EvictingFoxCache:
+        """An empty cache that drops the keys ACP prunes for good (pass it to ``generate()`` as the
+        cache). ``max_length``: the longest context it will hold (prompt + new tokens; the
+        threshold, and so the bound, is for that length); ``log_eps``: the bound's ``ln eps``
+        (default ``config.acp_log_eps``). Needs forgetting attention with QK-norm (the threshold
+        then depends on the weights only)."""
+        if not (self.config.uses_forget_gate and self.config.use_qk_norm):
+            raise ValueError(f"ACP eviction needs a forget gate and QK-norm; architecture "
+                             f"{self.config.architecture!r} with use_qk_norm={self.config.use_qk_norm} has not both")
+        log_eps = self.config.acp_log_eps if log_eps is None else log_eps
+        thresholds = [threshold_from_qk_norm(layer.q_norm.weight, layer.k_norm.weight, layer.head_dim, max_length,
+                                             log_eps) if isinstance(layer, ForgettingAttentionLayer) else None
+                      for layer in self._fox_layers()]
+        return EvictingFoxCache(thresholds, self.config.num_key_value_heads, evict_every=evict_every)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, mode_or_assistant, batch_size: int,
+                                      max_cache_length: int, *args, **kwargs) -> None:
+        """generate() hook: start with an empty cache unless one is passed or ``use_cache`` is off
+        (before the first step, so that assisted decoding finds it): a :class:`StaticFoxCache`
+        where :meth:`_captures_decoding` says so, else a :class:`FoxCache`. ``mode_or_assistant``:
+        the generation mode (transformers 5) or the assistant model (transformers 4)."""
+        if generation_config.cache_implementation not in (None, "dynamic", "static"):
+            raise ValueError(f"FoxForCausalLM supports cache_implementation None, 'dynamic' (FoxCache) or 'static' "
+                             f"(StaticFoxCache), got {generation_config.cache_implementation!r}")
+        if generation_config.use_cache is False or model_kwargs.get(CACHE_NAME) is not None:
+            super()._prepare_cache_for_generation(generation_config, model_kwargs, mode_or_assistant, batch_size,
+                                                  max_cache_length, *args, **kwargs)
+        elif self._captures_decoding(generation_config, mode_or_assistant):
+            rows = max(generation_config.num_beams, generation_config.num_return_sequences or 1) * batch_size
+            model_kwargs[CACHE_NAME] = StaticFoxCache(self.config, rows, max_cache_length + 1, device=self.device,
+                                                      dtype=self.dtype)
+        else:
+            model_kwargs[CACHE_NAME] = FoxCache(self.config.num_hidden_layers)
+
+    def _captures_decoding(self, generation_config, mode_or_assistant) -> bool:
+        """Whether generate() decodes through a :class:`StaticFoxCache` (steps replayed as a CUDA
+        graph): with ``cache_implementation="static"``, and by default on CUDA for greedy search,
+        sampling and beam search unless hidden states are asked for. ``cache_implementation=
+        "dynamic"`` opts out; assisted decoding and prompt lookup always use a (croppable) FoxCache."""
+        if generation_config.cache_implementation is not None:
+            return generation_config.cache_implementation == "static"
+        if self.device.type != "cuda" or generation_config.output_hidden_states:
+            return False
+        mode = mode_or_assistant if isinstance(mode_or_assistant, GenerationMode) \
+            else generation_config.get_generation_mode(mode_or_assistant)
+        return mode in SINGLE_TOKEN_MODES
+
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
-                                      inputs_embeds=None, use_cache=True, logits_to_keep=None, **kwargs):
-        if past_key_values is None and use_cache:
-            past_key_values = FoxCache(self.config.num_hidden_layers)
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if past > 0:
-            inputs = {"input_ids": input_ids[:, past:]}
-        elif inputs_embeds is not None:
+                                      inputs_embeds=None, cache=None, next_sequence_length=_NOT_PASSED,
+                                      cache_position=None, **kwargs):
+        """Inputs of one generate() step: only the trailing positions the cache does not hold yet.
+
+        Which positions are new: ``next_sequence_length`` trailing ones where transformers passes it
+        (5.x; None means all of ``input_ids``), else the ``cache_position`` ones (4.x), else those
+        past the cache length. Other keyword arguments go to ``forward`` unchanged.
+        """
+        cache = _given_cache(past_key_values, cache)
+        past = cache.get_seq_length() if cache is not None else 0
+        if inputs_embeds is not None and past == 0:
             inputs = {"inputs_embeds": inputs_embeds}
         else:
-            inputs = {"input_ids": input_ids}
-        inputs.update(past_key_values=past_key_values, attention_mask=attention_mask, use_cache=use_cache)
-        if logits_to_keep is not None:
-            inputs["logits_to_keep"] = logits_to_keep
-        return inputs
+            new = _new_positions(input_ids.shape[1], past, next_sequence_length, cache_position)
+            inputs = {"input_ids": input_ids[:, input_ids.shape[1] - new:]}
+        return {**kwargs, **inputs, "past_key_values": cache, "attention_mask": attention_mask}
 
-    def _reorder_cache(self, past_key_values: FoxCache, beam_idx: torch.Tensor) -> FoxCache:
-        past_key_values.reorder_cache(beam_idx)
-        return past_key_values
+
+class _DecodeGraph:
+    """One decoding step recorded as a CUDA graph: calling it copies the tokens into the recorded
+    input and replays the graph."""
+
+    def __init__(self, step, input_ids: torch.Tensor):
+        self.input_ids = input_ids.clone()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = step(self.input_ids)
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        self.input_ids.copy_(input_ids)
+        self.graph.replay()
+        return self.logits.clone()  # the next replay overwrites the recorded output
+
+
+def _new_positions(length: int, cached: int, next_sequence_length, cache_position) -> int:
+    """How many trailing positions of a ``length``-long ``input_ids`` a generate() step must feed
+    (see :meth:`FoxForCausalLM.prepare_inputs_for_generation`)."""
+    if next_sequence_length is not _NOT_PASSED:
+        new = length if next_sequence_length is None else int(next_sequence_length)
+    elif cache_position is not None:
+        new = len(cache_position)
+    else:
+        new = length - cached
+    if not 0 < new <= length:
+        raise ValueError(f"input_ids has {length} positions and the cache holds {cached}: nothing new to feed "
+                         f"({new} positions); pass the whole sequence")
+    return new
 
 
 def register_auto_classes() -> None:

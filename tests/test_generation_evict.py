@@ -1,0 +1,86 @@
+"""ACP KV-cache eviction: keys dropped for good carry at most eps of any later query's attention
+(the ACP bound), never-forgetting heads keep everything, and decoding stays within that bound."""
+
+import math
+
+import pytest
+import torch
+
+from foxacp.models import EvictingFoxCache, FoxCache
+from foxacp.models.attention import ForgettingAttentionLayer
+from foxacp.models.modeling import CACHE_NAME
+from foxacp.ops import threshold_from_qk_norm
+from test_generation import VOCAB, left_padded, tiny
+
+LOG_EPS = -10.0
+# per query head: never forgets; forgets fast | two fast-forgetting heads (kv groups of 2 heads)
+GATE_BIAS = [30.0, -4.0, -2.0, -1.0]
+
+
+def adversarial_gates(model):
+    for layer in model.modules():
+        if isinstance(layer, ForgettingAttentionLayer):
+            with torch.no_grad():
+                layer.fgate_proj.weight.zero_()
+                layer.fgate_proj.bias.copy_(torch.tensor(GATE_BIAS))
+    return model
+
+
+def decode(model, cache, ids, steps: int, record_queries=False):
+    """Prefill ``ids`` then feed ``steps`` given tokens one at a time; the last step's logits (and
+    the post-norm queries of each forgetting-attention layer in that step)."""
+    queries = {}
+    hooks = [layer.q_norm.register_forward_hook(lambda m, a, out, i=i: queries.__setitem__(i, out))
+             for i, layer in enumerate(model.modules()) if isinstance(layer, ForgettingAttentionLayer)] \
+        if record_queries else []
+    with torch.no_grad():
+        model(ids[:, :-steps], past_key_values=cache, use_cache=True)
+        for t in range(ids.shape[1] - steps, ids.shape[1]):
+            logits = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits
+    for hook in hooks:
+        hook.remove()
+    return logits, list(queries.values())
+
+
+def test_evicted_keys_carry_at_most_eps_of_the_attention():
+    model = adversarial_gates(tiny("fox-pro"))
+    ids = torch.randint(1, VOCAB, (2, 90))
+    evicting = model.acp_eviction_cache(max_length=90, log_eps=LOG_EPS, evict_every=1)
+    full = FoxCache(model.config.num_hidden_layers)
+    got, _ = decode(model, evicting, ids, steps=30)
+    want, queries = decode(model, full, ids, steps=30, record_queries=True)
+    eps = math.exp(LOG_EPS)
+    modules = [m for m in model.modules() if isinstance(m, ForgettingAttentionLayer)]
+    for layer, full_layer, q, module in zip(evicting.layers, full.layers, queries, modules):
+        assert layer.start[0] == 0 and layer.kept()[0] == 90  # a never-forgetting head keeps every key
+        assert 0 < layer.start[1] and layer.kept()[1] < 40  # the fast-forgetting group keeps a short window
+        # exactly the keys ACP prunes for the last query in every row and head of the group
+        delta = threshold_from_qk_norm(module.q_norm.weight, module.k_norm.weight, 16, 90, LOG_EPS)
+        pruned = (full_layer.decay[:, -1:] - full_layer.decay < delta).sum(1)  # [B, H]
+        assert layer.start == pruned.view(2, 2, 2).amin(dim=(0, 2)).tolist()
+        # the mass the full cache's last query puts on the evicted keys (softmax of q.k/sqrt(D) + c_t - c_j)
+        keys = full_layer.key.repeat_interleave(2, dim=2)  # [B, T, H, D]
+        decay = (full_layer.decay[:, -1:] - full_layer.decay).transpose(1, 2)  # [B, H, T]
+        scores = torch.einsum("bhd,bjhd->bhj", q[:, -1], keys) / 4 + decay
+        weights = scores.softmax(-1)  # [B, H, T]
+        for h in range(4):
+            assert float(weights[:, h, :layer.start[h // 2]].sum(-1).max()) <= eps
+    assert (got - want).abs().max() < 1e-3
+    assert evicting.memory_bytes() < full.memory_bytes()
+
+
+def test_generate_with_eviction_equals_the_full_cache():
+    model = adversarial_gates(tiny("fox-pro"))
+    prompt, mask = left_padded([torch.randint(1, VOCAB, (n,)) for n in (40, 31)])
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    cache = model.acp_eviction_cache(max_length=50, evict_every=4)
+    assert torch.equal(model.generate(prompt, **{CACHE_NAME: cache}, **kwargs), model.generate(prompt, **kwargs))
+    assert isinstance(cache, EvictingFoxCache) and cache.get_seq_length() == 49
+    assert any(start > 0 for layer in cache.layers for start in layer.start)
+
+
+def test_eviction_needs_forget_gate_and_qk_norm():
+    with pytest.raises(ValueError, match="forget gate and QK-norm"):
+        tiny("fox-llama").acp_eviction_cache(max_length=64)
+    with pytest.raises(NotImplementedError, match="cannot be cropped"):
+        tiny("fox-pro").acp_eviction_cache(max_length=64).crop(-1)
