@@ -4,11 +4,13 @@ warning when backend="auto" cannot load the Triton backend on CUDA."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 import types
 import warnings
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -165,3 +167,28 @@ def test_auto_on_cpu_never_warns(monkeypatch, fresh_warning):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert backends.resolve("auto", torch.zeros(1, 2, 8, 16), 16) is blockwise
+
+
+@pytest.mark.slow
+def test_wheel_has_license_and_py_typed_and_builds_without_warnings(tmp_path):
+    """The wheel carries LICENSE, py.typed and an SPDX licence, and setuptools warns about nothing."""
+    setuptools = pytest.importorskip("setuptools")
+    if Version(setuptools.__version__) < Version("77"):
+        pytest.skip("the SPDX `license` string needs setuptools >= 77 (the build-system floor)")
+    source = tmp_path / "source"  # a copy: setuptools writes build/ and *.egg-info beside the sources
+    shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, source / name)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation",
+                            "--no-index", "-w", str(tmp_path), str(source)],
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    log = build.stdout + build.stderr
+    assert "Deprecat" not in log and "BuildBackendWarning" not in log, log[-3000:]
+    (wheel,) = tmp_path.glob("foxacp-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        metadata = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert "foxacp/py.typed" in names
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    assert "License-Expression: MIT" in metadata
