@@ -13,22 +13,25 @@ Usage: ``python benchmarks/attention.py [--quick] [--no-flex] [--rounds 3] [--js
 Each contender is timed ``--rounds`` times, the contenders in turn (a clock drift during the run
 then hits all of them alike), and the median is reported. Prints a table (ms, dense-equivalent
 TFLOP/s, ratio to SDPA, kept-tile fraction) and writes JSON (with every round's time).
+``--compare-tma`` adds foxacp dense without TMA descriptors, timed in a child process with the
+documented switch ``FOXACP_TRITON_TMA=0`` (against the child's own SDPA).
 """
 
 import argparse
 import json
 import math
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 import triton
 
 from foxacp import forgetting_attention
-from foxacp.ops import triton_attention
-from foxacp.ops.acp import MaskSpec
-from foxacp.ops.api import _cumulative_decay, _threshold
+from foxacp.acp import MaskSpec, threshold_from_data
 
 SHAPES = [  # (B, H, Hkv, T, D)
     (8, 16, 16, 4096, 64),
@@ -38,6 +41,7 @@ SHAPES = [  # (B, H, Hkv, T, D)
     (4, 32, 8, 8192, 64),  # GQA 4:1
 ]
 GATES = ["none", "spread", "fast"]
+LOG_EPS = -10.0  # forgetting_attention's default for adaptive_threshold="auto"
 
 
 def make_inputs(B, H, Hkv, T, D, gate, dtype=torch.bfloat16, seed=0):
@@ -57,6 +61,37 @@ def make_inputs(B, H, Hkv, T, D, gate, dtype=torch.bfloat16, seed=0):
         f = torch.exp(-1.0 / tau)
         logit = torch.log(f / (1 - f)) + 0.3 * torch.randn(B, T, H, device="cuda", generator=g)
     return q, k, v, torch.nn.functional.logsigmoid(logit).float()
+
+
+def decays(gate):
+    """``c = cumsum(log f)`` of ``gate`` ``(B, H, T)`` as forgetting_attention builds it for plain
+    causal inputs: float32 for the kernels, and the float64 sum the ACP plan is searched in."""
+    decay_global = torch.cumsum(gate, -1, dtype=torch.float64)
+    return decay_global.float(), decay_global
+
+
+def plan_arrays(decay_global, delta, seqlen, head_dim):
+    """The paper rule's tile plan arrays ``(acp_kv_begin, acp_q_end)`` on the backend's current tiles
+    (the Triton pre-pass), for :func:`op_forward` / :func:`op_backward`."""
+    from foxacp.ops.triton_attention import acp_tiles, default_tiles
+
+    return acp_tiles(decay_global, delta, seqlen, *default_tiles(head_dim))
+
+
+def op_forward(qc, kc, vc, decay, scale, *, plan=(None, None)):
+    """The Triton forward custom op alone (no API preamble), plain causal; ACP on ``plan``'s arrays
+    (:func:`plan_arrays`). (B, H, T, D) inputs; returns ``(out, lse)``. The one place that calls the op."""
+    from foxacp.ops.triton_attention import fox_attn_fwd
+
+    return fox_attn_fwd(qc, kc, vc, decay, acp_kv=plan[0], acp_q=plan[1], key_lo=None, key_hi=None, sm_scale=scale)
+
+
+def op_backward(dout, qc, kc, vc, decay, out, lse, scale, *, plan=(None, None)):
+    """The Triton backward custom op alone, for :func:`op_forward`'s ``out, lse``."""
+    from foxacp.ops.triton_attention import fox_attn_bwd
+
+    return fox_attn_bwd(dout, qc, kc, vc, decay, acp_kv=plan[0], acp_q=plan[1], key_lo=None, key_hi=None,
+                        out=out, lse=lse, sm_scale=scale)
 
 
 def bench(fn, backward: bool, grads=None):
@@ -83,14 +118,11 @@ def time_round_robin(contenders: dict, backward: bool, grads, rounds: int) -> di
         for name, fn in contenders.items():
             if name not in times:
                 continue
-            triton_attention.TMA_ENABLED = not name.endswith("no-tma")
             try:
                 times[name].append(bench(fn, backward, grads))
             except Exception as err:  # noqa: BLE001 - report and go on
                 print(f"{name} {'fwd+bwd' if backward else 'fwd'} failed: {type(err).__name__}: {err}", file=sys.stderr)
                 del times[name]
-            finally:
-                triton_attention.TMA_ENABLED = True
     return times
 
 
@@ -98,8 +130,8 @@ def plan_for(q, k, log_f, block):
     """The ACP tile plan at FlexAttention's block size, as the API would build it."""
     qc, kc, gate = q.transpose(1, 2), k.transpose(1, 2), log_f.transpose(1, 2)
     B, H, T, D = qc.shape
-    decay, decay_global = _cumulative_decay(gate, None, False, False)
-    delta = _threshold("auto", -10.0, qc, kc, 1 / math.sqrt(D), B, H, T)
+    decay, decay_global = decays(gate)
+    delta = threshold_from_data(qc, kc, 1 / math.sqrt(D), T, LOG_EPS)
     spec = MaskSpec(B, H, T, T, None, None, decay_global, delta)
     return spec.plan(block, block), decay
 
@@ -145,11 +177,10 @@ def flex_contenders(q, k, v, log_f, H, Hkv):
 
 
 def tune(json_path, part="all"):
-    """Time the custom ops alone for candidate tile configs (forward with and without TMA
-    descriptors; no API preamble), and the preamble parts. ACP (nothing prunable) only for the
-    default config."""
-    from foxacp.ops.triton_attention import TileConfig, _CONFIGS, fox_attn_bwd, fox_attn_fwd
-    from foxacp.ops.acp import threshold_from_data
+    """Time the custom ops alone for candidate tile configs (no API preamble), and the preamble
+    parts. ACP (nothing prunable) only for the default config. The forward runs as the process's
+    ``FOXACP_TRITON_TMA`` says (default on); run once with ``FOXACP_TRITON_TMA=0`` to compare."""
+    from foxacp.ops.triton_attention import TMA_ENABLED, TileConfig, _CONFIGS
 
     results = []
     # (block_m, block_n, warps, stages) per head dim; configs whose TMA variant crashes ptxas 12.8 left out
@@ -161,26 +192,24 @@ def tune(json_path, part="all"):
 
     def timed(kind, D, cfg, make_config, run, baseline, flops=None, with_acp=False):
         default = _CONFIGS[D]
-        for tma in ((False, True) if kind == "fwd" else (True,)):  # only the forward has a TMA variant
-            triton_attention.TMA_ENABLED = tma
-            _CONFIGS[D] = make_config(cfg)
-            for acp in ((False, True) if with_acp else (False,)):
-                try:
-                    ms = triton.testing.do_bench(lambda: run(acp), warmup=25, rep=100, return_mode="median")
-                except Exception as err:  # noqa: BLE001
-                    print(f"D={D} {kind} {cfg} tma={tma:d} failed: {type(err).__name__}: {str(err)[:200]}", flush=True)
-                    continue
-                results.append(dict(D=D, kind=kind, acp=acp, tma=tma, cfg=cfg, ms=ms, vs_sdpa=ms / baseline))
-                print(f"D={D} {kind} acp={acp:d} tma={tma:d} {cfg} {ms:.3f} ms x{ms / baseline:.2f}"
-                      + (f" {flops / ms / 1e9:.0f} TF/s" if flops else ""), flush=True)
+        _CONFIGS[D] = make_config(cfg)
+        for acp in ((False, True) if with_acp else (False,)):
+            try:
+                ms = triton.testing.do_bench(lambda: run(acp), warmup=25, rep=100, return_mode="median")
+            except Exception as err:  # noqa: BLE001
+                print(f"D={D} {kind} {cfg} failed: {type(err).__name__}: {str(err)[:200]}", flush=True)
+                continue
+            uses_tma = TMA_ENABLED and kind == "fwd"  # only the forward has a TMA variant
+            results.append(dict(D=D, kind=kind, acp=acp, tma=uses_tma, cfg=cfg, ms=ms, vs_sdpa=ms / baseline))
+            print(f"D={D} {kind} acp={acp:d} tma={uses_tma:d} {cfg} {ms:.3f} ms x{ms / baseline:.2f}"
+                  + (f" {flops / ms / 1e9:.0f} TF/s" if flops else ""), flush=True)
         _CONFIGS[D] = default
-        triton_attention.TMA_ENABLED = True
 
     for B, H, T, D in [(4, 16, 8192, 64), (2, 8, 16384, 128)]:
         q, k, v, log_f = make_inputs(B, H, H, T, D, "none")
         qc, kc, vc = (t.transpose(1, 2) for t in (q, k, v))
-        decay = log_f.transpose(1, 2).cumsum(-1)
-        dg = log_f.transpose(1, 2).double().cumsum(-1)
+        gate = log_f.transpose(1, 2)
+        decay, dg = decays(gate)
         delta = torch.full((B, H), -1e9, device="cuda")
         scale = 1 / math.sqrt(D)
         dout = torch.randn_like(qc)
@@ -191,10 +220,10 @@ def tune(json_path, part="all"):
         base = _CONFIGS[D]
         for cand in fwd_cands[D] if part in ("all", "fwd") else []:
             timed("fwd", D, cand, lambda c: TileConfig(*c, 16, 16, 16, 16, base.bwd_warps, base.bwd_stages),
-                  lambda acp: fox_attn_fwd(qc, kc, vc, decay, dg if acp else None, None, None,
-                                           delta if acp else None, scale), sdpa_f, flops,
+                  lambda acp: op_forward(qc, kc, vc, decay, scale, plan=plan_arrays(dg, delta, T, D) if acp
+                                         else (None, None)), sdpa_f, flops,
                   cand == (base.block_m, base.block_n, base.fwd_warps, base.fwd_stages))
-        out, lse = fox_attn_fwd(qc, kc, vc, decay, None, None, None, None, scale)
+        out, lse = op_forward(qc, kc, vc, decay, scale)
         qg, kg, vg = (t.detach().requires_grad_(True) for t in (qc, kc, vc))
         o = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, is_causal=True)
         sdpa_b = triton.testing.do_bench(lambda: torch.autograd.grad(o, (qg, kg, vg), dout, retain_graph=True),
@@ -202,13 +231,12 @@ def tune(json_path, part="all"):
         print(f"D={D} sdpa bwd {sdpa_b:.3f} ms", flush=True)
         for cand in bwd_cands[D] if part in ("all", "bwd") else []:
             timed("bwd", D, cand, lambda c: TileConfig(base.block_m, base.block_n, base.fwd_warps, base.fwd_stages, *c),
-                  lambda acp: fox_attn_bwd(dout, qc, kc, vc, decay, dg if acp else None, None, None,
-                                           delta if acp else None, out, lse, scale), sdpa_b, None,
+                  lambda acp: op_backward(dout, qc, kc, vc, decay, out, lse, scale,
+                                          plan=plan_arrays(dg, delta, T, D) if acp else (None, None)), sdpa_b, None,
                   cand == (base.m1, base.n1, base.m2, base.n2, base.bwd_warps, base.bwd_stages))
         # the API preamble: data threshold and the float64 decay cumsum
-        gate = log_f.transpose(1, 2)
         for name, fn in [("threshold_from_data", lambda: threshold_from_data(qc, kc, scale, T)),
-                         ("cumulative_decay", lambda: _cumulative_decay(gate, None, False, False))]:
+                         ("cumulative_decay", lambda: decays(gate))]:
             ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
             results.append(dict(D=D, kind=name, ms=ms))
             print(f"D={D} {name} {ms:.3f} ms", flush=True)
@@ -220,18 +248,19 @@ def tune(json_path, part="all"):
 
 def overhead(json_path):
     """ACP cost when nothing is prunable, per component (CUDA-event medians via do_bench)."""
-    from foxacp.ops import acp as acp_mod
-    from foxacp.ops.triton_attention import _acp_tiles, default_tiles, fox_attn_bwd, fox_attn_fwd
+    from foxacp.ops import triton_attention
 
     def ms(fn):
         fn()
         torch.cuda.synchronize()
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
-    def torch_threshold(qc, kc, scale, T):  # the PyTorch path (before the fused kernels)
+    def torch_threshold(qc, kc, scale, T):
+        """The "auto" threshold in PyTorch ops alone: the baseline of the fused threshold kernels
+        (kernel-notes attempt 6). Norms in float32 over the (B, T, H, D) memory as laid out."""
         B, H, Hkv = qc.shape[0], qc.shape[1], kc.shape[1]
-        q_max = acp_mod._row_norms(qc).amax(-1)
-        k_max = acp_mod._row_norms(kc).amax(-1)
+        q_max, k_max = (torch.linalg.vector_norm(t.transpose(1, 2), dim=-1, dtype=torch.float32).amax(1)
+                        for t in (qc, kc))
         g = H // Hkv
         q_max = q_max.view(B, Hkv, g).amax(-1, keepdim=True).expand(-1, -1, g)
         return -(2.0 * q_max.reshape(B, H) * k_max.repeat_interleave(g, 1) * scale + math.log(T)) - 10.0
@@ -242,24 +271,27 @@ def overhead(json_path):
         qc, kc, vc = (t.transpose(1, 2) for t in (q, k, v))
         gate = log_f.transpose(1, 2)
         scale = 1 / math.sqrt(D)
-        decay, dg = _cumulative_decay(gate, None, False, False)
-        delta = _threshold("auto", -10.0, qc, kc, scale, B, H, T)
-        bm, bn = default_tiles(D)
-        out, lse = fox_attn_fwd(qc, kc, vc, decay, None, None, None, None, scale)
+        decay, dg = decays(gate)
+        delta = threshold_from_data(qc, kc, scale, T, LOG_EPS)
+        plan = plan_arrays(dg, delta, T, D)
+        local_spec = MaskSpec(B, H, T, T, None, None, dg, delta, "local", LOG_EPS)
+        out, lse = op_forward(qc, kc, vc, decay, scale)
         dout = torch.randn_like(qc)
         leaves = [t.detach().requires_grad_(True) for t in (q, k, v, log_f)]
         grads = torch.randn_like(q)
         r = dict(shape=(B, H, Hkv, T, D))
         r["threshold torch"] = ms(lambda: torch_threshold(qc, kc, scale, T))
-        r["threshold fused"] = ms(lambda: _threshold("auto", -10.0, qc, kc, scale, B, H, T))
-        r["decay f64 (old: .double().cumsum)"] = ms(lambda: (torch.cumsum(gate.double(), -1).float()))
-        r["decay f64 (cumsum dtype=f64)"] = ms(lambda: _cumulative_decay(gate, None, False, False))
+        r["threshold fused"] = ms(lambda: threshold_from_data(qc, kc, scale, T, LOG_EPS))
+        # a float64 copy of the gate, then cumsum: the baseline of cumsum(dtype=float64) (kernel-notes attempt 6)
+        r["decay f64 (.double().cumsum)"] = ms(lambda: (torch.cumsum(gate.double(), -1).float()))
+        r["decay f64 (cumsum dtype=f64)"] = ms(lambda: decays(gate))
         r["decay f32 cumsum"] = ms(lambda: torch.cumsum(gate, -1))
-        r["acp pre-pass"] = ms(lambda: _acp_tiles(dg, delta, B, H, T, T, bm, bn))
-        r["op fwd dense"] = ms(lambda: fox_attn_fwd(qc, kc, vc, decay, None, None, None, None, scale))
-        r["op fwd acp"] = ms(lambda: fox_attn_fwd(qc, kc, vc, decay, dg, None, None, delta, scale))
-        r["op bwd dense"] = ms(lambda: fox_attn_bwd(dout, qc, kc, vc, decay, None, None, None, None, out, lse, scale))
-        r["op bwd acp"] = ms(lambda: fox_attn_bwd(dout, qc, kc, vc, decay, dg, None, None, delta, out, lse, scale))
+        r["acp pre-pass"] = ms(lambda: plan_arrays(dg, delta, T, D))
+        r["local plan (pre-pass + data bound)"] = ms(lambda: triton_attention.plan(local_spec, qc, kc, scale))
+        r["op fwd dense"] = ms(lambda: op_forward(qc, kc, vc, decay, scale))
+        r["op fwd acp"] = ms(lambda: op_forward(qc, kc, vc, decay, scale, plan=plan))
+        r["op bwd dense"] = ms(lambda: op_backward(dout, qc, kc, vc, decay, out, lse, scale))
+        r["op bwd acp"] = ms(lambda: op_backward(dout, qc, kc, vc, decay, out, lse, scale, plan=plan))
         with torch.no_grad():
             r["api fwd dense"] = ms(lambda: forgetting_attention(q, k, v, log_f, backend="triton"))
             r["api fwd acp auto"] = ms(lambda: forgetting_attention(q, k, v, log_f, backend="triton",
@@ -269,6 +301,8 @@ def overhead(json_path):
         r["api fwd+bwd dense"] = bench(lambda: forgetting_attention(*leaves, backend="triton"), True, grads)
         r["api fwd+bwd acp auto"] = bench(lambda: forgetting_attention(*leaves, backend="triton",
                                                                        adaptive_threshold="auto"), True, grads)
+        r["api fwd+bwd acp local"] = bench(lambda: forgetting_attention(*leaves, backend="triton", adaptive_threshold="auto",
+                                                                        acp_rule="local"), True, grads)
         # host time per API call (enqueue only): is the CPU on the critical path?
         with torch.no_grad():
             for name, kw in [("host us/call fwd dense", {}), ("host us/call fwd acp", {"adaptive_threshold": "auto"})]:
@@ -295,7 +329,20 @@ def overhead(json_path):
         json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
 
 
-def main():
+def no_tma_rows(shape_ids, gates: str, rounds: int) -> list[dict]:
+    """"fox dense no-tma" rows: SDPA and fox dense timed in a child process with the documented
+    switch ``FOXACP_TRITON_TMA=0`` (read once, at import), each ratio against the child's own SDPA."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "no_tma.json")
+        subprocess.run([sys.executable, __file__, "--no-flex", "--contenders", "sdpa causal,fox dense",
+                        "--shapes", ",".join(map(str, shape_ids)), "--gates", gates, "--rounds", str(rounds),
+                        "--json", out], env={**os.environ, "FOXACP_TRITON_TMA": "0"}, check=True)
+        with open(out) as f:
+            rows = json.load(f)["rows"]
+    return [dict(r, contender="fox dense no-tma") for r in rows if r["contender"] == "fox dense"]
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="first shape only")
     parser.add_argument("--no-flex", action="store_true")
@@ -305,16 +352,18 @@ def main():
     parser.add_argument("--tune", action="store_true", help="time tile configs of the ops alone")
     parser.add_argument("--tune-part", choices=("all", "fwd", "bwd"), default="all")
     parser.add_argument("--overhead", action="store_true", help="ACP cost per component, nothing prunable")
-    parser.add_argument("--compare-tma", action="store_true", help="also time fox dense without TMA descriptors")
+    parser.add_argument("--compare-tma", action="store_true",
+                        help="also time fox dense without TMA descriptors (child process, FOXACP_TRITON_TMA=0)")
+    parser.add_argument("--contenders", type=str, default=None, help="only these, e.g. 'sdpa causal,fox dense'")
     parser.add_argument("--rounds", type=int, default=3, help="times each contender is timed, in turn (median)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.tune:
         return tune(args.json, args.tune_part)
     if args.overhead:
         return overhead(args.json)
-    shapes = SHAPES[:1] if args.quick else SHAPES
-    if args.shapes:
-        shapes = [SHAPES[int(i)] for i in args.shapes.split(",")]
+    shape_ids = [int(i) for i in args.shapes.split(",")] if args.shapes else [0] if args.quick else range(len(SHAPES))
+    shapes = [SHAPES[i] for i in shape_ids]
+    wanted = None if args.contenders is None else set(args.contenders.split(","))
     try:
         from fla.ops.forgetting_attn import parallel_forgetting_attn
     except ImportError:
@@ -334,16 +383,16 @@ def main():
                     qh, kh, vh, is_causal=True, enable_gqa=H != Hkv).transpose(1, 2),
                 "fox dense": lambda: forgetting_attention(*leaves, backend="triton"),
                 "fox acp": lambda: forgetting_attention(*leaves, backend="triton", adaptive_threshold="auto"),
+                "fox acp local": lambda: forgetting_attention(*leaves, backend="triton", adaptive_threshold="auto",
+                                                              acp_rule="local"),
             }
             _, stats = forgetting_attention(q, k, v, log_f, backend="triton", adaptive_threshold="auto",
-                                            return_stats=True)
-            kept = {"fox acp": stats.kept_fraction}
-            if args.compare_tma:
-                contenders["fox dense no-tma"] = contenders["fox dense"]  # timed with TMA off, below
+                                            acp_rule="local", return_stats=True)
+            kept = {"fox acp": stats.paper_kept_fraction, "fox acp local": stats.kept_fraction}
             if parallel_forgetting_attn is not None:
                 contenders["fla"] = lambda: parallel_forgetting_attn(*leaves[:3], leaves[3], scale=1 / math.sqrt(D))
-            # Flex: (B,H,T,T)-sized buffers at T=16k (OOM on 80 GB) and 185 ms at D=128 in earlier runs
-            if not args.no_flex and T <= 8192 and D <= 64:
+            # Flex only where it fits: (B,H,T,T)-sized buffers at T=16k (OOM on 80 GB), 185 ms measured at D=128
+            if not args.no_flex and T <= 8192 and D <= 64 and (wanted is None or any("flex" in n for n in wanted)):
                 try:
                     flex, kept_flex = flex_contenders(*leaves, H, Hkv)
                     flex = {name: (lambda f=f: f().transpose(1, 2)) for name, f in flex.items()}
@@ -351,6 +400,8 @@ def main():
                     kept["flex acp"] = kept_flex
                 except Exception as err:  # noqa: BLE001 - report and go on
                     print(f"flex skipped: {type(err).__name__}: {err}", file=sys.stderr)
+            if wanted is not None:
+                contenders = {name: fn for name, fn in contenders.items() if name in wanted}
             for mode in ("fwd", "fwd+bwd"):
                 times = time_round_robin(contenders, mode == "fwd+bwd", grads, args.rounds)
                 base = statistics.median(times["sdpa causal"]) if times.get("sdpa causal") else None
@@ -367,6 +418,8 @@ def main():
                           f"kept {row['kept']:.3f}", flush=True)
             del q, k, v, log_f, leaves, contenders
             torch.cuda.empty_cache()
+    if args.compare_tma:
+        rows += no_tma_rows(shape_ids, args.gates, args.rounds)
     with open(args.json, "w") as f:
         json.dump({"device": device, "torch": torch.__version__, "triton": triton.__version__,
                    "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}, f, indent=1)
@@ -375,8 +428,8 @@ def main():
 
 def print_table(rows):
     print("\n| shape (B,H,Hkv,T,D) | gate | mode | SDPA ms | fox dense | fox dense no-TMA | fox ACP (kept) "
-          "| flex causal (no gate) | flex dense | flex ACP |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| fox ACP local (kept) | flex causal (no gate) | flex dense | flex ACP |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     keyed = {}
     for r in rows:
         keyed.setdefault((r["B"], r["H"], r["Hkv"], r["T"], r["D"], r["gate"], r["mode"]), {})[r["contender"]] = r
@@ -386,11 +439,12 @@ def print_table(rows):
             r = group.get(name)
             return "-" if r is None else f"{r['ms']:.2f} (x{r['vs_sdpa']:.2f})"
         sdpa = group.get("sdpa causal")
-        acp = group.get("fox acp")
-        acp_cell = "-" if acp is None else f"{acp['ms']:.2f} (x{acp['vs_sdpa']:.2f}, {acp['kept']:.2f})"
+        def acp_cell(name):
+            r = group.get(name)
+            return "-" if r is None else f"{r['ms']:.2f} (x{r['vs_sdpa']:.2f}, {r['kept']:.2f})"
         print(f"| {tuple(shape)} | {gate} | {mode} | {sdpa['ms'] if sdpa else float('nan'):.2f} | "
-              f"{cell('fox dense')} | {cell('fox dense no-tma')} | {acp_cell} | {cell('flex causal')} | {cell('flex dense')} "
-              f"| {cell('flex acp')} |")
+              f"{cell('fox dense')} | {cell('fox dense no-tma')} | {acp_cell('fox acp')} | {acp_cell('fox acp local')} "
+              f"| {cell('flex causal')} | {cell('flex dense')} | {cell('flex acp')} |")
 
 
 if __name__ == "__main__":

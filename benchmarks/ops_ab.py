@@ -1,7 +1,7 @@
 """The Triton custom ops alone (dense, default tiles) against SDPA, for A/B runs of two source trees.
 
     python benchmarks/ops_ab.py --tag new --json new.jsonl
-    PYTHONPATH=/path/to/old/checkout/src python benchmarks/ops_ab.py --tag old --json old.jsonl
+    PYTHONPATH=/path/to/base/checkout/src python benchmarks/ops_ab.py --tag base --json base.jsonl
     python benchmarks/ops_ab.py --profile       # CUDA time per kernel (GQA vs the same-FLOP MHA shape)
 
 Times ``fox_attn_fwd`` and ``fox_attn_bwd`` (no API preamble: no gate cumsum, no ACP) and SDPA
@@ -20,8 +20,7 @@ import math
 import torch
 import triton
 
-from attention import SHAPES, make_inputs
-from foxacp.ops.triton_attention import fox_attn_bwd, fox_attn_fwd
+from attention import SHAPES, decays, make_inputs, op_backward, op_forward
 
 MHA_LIKE_GQA = (4, 32, 32, 8192, 64)
 
@@ -35,9 +34,9 @@ def op_inputs(B, H, Hkv, T, D):
     forward's out/lse."""
     q, k, v, log_f = make_inputs(B, H, Hkv, T, D, "none")
     qc, kc, vc = (t.transpose(1, 2) for t in (q, k, v))
-    decay = log_f.transpose(1, 2).cumsum(-1)
+    decay, _ = decays(log_f.transpose(1, 2))
     scale = 1 / math.sqrt(D)
-    out, lse = fox_attn_fwd(qc, kc, vc, decay, None, None, None, None, scale)
+    out, lse = op_forward(qc, kc, vc, decay, scale)
     return qc, kc, vc, decay, scale, torch.randn_like(qc), out, lse
 
 
@@ -49,8 +48,8 @@ def time_shape(shape) -> dict:
     leaves = [t.detach().requires_grad_(True) for t in (qc, kc, vc)]
     o = torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=True, **gqa)
     sdpa_bwd = median_ms(lambda: torch.autograd.grad(o, leaves, dout, retain_graph=True))
-    fwd = median_ms(lambda: fox_attn_fwd(qc, kc, vc, decay, None, None, None, None, scale))
-    bwd = median_ms(lambda: fox_attn_bwd(dout, qc, kc, vc, decay, None, None, None, None, out, lse, scale))
+    fwd = median_ms(lambda: op_forward(qc, kc, vc, decay, scale))
+    bwd = median_ms(lambda: op_backward(dout, qc, kc, vc, decay, out, lse, scale))
     return dict(shape=shape, sdpa_fwd=sdpa_fwd, sdpa_bwd=sdpa_bwd, fwd=fwd, bwd=bwd, fwd_x=fwd / sdpa_fwd,
                 bwd_x=bwd / sdpa_bwd, fwd_bwd_x=(fwd + bwd) / (sdpa_fwd + sdpa_bwd))
 
@@ -60,8 +59,8 @@ def kernel_profile(shape, iters: int = 10) -> dict:
     qc, kc, vc, decay, scale, dout, out, lse = op_inputs(*shape)
 
     def step():
-        fox_attn_fwd(qc, kc, vc, decay, None, None, None, None, scale)
-        fox_attn_bwd(dout, qc, kc, vc, decay, None, None, None, None, out, lse, scale)
+        op_forward(qc, kc, vc, decay, scale)
+        op_backward(dout, qc, kc, vc, decay, out, lse, scale)
 
     step()
     torch.cuda.synchronize()

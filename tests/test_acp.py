@@ -77,11 +77,9 @@ def test_eps_guarantee(T, H, group, gate, threshold, qk_scale, seed):
     # a given delta guarantees eps = L exp(2U + delta) with U the data's bound on |s_ij|
     U = float(threshold_from_data(q.transpose(1, 2), k.transpose(1, 2), 16 ** -0.5, T, 0.0).neg().sub(math.log(T)).max()) / 2
     eps = math.exp(log_eps) if threshold == "auto" else min(1.0, T * math.exp(2 * U + threshold))
-    spec = MaskSpec(1, H * group, T, T)
     decay = log_f.transpose(1, 2).double().cumsum(-1)
-    plan = tile_bounds(MaskSpec(1, H * group, T, T, decay=decay, delta=stats.threshold), stats.block_m, stats.block_n)
     pruned = attention_mass_pruned(q.transpose(1, 2), k.transpose(1, 2), decay, sm_scale=16 ** -0.5,
-                                   spec=spec, plan=plan)
+                                   spec=MaskSpec(1, H * group, T, T), plan=stats.plan)
     assert float(pruned.max()) <= eps
     assert float((out - dense).abs().max()) <= 2 * eps * float(v.abs().max())
 

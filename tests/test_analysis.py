@@ -205,7 +205,7 @@ def test_moving_average_and_position_curve():
 
 
 def test_hf_tokenizer_bytes_matches_foxacp():
-    from foxacp.analysis.hf_tokenizer import hf_tokenizer
+    from foxacp.models.hf_tokenizer import hf_tokenizer
 
     text = "héllo wörld\n\tx"
     tok = hf_tokenizer("bytes")

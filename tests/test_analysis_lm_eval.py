@@ -35,7 +35,7 @@ def test_lm_eval_hf_toy_task(tmp_path, monkeypatch):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from foxacp.analysis.hf_tokenizer import save_hf_tokenizer
+    from foxacp.models.hf_tokenizer import save_hf_tokenizer
     from foxacp.models import FoxForCausalLM, preset_config
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

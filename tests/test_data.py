@@ -551,4 +551,5 @@ def test_cli(tmp_path, capsys):
     assert (tmp_path / "store" / "tokenizer.json").is_file()
     store = TokenStore(tmp_path / "store")
     assert store.tokenizer().decode(store.doc(0)) == TEXT * 20
-    assert main(["data", "info", str(tmp_path / "nothing")]) == 1
+    with pytest.raises(FileNotFoundError, match="nothing: no such store"):  # foxacp.cli prints it as one line
+        main(["data", "info", str(tmp_path / "nothing")])

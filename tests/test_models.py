@@ -371,7 +371,7 @@ def test_acp_attention_error_within_eps_bound(monkeypatch):
     with torch.no_grad():
         attn(torch.randn(2, 256, 64), AttentionContext())
     out, dense, v, stats = captured[0]
-    eps = math.exp(attn.acp_log_eps)
+    eps = math.exp(attn.config.acp_log_eps)
     assert (out - dense).abs().max() <= 2 * eps * v.abs().max() + 1e-6
     assert stats.kept_fraction < 1.0
 

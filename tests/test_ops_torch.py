@@ -5,20 +5,11 @@ import torch
 
 from foxacp import forgetting_attention
 
-from conftest import make_inputs
-
-
-def run(backend, inputs, **kwargs):
-    """Output and gradients of a fixed random projection of the output."""
-    q, k, v, log_f = [t.detach().clone().requires_grad_(True) for t in inputs]
-    out = forgetting_attention(q, k, v, log_f, backend=backend, **kwargs)
-    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
-    (out * weight).sum().backward()
-    return out.detach(), [t.grad for t in (q, k, v, log_f)]
+from conftest import make_inputs, run_backend
 
 
 def assert_close(a, b, tol):
-    (out_a, grads_a), (out_b, grads_b) = a, b
+    (out_a, grads_a), (out_b, grads_b) = a[:2], b[:2]
     torch.testing.assert_close(out_a, out_b, atol=tol, rtol=tol)
     for name, ga, gb in zip("q k v log_fgate".split(), grads_a, grads_b):
         assert ga is not None and gb is not None, name
@@ -29,8 +20,8 @@ def assert_close(a, b, tol):
 @pytest.mark.parametrize("acp", [None, "auto", -3.0])
 def test_torch_matches_reference(T, acp):
     inputs = make_inputs(2 if T < 500 else 1, T, 4, 32, Hkv=2, gate_logit=1.0)
-    ref = run("reference", inputs, adaptive_threshold=acp)
-    out = run("torch", inputs, adaptive_threshold=acp)
+    ref = run_backend("reference", inputs, adaptive_threshold=acp)
+    out = run_backend("torch", inputs, adaptive_threshold=acp)
     assert_close(out, ref, 2e-5)
 
 
@@ -60,11 +51,11 @@ def test_cu_seqlens_equals_separate_calls(acp):
     lengths = [1, 70, 5, 130]
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     inputs = make_inputs(1, sum(lengths), 4, 16, Hkv=2, gate_logit=0.5)
-    out, grads = run("torch", inputs, cu_seqlens=cu, adaptive_threshold=acp)
+    out, grads, _ = run_backend("torch", inputs, cu_seqlens=cu, adaptive_threshold=acp)
     for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
         piece = [t[:, s:e] for t in inputs]
         # each sequence alone; "auto" there sees only its own data, so compare dense pieces
-        ref_out, ref_grads = run("reference", piece)
+        ref_out, ref_grads, _ = run_backend("reference", piece)
         tol = 2e-5 if acp is None else 1e-3
         torch.testing.assert_close(out[:, s:e], ref_out, atol=tol, rtol=tol)
 
@@ -72,8 +63,8 @@ def test_cu_seqlens_equals_separate_calls(acp):
 def test_cu_seqlens_gradients_match_reference():
     cu = torch.tensor([0, 50, 51, 140])
     inputs = make_inputs(1, 140, 2, 16, gate_logit=0.0)
-    assert_close(run("torch", inputs, cu_seqlens=cu, adaptive_threshold=-4.0),
-                 run("reference", inputs, cu_seqlens=cu, adaptive_threshold=-4.0), 2e-5)
+    assert_close(run_backend("torch", inputs, cu_seqlens=cu, adaptive_threshold=-4.0),
+                 run_backend("reference", inputs, cu_seqlens=cu, adaptive_threshold=-4.0), 2e-5)
 
 
 @pytest.mark.parametrize("Tq", [1, 3, 64, 100])
@@ -82,8 +73,8 @@ def test_prefill_against_cache_is_tail_of_full(Tq):
     full = forgetting_attention(q, k, v, log_f, backend="torch")
     tail = forgetting_attention(q[:, -Tq:], k, v, log_f, backend="torch")
     torch.testing.assert_close(tail, full[:, -Tq:], atol=2e-6, rtol=2e-6)
-    assert_close(run("torch", (q[:, -Tq:], k, v, log_f), adaptive_threshold="auto"),
-                 run("reference", (q[:, -Tq:], k, v, log_f), adaptive_threshold="auto"), 2e-5)
+    assert_close(run_backend("torch", (q[:, -Tq:], k, v, log_f), adaptive_threshold="auto"),
+                 run_backend("reference", (q[:, -Tq:], k, v, log_f), adaptive_threshold="auto"), 2e-5)
 
 
 def test_cumulative_gate_equals_log_gate():
@@ -97,8 +88,8 @@ def test_cumulative_gate_equals_log_gate():
 def test_seq_start_left_padding():
     starts = torch.tensor([0, 17, 99])
     inputs = make_inputs(3, 100, 2, 16, gate_logit=0.0)
-    out, grads = run("torch", inputs, seq_start=starts, adaptive_threshold="auto")
-    ref = run("reference", inputs, seq_start=starts, adaptive_threshold="auto")
+    out, grads, _ = run_backend("torch", inputs, seq_start=starts, adaptive_threshold="auto")
+    ref = run_backend("reference", inputs, seq_start=starts, adaptive_threshold="auto")
     assert_close((out, grads), ref, 2e-5)
     for b, s in enumerate(starts.tolist()):
         assert torch.all(out[b, :s] == 0)

@@ -67,6 +67,16 @@ def test_config_errors_name_the_field():
     assert cfg.optim.lr == 1e-4 and cfg.data.seq_len == 16384 and cfg.model.overrides["acp"] is True
 
 
+def test_defaults_are_cpu_sized():
+    """``foxacp train`` without --config: the tiny model on the built-in corpus, minutes on a CPU."""
+    cfg = load_config(None)
+    steps = cfg.optim.total_tokens // cfg.batch.global_tokens
+    assert cfg.model.preset == "fox-pro-tiny" and cfg.batch.global_tokens <= 8192 and steps <= 500
+    assert cfg.optim.warmup_tokens <= cfg.optim.total_tokens // 10
+    paper = load_config(REPO / "configs" / "fox-pro-125m-4k.yaml")
+    assert paper.batch.global_tokens == 524_288 and paper.optim.warmup_tokens == 2**28
+
+
 def test_schedule_warmup_then_cosine_to_zero():
     cfg = OptimSection(lr=1.0, warmup_tokens=100, total_tokens=1100)
     assert lr_at(0, cfg) == 0 and lr_at(50, cfg) == 0.5 and lr_at(100, cfg) == 1.0

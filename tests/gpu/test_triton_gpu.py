@@ -15,16 +15,16 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 from foxacp import forgetting_attention  # noqa: E402
-from foxacp.ops import reference  # noqa: E402
+
+from conftest import errors, run_backend  # noqa: E402
 
 TOL = {torch.bfloat16: 1e-2, torch.float16: 3e-3, torch.float32: 2e-3}
 
 
 @pytest.fixture
-def ta(monkeypatch):
+def ta():
     from foxacp.ops import triton_attention
 
-    monkeypatch.setattr(reference, "ACP_TILES", None)  # set per head dim in run()
     return triton_attention
 
 
@@ -57,26 +57,11 @@ def make(B, Tq, H, D, *, Tk=None, Hkv=None, dtype=torch.bfloat16, tau=None, seed
     return q, k, v, torch.nn.functional.logsigmoid(logit).float()
 
 
-def run(backend, inputs, **kwargs):
-    q, k, v, log_f = [t.detach().clone().requires_grad_(True) for t in inputs]
-    out = forgetting_attention(q, k, v, log_f, backend=backend, **kwargs)
-    weight = torch.randn(out.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
-    (out.float() * weight).sum().backward()
-    return out.detach(), [t.grad for t in (q, k, v, log_f)]
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-3 * b.numel() ** 0.5)).item()
-
-
 def compare(ta, inputs, dtype, **kwargs):
-    reference.ACP_TILES = ta.default_tiles(inputs[0].shape[-1])
     poison_cache()
-    got = run("triton", inputs, **kwargs)
-    want = run("reference", inputs, **kwargs)
-    errs = {"out": rel_err(got[0], want[0])}
-    errs.update({f"d{n}": rel_err(a, b) for n, a, b in zip(["q", "k", "v", "log_fgate"], got[1], want[1])})
+    got = run_backend("triton", inputs, **kwargs)
+    want = run_backend("reference", inputs, acp_plan=got.plan, **kwargs)  # exactly the Triton call's tiles
+    errs = errors(got, want)
     for name, t in [("out", got[0]), *zip(["dq", "dk", "dv", "dlog_fgate"], got[1])]:
         assert torch.isfinite(t).all(), f"{name} has NaN/inf (unwritten or overflow)"
     if os.environ.get("FOXACP_ERROR_LOG"):  # one JSON line per comparison, for the benchmark notes
@@ -106,6 +91,9 @@ CASES = {
     "cu-seqlens-dense": (1, 2500, None, 4, 4, 128, {"cu_seqlens": torch.tensor([0, 129, 1000, 2500])}),
     "decode-1": (4, 1, 8192, 8, 2, 128, {"adaptive_threshold": "auto"}),
     "decode-5-seq-start": (2, 5, 5000, 4, 4, 64, {"seq_start": torch.tensor([100, 4000])}),
+    "local-4k-gqa": (1, 4096, None, 8, 2, 64, {"adaptive_threshold": "auto", "acp_rule": "local"}),
+    "local-cu-seqlens": (1, 3000, None, 4, 2, 128, {"cu_seqlens": torch.tensor([0, 1, 700, 701, 2048, 3000]),
+                                                    "adaptive_threshold": "auto", "acp_rule": "local"}),
 }
 
 
@@ -139,12 +127,14 @@ def test_nothing_prunable_keeps_all(ta):
     assert stats.kept_fraction == 1.0
 
 
-def test_torch_compile_fullgraph(ta):
-    """The custom op traces without graph breaks, forward and backward."""
+@pytest.mark.parametrize("rule", ["paper", "local"])
+def test_torch_compile_fullgraph(ta, rule):
+    """The custom ops (planner, forward, backward) trace without graph breaks."""
     q, k, v, log_f = make(2, 512, 4, 64, Hkv=2)
 
     def layer(q, k, v, log_f):
-        return forgetting_attention(q, k, v, log_f, backend="triton", adaptive_threshold="auto").float().square().sum()
+        return forgetting_attention(q, k, v, log_f, backend="triton", adaptive_threshold="auto",
+                                    acp_rule=rule).float().square().sum()
 
     compiled = torch.compile(layer, fullgraph=True)
     args = [t.detach().clone().requires_grad_(True) for t in (q, k, v, log_f)]
@@ -160,8 +150,8 @@ def test_torch_compile_fullgraph(ta):
 
 def test_deterministic(ta):
     inputs = make(1, 2048, 4, 64, Hkv=2)
-    a = run("triton", inputs, adaptive_threshold="auto")
-    b = run("triton", inputs, adaptive_threshold="auto")
+    a = run_backend("triton", inputs, adaptive_threshold="auto")
+    b = run_backend("triton", inputs, adaptive_threshold="auto")
     assert torch.equal(a[0], b[0])
     for x, y in zip(a[1], b[1]):
         assert torch.equal(x, y)

@@ -81,7 +81,7 @@ def _finite(obj):
 
 
 def _hf_tokenizer(args) -> int:
-    from .hf_tokenizer import save_hf_tokenizer
+    from ..models.hf_tokenizer import save_hf_tokenizer
 
     name = args.tokenizer
     meta = Path(args.folder) / "foxacp_training.json"

@@ -81,17 +81,8 @@ def fox_layers(model) -> list:
 
 
 def set_acp(model, enabled: bool) -> None:
-    """Switch ACP on or off in a loaded FoX model.
-
-    Each ``ForgettingAttentionLayer`` copies ``config.acp`` into ``layer.acp`` when it is built,
-    so flipping the config alone does nothing after loading: both are set here.
-    """
-    layers = fox_layers(model)
-    if enabled and not layers:
-        raise ValueError("ACP needs a FoX model (forget gate); this model has none")
-    model.config.acp = bool(enabled)
-    for layer in layers:
-        layer.acp = bool(enabled)
+    """Switch ACP on or off in a loaded FoX model (its config is the layers' one source)."""
+    model.set_acp(bool(enabled))
 
 
 def resolve_device(device: str | None) -> torch.device:

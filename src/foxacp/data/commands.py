@@ -1,4 +1,9 @@
-"""``foxacp data prepare | train-tokenizer | builtin | info``."""
+"""``foxacp data prepare | train-tokenizer | builtin | info``.
+
+Bad input raises an exception naming the file and what was expected (a ``ValueError`` subclass:
+``StoreError``, ``SourceError``; or ``FileNotFoundError`` / ``FileExistsError``); the ``foxacp``
+command turns it into one line and a non-zero exit code.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,11 @@ def register(subparsers) -> None:
 
     p = sub.add_parser("prepare", help="tokenise text files / directories / JSONL / Parquet into a token store",
                        description="Tokenise SRC... (text files, directories of them, JSONL with a text "
-                                   "field, Parquet with a text column) into a memory-mapped token store at --out.")
+                                   "field, Parquet with a text column) into a memory-mapped token store at --out. "
+                                   "Text is recognised by content: binary files are left out whatever their "
+                                   "name; a directory gives files with a text extension (--ext) and, by "
+                                   "default, files without one. Bytes that are not UTF-8 are read as "
+                                   "Windows-1252. Every file left out or so decoded is listed on stderr.")
     p.add_argument("sources", nargs="+", metavar="SRC")
     p.add_argument("--tokenizer", default="gpt2", help="gpt2 | bytes | path of a tokenizer JSON (default gpt2)")
     p.add_argument("--out", required=True, help="output folder (created atomically)")
@@ -47,7 +56,8 @@ def register(subparsers) -> None:
 
     p = sub.add_parser("info", help="describe a token store, a LongCrawl64 zarr, or a built-in corpus")
     p.add_argument("path")
-    p.add_argument("--verify", action="store_true", help="recompute the full checksum")
+    p.add_argument("--verify", action="store_true",
+                   help="read every token: recompute the checksum, check every id < vocab_size")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.add_argument("--show", type=int, default=0, metavar="N", help="decode the first N tokens of document 0")
     p.set_defaults(func=_info)
@@ -64,11 +74,15 @@ def _prepare(args) -> int:
 
 
 def _train_tokenizer(args) -> int:
-    from .sources import iter_texts
+    from .sources import SourceReport, iter_texts
     from .tokenizer import train_tokenizer
 
-    tok = train_tokenizer(iter_texts(args.sources, text_field=args.text_field), args.vocab_size, args.out,
-                          min_frequency=args.min_frequency, from_texts=True, show_progress=not args.no_progress)
+    report = SourceReport()
+    tok = train_tokenizer(iter_texts(args.sources, text_field=args.text_field, report=report), args.vocab_size,
+                          args.out, min_frequency=args.min_frequency, from_texts=True,
+                          show_progress=not args.no_progress)
+    if report:
+        print(report.summary(), file=sys.stderr)
     print(f"wrote {args.out}: vocab_size={tok.vocab_size}, eot_id={tok.eot_id}")
     return 0
 
@@ -76,27 +90,19 @@ def _train_tokenizer(args) -> int:
 def _builtin(args) -> int:
     from .builtin import prepare_builtin
 
-    try:
-        store = prepare_builtin(args.name, args.tokenizer, args.out, max_docs=args.max_docs,
-                                max_bytes=args.max_bytes, sdist=args.sdist, progress=not args.no_progress)
-    except (RuntimeError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    store = prepare_builtin(args.name, args.tokenizer, args.out, max_docs=args.max_docs,
+                            max_bytes=args.max_bytes, sdist=args.sdist, progress=not args.no_progress)
     print(_summary(store))
     return 0
 
 
 def _info(args) -> int:
-    from . import StoreError, open_store
+    from . import open_store
 
-    try:
-        store = open_store(args.path, progress=False) if args.path in ("shakespeare", "python-code") \
-            else open_store(args.path)
-        if args.verify:
-            store.verify()
-    except (StoreError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    store = open_store(args.path, progress=False) if args.path in ("shakespeare", "python-code") \
+        else open_store(args.path)
+    if args.verify:
+        store.verify()
     if args.json:
         print(json.dumps(store.manifest, indent=2))
     else:

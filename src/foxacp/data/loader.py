@@ -45,6 +45,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from .store import StoreError
+
 Mode = Literal["document", "packed"]
 Split = Literal["train", "val", "all"]
 IGNORE_INDEX = -100
@@ -111,6 +113,8 @@ class WindowLoader:
         self.world_size = int(world_size)
         self.split = split
         self.bos_id = int(store.eot_id if bos_id is None else bos_id)
+        if not 0 <= self.bos_id < store.vocab_size:
+            raise ValueError(f"bos_id must be in [0, vocab_size={store.vocab_size}), got {self.bos_id}")
         self.emit_cu_seqlens = emit_cu_seqlens
         self.shuffle = shuffle
         self.num_epochs = num_epochs
@@ -155,10 +159,6 @@ class WindowLoader:
     def __len__(self) -> int:
         """Steps per epoch."""
         return self.steps_per_epoch
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.global_batch_size * self.seq_len
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed, "seq_len": self.seq_len,
@@ -208,6 +208,7 @@ class WindowLoader:
             else:
                 cu = self._packed_window(int(k), rows[b])
             cu_seqlens.append(cu)
+        self._check_ids(rows, windows)
         input_ids = torch.from_numpy(rows[:, :-1].copy())
         labels = torch.from_numpy(rows[:, 1:].copy())
         if self.pad_tail:
@@ -220,6 +221,16 @@ class WindowLoader:
             batch = {k: (v.pin_memory() if isinstance(v, torch.Tensor) else [t.pin_memory() for t in v])
                      for k, v in batch.items()}
         return batch
+
+    def _check_ids(self, rows: np.ndarray, windows) -> None:
+        """Refuse ids outside ``[0, vocab_size)``: the model's embedding would fail on them later
+        with an IndexError (CPU) or a device-side assert (CUDA) that names no file."""
+        vocab, path = self.store.vocab_size, self.store.path
+        if rows.size and (int(rows.max()) >= vocab or int(rows.min()) < 0):
+            b, j = np.argwhere((rows >= vocab) | (rows < 0))[0]
+            raise StoreError(f"{path}: token id {int(rows[b, j])} in window {int(windows[b])} is not in "
+                             f"[0, vocab_size={vocab}); the store is corrupt (check it with "
+                             f"`foxacp data info --verify {path}`)")
 
     def _document_window(self, k: int, out: np.ndarray) -> int:
         """Fill ``out`` (L+1) with window ``k``; return how many labels are real."""

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,10 @@ GPT2_EOT_ID = 50256
 # Tokens a JSON tokenizer may use as its EOT/BOS, by preference.
 EOT_CANDIDATES = (EOT_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>".upper())
 GPT2_VOCAB_SIZE = 50257
+# split_text cuts just before a space, tab or newline that a non-space follows: the GPT-2
+# pre-tokenizer never puts such a character in one pre-token with anything before it. Searched
+# in the reversed text (non-space, then that character) to find the last place first.
+_CUT_REVERSED = re.compile(r"\S[\t\n\r ]")
 
 
 class Tokenizer:
@@ -107,6 +112,40 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def split_text(chunks: Iterable[str], max_chars: int) -> Iterator[str]:
+    """The concatenation of ``chunks`` again, in non-empty pieces of at most ``max_chars`` characters.
+
+    Tokenising a long document piece by piece keeps the tokenizer's memory bounded (``tokenizers``
+    needs ~100 bytes per character of one input). A piece ends, where it can, in its last quarter
+    just before a space, tab or newline followed by a non-space: there byte-level BPEs with the
+    GPT-2 pre-tokenizer (``gpt2``, those :func:`train_tokenizer` writes) and ``bytes`` give the
+    pieces exactly the ids of the whole. Text with no such place is cut at ``max_chars``, and the
+    ids next to that cut may differ from the whole's (a word split in two).
+    """
+    if max_chars < 4:
+        raise ValueError(f"max_chars must be >= 4, got {max_chars}")
+    rest = ""
+    for chunk in chunks:
+        text = rest + chunk if rest else chunk
+        start = 0
+        while len(text) - start > max_chars:
+            end = start + max_chars
+            cut = _last_cut(text, max(start + 1, end - max_chars // 4), end)
+            stop = end if cut is None else cut
+            yield text[start:stop]
+            start = stop
+        rest = text[start:]
+    if rest:
+        yield rest
+
+
+def _last_cut(text: str, lo: int, hi: int) -> int | None:
+    """The last ``p`` in ``[lo, hi - 1)`` where ``text[p]`` is a space, tab or newline and
+    ``text[p + 1]`` is not whitespace; None if there is none."""
+    match = _CUT_REVERSED.search(text[lo:hi][::-1])
+    return None if match is None else hi - 2 - match.start()
 
 
 def gpt2_vocab_files() -> tuple[Path, Path]:

@@ -12,7 +12,9 @@ Both share the projections and the Pro extras, applied in this order::
 
 With ``config.acp`` the FoX layer prunes with a per-head threshold from its QK-norm weights
 (:func:`~foxacp.ops.acp.threshold_from_qk_norm`, no pass over activations) or, without QK-norm,
-from the data (``"auto"``). Decoding steps (at most ``ACP_DECODE_MAX_QUERIES`` new tokens against
+from the data (``"auto"``), under the bound ``config.acp_rule``. Layers read every ACP setting
+from the model's one config object at call time, so ``model.set_acp`` is the only switch.
+Decoding steps (at most ``ACP_DECODE_MAX_QUERIES`` new tokens against
 a cache) attend densely unless ``config.acp_decode``: such a step reads each cached key once, so
 pruning saves little, while the threshold and tile search add launches to a host-bound step
 (benchmarks/decode.py measures both).
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import AcpStats, forgetting_attention, threshold_from_qk_norm
+from ..ops.layout import SequenceLayout
 from .cache import LayerCache
 from .config import FoxConfig
 from .layers import HeadRMSNorm, apply_rope, kv_shift, rope_cos_sin
@@ -40,19 +43,19 @@ _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")
 class AttentionContext:
     """Per-forward inputs shared by all layers (built once by :class:`~foxacp.models.FoxModel`).
 
-    ``seq_start`` ``(B,)``: left-padding tokens per row over the whole (cached + new) sequence.
-    ``padding`` ``(B, T)``: True on this call's padded positions. ``restart`` ``(B, T)``: True where
+    ``layout``: the batch's :class:`~foxacp.ops.layout.SequenceLayout` over the whole (cached + new)
+    sequence, validated once (left padding or packed sequences; None when plain causal).
+    ``seq_start`` ``(B,)``: left-padding tokens per row (the cache keeps it). ``padding`` ``(B, T)``: True on this call's padded positions. ``restart`` ``(B, T)``: True where
     a packed sequence starts (the KV-shift reads nothing before it). ``positions``: RoPE positions
     ``(B or 1, T)``. ``sdpa_mask``: bool ``(B or 1, 1, T, Tk)`` (True = attend) or None with
     ``sdpa_causal`` telling SDPA to apply its own causal mask; ``segments``: packed-sequence
     offsets (Transformer: SDPA runs once per sequence).
     """
 
-    past_length: int = 0
+    layout: SequenceLayout | None = None
     seq_start: torch.Tensor | None = None
     padding: torch.Tensor | None = None
     restart: torch.Tensor | None = None
-    cu_seqlens: torch.Tensor | None = None
     positions: torch.Tensor | None = None
     sdpa_mask: torch.Tensor | None = None
     sdpa_causal: bool = False
@@ -77,8 +80,8 @@ class _AttentionBase(nn.Module):
             self.v_shift_proj = nn.Linear(d, Hkv, bias=False)
         self.use_qk_norm = config.use_qk_norm
         if self.use_qk_norm:
-            self.q_norm = HeadRMSNorm(H, D, config.rms_norm_eps)
-            self.k_norm = HeadRMSNorm(Hkv, D, config.rms_norm_eps)
+            self.q_norm = HeadRMSNorm(H, D, config.qk_norm_eps)
+            self.k_norm = HeadRMSNorm(Hkv, D, config.qk_norm_eps)
         self.use_output_gate = config.use_output_gate
         if self.use_output_gate:
             self.o_norm = HeadRMSNorm(H, D, config.rms_norm_eps)
@@ -125,22 +128,19 @@ class ForgettingAttentionLayer(_AttentionBase):
     def __init__(self, config: FoxConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         self.fgate_proj = ForgetGateProjection(config.hidden_size, self.num_heads, bias=True)
-        self.acp = config.acp
-        self.acp_log_eps = config.acp_log_eps
-        self.acp_decode = config.acp_decode
-        self.backend = config.attention_backend
+        self.config = config  # the model's own config object: the one owner of the ACP settings
         self.collect_stats = False
         self.last_stats: AcpStats | None = None
 
     def acp_threshold(self, seq_len: int) -> torch.Tensor | str | None:
         """ACP threshold for a key length ``seq_len``: ``(H,)`` from the QK-norm weights, ``"auto"``
         (from the data, per batch and head) without QK-norm, or None when ACP is off."""
-        if not self.acp:
+        if not self.config.acp:
             return None
         if not self.use_qk_norm:
             return "auto"
         return threshold_from_qk_norm(self.q_norm.weight, self.k_norm.weight, self.head_dim, seq_len,
-                                      self.acp_log_eps)
+                                      self.config.acp_log_eps)
 
     def _attend(self, x, q, k, v, ctx: AttentionContext, cache: LayerCache | None):
         log_f = F.logsigmoid(self.fgate_proj(x).float())  # [B, T, H]
@@ -152,15 +152,16 @@ class ForgettingAttentionLayer(_AttentionBase):
             if cache.decay is not None:
                 c = c + cache.decay[:, -1:].double()
             k, v, log_f = cache.append(k, v, c.float())
+        settings = self.config
         decoding = cache is not None and q.shape[1] <= ACP_DECODE_MAX_QUERIES
-        threshold = None if decoding and not self.acp_decode else self.acp_threshold(k.shape[1])
+        threshold = None if decoding and not settings.acp_decode else self.acp_threshold(k.shape[1])
         if isinstance(threshold, torch.Tensor):
             threshold = threshold[None, :]
         result = forgetting_attention(
             q, k, v, log_f,
-            adaptive_threshold=threshold, log_eps=self.acp_log_eps,
-            seq_start=ctx.seq_start, cu_seqlens=ctx.cu_seqlens,
-            backend=self.backend, return_stats=self.collect_stats, cumulative_gate=cumulative,
+            adaptive_threshold=threshold, log_eps=settings.acp_log_eps, acp_rule=settings.acp_rule,
+            layout=ctx.layout, backend=settings.attention_backend, return_stats=self.collect_stats,
+            cumulative_gate=cumulative,
         )
         if self.collect_stats:
             result, self.last_stats = result

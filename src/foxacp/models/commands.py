@@ -1,4 +1,5 @@
-"""``foxacp info`` (preset sizes) and ``foxacp generate`` (text from a saved model)."""
+"""``foxacp info`` (preset sizes), ``foxacp generate`` (text from a saved model) and ``foxacp convert``
+(a checkpoint of the FoX reference code as a foxacp folder)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,12 @@ def register(subparsers) -> None:
     gen.add_argument("--acp-decode", action="store_true",
                      help="with --acp: prune the single-token decoding steps too (config.acp_decode)")
     gen.set_defaults(func=_generate)
+
+    conv = subparsers.add_parser("convert", help="turn a checkpoint of the FoX reference code (zhixuan-lin/"
+                                                 "forgetting-transformer, Hugging Face format) into a foxacp folder")
+    conv.add_argument("src", help="the reference's folder (config.json of ForgettingTransformerForCausalLM + weights)")
+    conv.add_argument("out", help="output folder (must not exist or be empty)")
+    conv.set_defaults(func=_convert)
 
 
 def _info(args) -> int:
@@ -138,4 +145,20 @@ def _generate(args) -> int:
         print("---")
     n_new = out.shape[1] - len(ids)
     print(f"{n_new * out.shape[0]} tokens in {seconds:.2f}s ({n_new * out.shape[0] / max(seconds, 1e-9):.1f} tok/s)")
+    return 0
+
+
+def _convert(args) -> int:
+    from .convert import ConversionError, convert_checkpoint, tokenizer_note
+
+    try:
+        model = convert_checkpoint(args.src, args.out)
+    except ConversionError as err:
+        raise SystemExit(f"foxacp convert: {err}") from None
+    config = model.config
+    print(f"wrote {args.out}: {config.architecture}, {config.num_hidden_layers} layers, d {config.hidden_size}, "
+          f"{config.num_attention_heads} heads, {_fmt(model.parameter_counts()['total'])} parameters")
+    note = tokenizer_note(args.out)
+    if note:
+        print(f"note: {note}")
     return 0

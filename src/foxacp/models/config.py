@@ -23,9 +23,11 @@ import math
 
 from transformers import PretrainedConfig
 
+from ..ops.acp import ACP_RULES
+from ..ops.backends import BACKEND_NAMES as ATTENTION_BACKENDS
+
 ARCHITECTURES = ("fox-pro", "fox-llama", "transformer-pro", "transformer-llama")
 FGATE_BIAS_INITS = ("zero", "spread")
-ATTENTION_BACKENDS = ("auto", "reference", "torch", "triton")
 
 
 def mlp_intermediate_size(hidden_size: int, ratio: float) -> int:
@@ -56,6 +58,7 @@ class FoxConfig(PretrainedConfig):
         intermediate_size: int | None = None,  # None: from mlp_ratio (see mlp_intermediate_size)
         mlp_ratio: float | None = None,  # None: 3.5 for Pro, 4 for LLaMA
         rms_norm_eps: float = 1e-5,
+        qk_norm_eps: float | None = None,  # None: rms_norm_eps (the reference code's QK-norm uses 1e-5)
         rope_theta: float = 500000.0,  # Transformer baselines only
         max_position_embeddings: int = 16384,  # informative: FoX has no position limit
         initializer_range: float = 0.02,
@@ -68,6 +71,7 @@ class FoxConfig(PretrainedConfig):
         acp: bool = False,  # Adaptive Computation Pruning in forgetting attention
         acp_log_eps: float = -10.0,  # ACP bound: pruned attention mass <= e^acp_log_eps
         acp_decode: bool = False,  # ACP also in decoding steps (<= 64 new tokens against a cache)
+        acp_rule: str = "paper",  # ACP bound: "paper" (arXiv 2504.06949) or "local" (data-aware, ops/acp.py)
         attention_backend: str = "auto",  # forgetting_attention backend ("auto": triton on GPU)
         activation_checkpointing: bool = False,  # recompute each block in backward
         pad_vocab_size_multiple: int = 64,  # LM-head rows padded (50257 -> 50304) for fast GEMMs
@@ -113,15 +117,11 @@ class FoxConfig(PretrainedConfig):
         if not 1.0 <= fgate_min_decay <= fgate_max_decay:
             raise ValueError(f"need 1 <= fgate_min_decay <= fgate_max_decay, got "
                              f"{fgate_min_decay} and {fgate_max_decay}")
-        if not (isinstance(acp_log_eps, (int, float)) and acp_log_eps < 0):
-            raise ValueError(f"acp_log_eps must be a negative number, got {acp_log_eps!r}")
-        if acp and not is_fox:
-            raise ValueError(f"acp=True needs a forget gate; architecture {architecture!r} has none")
-        if attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention_backend must be one of {list(ATTENTION_BACKENDS)}, "
-                             f"got {attention_backend!r}")
 
         self.architecture = architecture
+        self.acp = False
+        self.update_acp(acp=acp, acp_log_eps=acp_log_eps, acp_decode=acp_decode, acp_rule=acp_rule,
+                        attention_backend=attention_backend)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -131,6 +131,7 @@ class FoxConfig(PretrainedConfig):
         self.intermediate_size = intermediate_size
         self.mlp_ratio = mlp_ratio
         self.rms_norm_eps = rms_norm_eps
+        self.qk_norm_eps = rms_norm_eps if qk_norm_eps is None else qk_norm_eps
         self.rope_theta = rope_theta
         self.max_position_embeddings = max_position_embeddings
         self.initializer_range = initializer_range
@@ -140,16 +141,36 @@ class FoxConfig(PretrainedConfig):
         self.fgate_bias_init = fgate_bias_init
         self.fgate_min_decay = float(fgate_min_decay)
         self.fgate_max_decay = float(fgate_max_decay)
-        self.acp = bool(acp)
-        self.acp_log_eps = float(acp_log_eps)
-        self.acp_decode = bool(acp_decode)
-        self.attention_backend = attention_backend
         self.activation_checkpointing = bool(activation_checkpointing)
         self.pad_vocab_size_multiple = pad_vocab_size_multiple
         self.loss_chunk_size = loss_chunk_size
         self.use_cache = use_cache
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    def update_acp(self, *, acp: bool | None = None, acp_log_eps: float | None = None,
+                   acp_decode: bool | None = None, acp_rule: str | None = None,
+                   attention_backend: str | None = None) -> None:
+        """Check and set the attention settings (``None`` keeps a value): the one place they are
+        validated. Forgetting-attention layers read them from this object at every call."""
+        if acp_log_eps is not None and (isinstance(acp_log_eps, bool) or not isinstance(acp_log_eps, (int, float))
+                                        or not acp_log_eps < 0):
+            raise ValueError(f"acp_log_eps must be a negative number, got {acp_log_eps!r}")
+        for name, flag in (("acp", acp), ("acp_decode", acp_decode)):
+            if flag is not None and not isinstance(flag, bool):
+                raise ValueError(f"{name} must be true or false, got {flag!r}")
+        if acp and not self.uses_forget_gate:
+            raise ValueError(f"acp=True needs a forget gate; architecture {self.architecture!r} has none")
+        if acp_rule is not None and acp_rule not in ACP_RULES:
+            raise ValueError(f"acp_rule must be one of {list(ACP_RULES)}, got {acp_rule!r}")
+        if attention_backend is not None and attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {list(ATTENTION_BACKENDS)}, "
+                             f"got {attention_backend!r}")
+        for name, value, kind in (("acp", acp, bool), ("acp_log_eps", acp_log_eps, float),
+                                  ("acp_decode", acp_decode, bool), ("acp_rule", acp_rule, str),
+                                  ("attention_backend", attention_backend, str)):
+            if value is not None:
+                setattr(self, name, kind(value))
 
     @property
     def uses_forget_gate(self) -> bool:

@@ -28,6 +28,7 @@ except ImportError:  # pragma: no cover
     from transformers.generation import GenerationMixin
 
 from ..ops import AcpStats
+from ..ops.layout import SequenceLayout
 from .attention import AttentionContext, ForgetGateProjection, ForgettingAttentionLayer, SoftmaxAttentionLayer
 from .cache import FoxCache, LayerCache
 from .config import FoxConfig
@@ -147,42 +148,26 @@ class FoxPreTrainedModel(PreTrainedModel):
         if not stats:
             return {}
         kept = sum(int(s.kept_tiles.sum()) for s in stats)
+        paper_kept = sum(int(s.paper_kept_tiles.sum()) for s in stats)
         causal = sum(int(s.causal_tiles.sum()) for s in stats)
         done = sum(int(s.flops_done.sum()) for s in stats)
         dense = sum(int(s.flops_dense.sum()) for s in stats)
         return {"kept_fraction": kept / causal if causal else 1.0,
+                "paper_kept_fraction": paper_kept / causal if causal else 1.0,
                 "flops_saved_fraction": 1.0 - done / dense if dense else 0.0,
                 "flops_done": done, "flops_dense": dense,
                 "kept_fraction_per_layer": [s.kept_fraction for s in stats]}
 
-    def set_acp(self, enabled: bool, log_eps: float | None = None, decode: bool | None = None) -> None:
-        """Switch ACP on or off in every forgetting-attention layer (and the config) at run time;
-        ``decode``: also in decoding steps (``config.acp_decode``), unchanged if None."""
-        if enabled and not self.config.uses_forget_gate:
-            raise ValueError(f"ACP needs a forget gate; architecture {self.config.architecture!r} has none")
-        if log_eps is not None and not log_eps < 0:
-            raise ValueError(f"log_eps must be negative, got {log_eps}")
-        self.config.acp = bool(enabled)
-        if log_eps is not None:
-            self.config.acp_log_eps = float(log_eps)
-        if decode is not None:
-            self.config.acp_decode = bool(decode)
-        for layer in self._fox_layers():
-            if isinstance(layer, ForgettingAttentionLayer):
-                layer.acp = bool(enabled)
-                layer.acp_log_eps = self.config.acp_log_eps
-                layer.acp_decode = self.config.acp_decode
+    def set_acp(self, enabled: bool, log_eps: float | None = None, decode: bool | None = None,
+                rule: str | None = None) -> None:
+        """Switch ACP on or off at run time (the layers read the config at each call);
+        ``decode``: also in decoding steps (``config.acp_decode``); ``rule``: the bound
+        (``config.acp_rule``); each unchanged if None."""
+        self.config.update_acp(acp=enabled, acp_log_eps=log_eps, acp_decode=decode, acp_rule=rule)
 
     def set_attention_backend(self, backend: str) -> None:
         """Use ``backend`` ("auto", "reference", "torch", "triton") for forgetting attention."""
-        from .config import ATTENTION_BACKENDS
-
-        if backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention_backend must be one of {list(ATTENTION_BACKENDS)}, got {backend!r}")
-        self.config.attention_backend = backend
-        for layer in self._fox_layers():
-            if isinstance(layer, ForgettingAttentionLayer):
-                layer.backend = backend
+        self.config.update_acp(attention_backend=backend)
 
     def acp_thresholds(self, seq_len: int) -> list:
         """Per layer, the ACP threshold used at key length ``seq_len`` (see
@@ -286,13 +271,15 @@ class FoxModel(FoxPreTrainedModel):
         else:
             seq_start = _leading_padding(attention_mask, B, total, device)
         positions_k = torch.arange(past, total, device=device)  # key positions of this call
-        ctx = AttentionContext(past_length=past, seq_start=seq_start, cu_seqlens=cu_seqlens)
+        ctx = AttentionContext(seq_start=seq_start)
         if seq_start is not None:
+            ctx.layout = SequenceLayout.left_padded(seq_start, total, device)
             ctx.padding = positions_k[None, :] < seq_start[:, None]
         if cu_seqlens is not None:
             if B != 1:
                 raise ValueError(f"cu_seqlens needs batch size 1 (sequences packed along T), got B={B}")
-            cu = cu_seqlens.to(device=device, dtype=torch.long)
+            ctx.layout = SequenceLayout.packed(cu_seqlens, total, device)
+            cu = ctx.layout.cu_seqlens
             ctx.restart = torch.zeros(1, T, dtype=torch.bool, device=device)
             ctx.restart[0, cu[:-1].clamp_max(T - 1)] = True
         if not self.config.uses_rope:

@@ -18,16 +18,38 @@ per (batch, head) (Cauchy-Schwarz), or, for models with per-head QK-norm, from
 the norm weights alone: ``|q_i| <= max|gamma_q| sqrt(D)`` and likewise for k,
 so ``U = max|gamma_q| max|gamma_k| sqrt(D)`` with ``sm_scale = 1/sqrt(D)``.
 
-The plan. Because ``c`` is monotone, the kept key tiles of a query tile form a
-contiguous range ending at the diagonal, and the kept query tiles of a key tile
-form a contiguous range starting at the diagonal. :class:`TilePlan` stores those
-ranges per (batch, head, tile), found with one vectorised ``searchsorted``.
-"""
+A tighter bound, the "local" rule (``rule="local"``). Keep the same target (pruned share of
+every row's mass <= eps) but bound both sides from the data, per tile:
 
+* denominator: any subset of row i's visible keys gives ``sum_j w_ij >= e^lambda_i`` with
+  ``lambda_i = ln sum_{j in W_i} exp(s_ij + c_i - c_j)`` over ``W_i`` = the ~32..63 most recent
+  visible keys (:func:`local_log_mass`: one small banded product), instead of ``e^-U``;
+* numerator: with key tiles ``0..n`` of query tile m pruned (keys ``j <= J``, the last key of
+  tile n), ``s_ij <= Q_m K_n sm_scale`` (``Q_m`` the tile's largest query norm, ``K_n`` the largest
+  key norm in tiles ``0..n``) and ``c_i <= c_F`` (F the tile's first query), so the pruned mass is
+  at most ``e^(Q_m K_n sm_scale + c_F) sum_{j <= J} e^(-c_j)``: the decays themselves are summed
+  (a ``logcumsumexp``), which for a head that forgets in ~tau tokens is ~tau terms, not ``L``.
+
+So pruning key tiles ``0..n`` for query tile m removes at most ``eps`` of each row's mass when
+``Q_m K_n sm_scale + c_F + ln sum_{j <= J} e^(-c_j) - min_{i in m} lambda_i <= ln eps``. Each
+term grows with n, so the passing tiles form a prefix; the tile holding the query tile's first
+position is never pruned. The local plan keeps the longer of the two rules' prefixes (each is a
+proof on its own) and takes a suffix minimum over query tiles, so the begins never decrease: the
+backward then walks exactly the forward's pairs. With QK-norm and unit scales ``Q K sm_scale`` is
+the paper's ``U``; the gains are the denominator (``lambda`` instead of ``-U``) and the count
+(the decayed sum instead of ``ln L``).
+
+The plan. Because ``c`` is monotone, the kept key tiles of a query tile form a contiguous range
+ending at the diagonal, and the kept query tiles of a key tile form a contiguous range starting at
+the diagonal. :class:`TilePlan` holds the ACP part of those ranges, which is what the kernels read,
+built once per call by the backend's planner (one ``searchsorted`` here, a Triton pre-pass on GPU),
+consumed by the forward, saved for the backward and reported by :class:`AcpStats`.
+"""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -38,6 +60,10 @@ __all__ = [
     "threshold_from_qk_norm",
     "threshold_from_data",
     "tile_bounds",
+    "plan_tiles",
+    "paper_ranges",
+    "local_log_mass",
+    "ACP_RULES",
 ]
 
 
@@ -107,6 +133,9 @@ def _row_norms(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t, dim=-1, dtype=torch.float32)
 
 
+ACP_RULES = ("paper", "local")
+
+
 @dataclass(frozen=True)
 class MaskSpec:
     """Which (query, key) pairs exist and which ACP may prune; independent of tile sizes.
@@ -118,7 +147,9 @@ class MaskSpec:
 
     ``decay`` is a non-increasing cumulative log-gate ``(B, H, Tk)`` (float64, global across
     packed sequences so it stays monotone; differences inside a sequence are exact) and
-    ``delta`` the ACP threshold ``(B, H)``; both ``None`` for dense attention.
+    ``delta`` the paper rule's threshold ``(B, H)``; both ``None`` for dense attention.
+    ``rule`` picks the ACP bound (module docstring): ``"paper"`` or ``"local"``, which needs the
+    data (``q``, ``k``, ``sm_scale`` passed to :func:`plan_tiles`) and ``log_eps``.
     """
 
     batch: int
@@ -129,6 +160,8 @@ class MaskSpec:
     key_hi: torch.Tensor | None = None
     decay: torch.Tensor | None = None
     delta: torch.Tensor | None = None
+    rule: str = "paper"
+    log_eps: float = -10.0
 
     @property
     def q_offset(self) -> int:
@@ -139,41 +172,77 @@ class MaskSpec:
         return self.delta is not None
 
     def plan(self, block_m: int, block_n: int) -> "TilePlan":
+        """The paper rule's plan (no data needed); see :func:`plan_tiles` for the local rule."""
         return tile_bounds(self, block_m, block_n)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TilePlan:
-    """Tile ranges to compute, per (batch, head, tile); all int32 on the inputs' device.
+    """Which tiles one attention call computes, per (batch, head, tile); int32 on the inputs' device.
 
-    Query tile ``m`` (queries ``[m*block_m, (m+1)*block_m)``) computes key tiles
-    ``kv_begin[b, h, m] <= n < kv_end[b, h, m]``; key tile ``n`` is used by query tiles
-    ``q_begin[b, h, n] <= m < q_end[b, h, n]``. An empty range means nothing to compute.
-    ``dense_*`` are the same ranges without ACP (causal and sequence structure only).
+    What the kernels consume is the ACP part alone: ``acp_kv_begin[b, h, m]``, the first key tile
+    that query tile ``m`` keeps, and ``acp_q_end[b, h, n]``, one past the last query tile that keeps
+    key tile ``n`` (``None`` without ACP). The two describe the same pairs: ``acp_kv_begin`` is
+    non-decreasing in ``m`` and tile ``(m, n)`` is kept iff ``n >= acp_kv_begin[m]`` iff
+    ``m < acp_q_end[n]``, so a backward that walks key tiles computes the forward's pairs.
+
+    The full ranges (causal and sequence structure with ACP) are derived on first use:
+    query tile ``m`` computes key tiles ``kv_begin <= n < kv_end``, key tile ``n`` is used by query
+    tiles ``q_begin <= m < q_end``; ``dense_kv_begin`` is the begin without ACP. ``paper_kv_begin``
+    is what the paper's rule alone keeps, so the gain of a tighter rule is visible on every run.
     """
 
+    spec: MaskSpec
     block_m: int
     block_n: int
-    seqlen_q: int
-    seqlen_k: int
-    kv_begin: torch.Tensor
-    kv_end: torch.Tensor
-    q_begin: torch.Tensor
-    q_end: torch.Tensor
-    dense_kv_begin: torch.Tensor
-    head_dim: int = 0
+    acp_kv_begin: torch.Tensor | None = None
+    acp_q_end: torch.Tensor | None = None
+    paper_kv_begin: torch.Tensor | None = None
+
+    @property
+    def seqlen_q(self) -> int:
+        return self.spec.seqlen_q
+
+    @property
+    def seqlen_k(self) -> int:
+        return self.spec.seqlen_k
+
+    @property
+    def rule(self) -> str | None:
+        return self.spec.rule if self.acp_kv_begin is not None else None
 
     @property
     def num_q_tiles(self) -> int:
-        return self.kv_begin.shape[-1]
+        return -(-self.seqlen_q // self.block_m)
 
     @property
     def num_k_tiles(self) -> int:
-        return self.q_begin.shape[-1]
+        return -(-self.seqlen_k // self.block_n)
+
+    @cached_property
+    def _ranges(self) -> tuple[torch.Tensor, ...]:
+        kv_begin, kv_end, q_begin, q_end = _structure_ranges(self.spec, self.block_m, self.block_n)
+        dense_kv_begin = kv_begin
+        paper_kv_begin = kv_begin
+        if self.acp_kv_begin is not None:
+            kv_begin = torch.minimum(torch.maximum(kv_begin, self.acp_kv_begin), kv_end)
+            q_end = torch.maximum(torch.minimum(q_end, self.acp_q_end), q_begin)
+            paper_kv_begin = torch.minimum(torch.maximum(dense_kv_begin, self.paper_kv_begin), kv_end)
+        return kv_begin, kv_end, q_begin, q_end, dense_kv_begin, paper_kv_begin
+
+    kv_begin = property(lambda self: self._ranges[0])
+    kv_end = property(lambda self: self._ranges[1])
+    q_begin = property(lambda self: self._ranges[2])
+    q_end = property(lambda self: self._ranges[3])
+    dense_kv_begin = property(lambda self: self._ranges[4])
 
     def kept_tiles(self) -> torch.Tensor:
         """Tiles computed per (batch, head)."""
         return (self.kv_end - self.kv_begin).clamp_min(0).sum(-1)
+
+    def paper_kept_tiles(self) -> torch.Tensor:
+        """Tiles the paper's rule alone would compute per (batch, head)."""
+        return (self.kv_end - self._ranges[5]).clamp_min(0).sum(-1)
 
     def causal_tiles(self) -> torch.Tensor:
         """Tiles a dense kernel computes per (batch, head)."""
@@ -201,28 +270,25 @@ def _tile_edges(length: int, block: int, device) -> tuple[torch.Tensor, torch.Te
     return start, end
 
 
-def tile_bounds(spec: MaskSpec, block_m: int, block_n: int) -> TilePlan:
-    """Compute the :class:`TilePlan` of ``spec`` for ``block_m x block_n`` tiles.
+def _spec_device(spec: MaskSpec):
+    for t in (spec.decay, spec.key_lo, spec.delta):
+        if t is not None:
+            return t.device
+    return torch.device("cpu")
 
-    Vectorised over (batch, head, tile): causal/sequence ranges come from ``key_lo``/``key_hi``
-    at the tile corners; ACP ranges from ``searchsorted`` over the monotone ``decay``.
-    """
-    if block_m < 1 or block_n < 1:
-        raise ValueError(f"tile sizes must be >= 1, got block_m={block_m}, block_n={block_n}")
-    device = spec.decay.device if spec.decay is not None else (
-        spec.key_lo.device if spec.key_lo is not None else torch.device("cpu"))
+
+def _structure_ranges(spec: MaskSpec, block_m: int, block_n: int) -> tuple[torch.Tensor, ...]:
+    """Causal and sequence ranges ``kv_begin, kv_end (B, H, nqt)``, ``q_begin, q_end (B, H, nkt)``."""
+    device = _spec_device(spec)
     B, H, Tq, Tk, off = spec.batch, spec.heads, spec.seqlen_q, spec.seqlen_k, spec.q_offset
     q_start, q_last = _tile_edges(Tq, block_m, device)
     k_start, k_last = _tile_edges(Tk, block_n, device)
     pos_first, pos_last = q_start + off, q_last + off  # key positions of tile corner queries
     num_qt, num_kt = q_start.numel(), k_start.numel()
-
-    # Causal and sequence structure, shape [B, tiles].
     kv_end = (pos_last // block_n + 1).expand(B, num_qt)
     if spec.key_lo is None:
         kv_begin = torch.zeros(B, num_qt, dtype=torch.long, device=device)
         q_end = torch.full((B, num_kt), num_qt, dtype=torch.long, device=device)
-        first_seen = torch.zeros(B, num_kt, dtype=torch.long, device=device)
     else:
         lo, hi = spec.key_lo.long(), spec.key_hi.long()
         kv_begin = lo[:, pos_first] // block_n
@@ -233,28 +299,153 @@ def tile_bounds(spec: MaskSpec, block_m: int, block_n: int) -> TilePlan:
         q_end = torch.where(first_seen > k_last, torch.zeros_like(q_end), q_end)
     q_begin = ((k_start - off).clamp_min(0) // block_m).expand(B, num_kt)
     q_end = torch.maximum(q_end, q_begin)
+    expand = lambda t: t[:, None, :].expand(B, H, t.shape[-1]).to(torch.int32).contiguous()  # noqa: E731
+    return tuple(map(expand, (kv_begin, kv_end, q_begin, q_end)))
 
-    expand = lambda t: t[:, None, :].expand(B, H, t.shape[-1]).contiguous()  # noqa: E731
-    kv_begin, kv_end, q_begin, q_end = map(expand, (kv_begin, kv_end, q_begin, q_end))
-    dense_kv_begin = kv_begin
 
-    if spec.delta is not None:
-        # e = -decay is non-decreasing; tile (m, n) is kept iff its largest decay
-        # decay[pos_first(m)] - decay[k_last(n)] = e[k_last(n)] - e[pos_first(m)] >= delta.
-        e = (-spec.decay).double().reshape(B * H, Tk).contiguous()
-        delta = spec.delta.double().reshape(B * H, 1)
-        e_k_last = e[:, k_last].contiguous()  # [BH, num_kt], non-decreasing
-        e_q_first = e[:, pos_first].contiguous()  # [BH, num_qt], non-decreasing
-        acp_kv_begin = torch.searchsorted(e_k_last, e_q_first + delta, side="left")
-        acp_q_end = torch.searchsorted(e_q_first, e_k_last - delta, side="right")
-        kv_begin = torch.maximum(kv_begin, acp_kv_begin.view(B, H, num_qt))
-        q_end = torch.minimum(q_end, acp_q_end.view(B, H, num_kt))
-        kv_begin = torch.minimum(kv_begin, kv_end)
-        q_end = torch.maximum(q_end, q_begin)
+def paper_ranges(spec: MaskSpec, block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's rule: ``acp_kv_begin (B, H, nqt)``, ``acp_q_end (B, H, nkt)`` int32.
 
-    as_i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
-    return TilePlan(block_m, block_n, Tq, Tk, as_i32(kv_begin), as_i32(kv_end), as_i32(q_begin),
-                    as_i32(q_end), as_i32(dense_kv_begin))
+    ``e = -decay`` is non-decreasing; tile ``(m, n)`` is kept iff its largest decay
+    ``decay[pos_first(m)] - decay[k_last(n)] = e[k_last(n)] - e[pos_first(m)] >= delta``, a
+    suffix of ``n`` and a prefix of ``m``, found by two ``searchsorted`` in float64 (NaN-free
+    inputs: :func:`foxacp.forgetting_attention` plans NaN decays as ``-inf`` and NaN data
+    thresholds as ``-inf``).
+    """
+    B, H, Tq, Tk, off = spec.batch, spec.heads, spec.seqlen_q, spec.seqlen_k, spec.q_offset
+    device = spec.decay.device
+    q_start, _ = _tile_edges(Tq, block_m, device)
+    _, k_last = _tile_edges(Tk, block_n, device)
+    e = (-spec.decay).double().reshape(B * H, Tk)
+    delta = spec.delta.double().reshape(B * H, 1)
+    e_k_last = e[:, k_last].contiguous()  # [BH, num_kt], non-decreasing
+    e_q_first = e[:, q_start + off].contiguous()  # [BH, num_qt], non-decreasing
+    acp_kv = torch.searchsorted(e_k_last, e_q_first + delta, side="left")
+    acp_q = torch.searchsorted(e_q_first, e_k_last - delta, side="right")
+    return (acp_kv.view(B, H, -1).to(torch.int32).contiguous(),
+            acp_q.view(B, H, -1).to(torch.int32).contiguous())
+
+
+def tile_bounds(spec: MaskSpec, block_m: int, block_n: int) -> TilePlan:
+    """The paper rule's :class:`TilePlan` of ``spec`` for ``block_m x block_n`` tiles."""
+    if block_m < 1 or block_n < 1:
+        raise ValueError(f"tile sizes must be >= 1, got block_m={block_m}, block_n={block_n}")
+    if not spec.has_acp:
+        return TilePlan(spec, block_m, block_n)
+    acp_kv, acp_q = paper_ranges(spec, block_m, block_n)
+    return TilePlan(spec, block_m, block_n, acp_kv, acp_q, acp_kv)
+
+
+def plan_tiles(spec: MaskSpec, block_m: int, block_n: int, *, q: torch.Tensor | None = None,
+               k: torch.Tensor | None = None, sm_scale: float | None = None,
+               paper: tuple[torch.Tensor, torch.Tensor] | None = None) -> TilePlan:
+    """The :class:`TilePlan` of ``spec`` under its rule. ``paper``: the paper rule's ranges if a
+    backend already computed them (the Triton pre-pass); the local rule also needs ``q``
+    ``(B, H, Tq, D)``, ``k`` ``(B, Hkv, Tk, D)`` and ``sm_scale``."""
+    if not spec.has_acp:
+        return TilePlan(spec, block_m, block_n)
+    paper_kv, paper_q = paper if paper is not None else paper_ranges(spec, block_m, block_n)
+    if spec.rule == "paper":
+        return TilePlan(spec, block_m, block_n, paper_kv, paper_q, paper_kv)
+    local_kv = local_kv_begin(spec, q, k, sm_scale, block_m, block_n)
+    # either proof covers a prefix of key tiles; the longer prefix is proved by one of them. The
+    # suffix minimum keeps the begin non-decreasing in m (keeping more is always safe), which
+    # makes each key tile's query tiles a prefix: what the backward walks.
+    acp_kv = torch.maximum(local_kv, paper_kv.long()).flip(-1).cummin(-1).values.flip(-1)
+    n = torch.arange(-(-spec.seqlen_k // block_n), device=acp_kv.device)
+    acp_q = torch.searchsorted(acp_kv.contiguous(), n.expand(*acp_kv.shape[:2], -1).contiguous(), right=True)
+    i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
+    return TilePlan(spec, block_m, block_n, i32(acp_kv), i32(acp_q), paper_kv)
+
+
+LOCAL_WINDOW = 32  # rows per block of the local log-sum-exp; each row sums over >= this many recent keys
+LOCAL_MARGIN = 1e-3  # nats off the local log-mass: covers float32 rounding of its scores and decays
+
+
+def local_kv_begin(spec: MaskSpec, q: torch.Tensor, k: torch.Tensor, sm_scale: float,
+                   block_m: int, block_n: int) -> torch.Tensor:
+    """The local rule's first kept key tile per query tile, ``(B, H, nqt)`` int64 (module docstring).
+
+    ``n0(m)`` counts the key tiles ``n`` below query tile m's first position's tile with
+    ``g(m, n) = Q_m K_n sm_scale + c[first query of m] + ln sum_{j <= last key of n} e^(-c_j)
+    - Lambda_m <= log_eps``, where ``Q_m`` is the largest query norm of the tile, ``K_n`` the largest
+    key norm in tiles ``0..n`` and ``Lambda_m`` the smallest :func:`local_log_mass` of the tile's
+    rows. Every term is non-decreasing in ``n``, so the tiles that pass form a prefix. NaN anywhere
+    makes ``g`` NaN, which never passes.
+    """
+    B, H, Tq, Tk, off = spec.batch, spec.heads, spec.seqlen_q, spec.seqlen_k, spec.q_offset
+    device = q.device
+    q_start, _ = _tile_edges(Tq, block_m, device)
+    _, k_last = _tile_edges(Tk, block_n, device)
+    num_kt = k_last.numel()
+    group = H // k.shape[1]
+
+    compute = _compute_dtype(q)
+    q_norm = torch.linalg.vector_norm(q.detach(), dim=-1, dtype=compute)  # [B, H, Tq]
+    k_norm = torch.linalg.vector_norm(k.detach(), dim=-1, dtype=compute)  # [B, Hkv, Tk]
+    q_max = _tile_reduce(q_norm, block_m, torch.amax)  # [B, H, nqt]
+    k_max = _tile_reduce(k_norm, block_n, torch.amax).cummax(-1).values.repeat_interleave(group, 1)
+    lam = _tile_reduce(local_log_mass(spec, q, k, sm_scale), block_m, torch.amin)  # [B, H, nqt]
+
+    c = spec.decay.double()
+    decayed_keys = torch.logcumsumexp(-c, dim=-1)[..., k_last]  # ln sum_{j <= last key of n} e^-c_j
+    g = (q_max[..., :, None] * k_max[..., None, :]).double() * sm_scale \
+        + c[..., q_start + off, None] + decayed_keys[..., None, :] - lam[..., :, None].double()
+    below_diag = torch.arange(num_kt, device=device)[None, :] < ((q_start + off) // block_n)[:, None]
+    passes = (g <= spec.log_eps) & below_diag  # NaN compares False
+    return passes.sum(-1)  # a prefix, so its length is the count
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _tile_reduce(x: torch.Tensor, block: int, reduce) -> torch.Tensor:
+    """``reduce`` over consecutive blocks of the last dim (a partial last block included)."""
+    T = x.shape[-1]
+    pad = -T % block
+    if pad:
+        fill = x[..., -1:].expand(*x.shape[:-1], pad)  # repeating an element changes no max/min
+        x = torch.cat([x, fill], dim=-1)
+    return reduce(x.reshape(*x.shape[:-1], -1, block), dim=-1)
+
+
+def local_log_mass(spec: MaskSpec, q: torch.Tensor, k: torch.Tensor, sm_scale: float) -> torch.Tensor:
+    """``lambda_i = ln sum_{j in W_i} exp(s_ij + c_i - c_j)`` per query row, ``(B, H, Tq)`` float32.
+
+    ``W_i``: the visible keys among the ``LOCAL_WINDOW - 1`` keys before the first row of
+    ``i``'s block of ``LOCAL_WINDOW`` rows and the keys up to ``i`` (so at least ``LOCAL_WINDOW``
+    recent keys when the sequence has them, and always ``i`` itself). A subset of row i's visible
+    keys, so ``e^lambda_i`` is a lower bound of its softmax denominator. Rows that see no key get
+    ``+inf`` (they output 0 and constrain nothing). Scores in float32 (float64 for float64
+    inputs), decays as float64 differences.
+    """
+    B, H, Tq, D = q.shape
+    Hkv, Tk, off, r = k.shape[1], k.shape[2], spec.q_offset, LOCAL_WINDOW
+    group = H // Hkv
+    device = q.device
+    nb = -(-Tq // r)
+    rows = torch.arange(nb * r, device=device).view(nb, r)  # query rows (padded)
+    cols = rows[:, :1] + off - (r - 1) + torch.arange(2 * r - 1, device=device)  # [nb, 2r-1] key positions
+    pos = rows + off  # key positions of the rows
+    visible = (cols[:, None, :] <= pos[:, :, None]) & (cols[:, None, :] >= 0) & (rows[:, :, None] < Tq)
+    cols_c = cols.clamp(0, Tk - 1)
+    compute = _compute_dtype(q)
+    qf = torch.nn.functional.pad(q.detach().to(compute), (0, 0, 0, nb * r - Tq)).view(B, Hkv, group, nb, r, D)
+    kf = k.detach().to(compute)[:, :, cols_c.flatten()].view(B, Hkv, 1, nb, 2 * r - 1, D)
+    scores = torch.matmul(qf, kf.transpose(-1, -2)).view(B, H, nb, r, 2 * r - 1) * sm_scale
+    # decays relative to each block's first key: float64 differences, then small enough for float32
+    e = spec.decay.double()
+    pos_c = pos.clamp_max(Tk - 1)
+    e_ref = e[:, :, cols_c[:, 0]][..., None]  # [B, H, nb, 1]
+    e_rows = (e[:, :, pos_c.flatten()].view(B, H, nb, r) - e_ref).to(compute)
+    e_cols = (e[:, :, cols_c.flatten()].view(B, H, nb, 2 * r - 1) - e_ref).to(compute)
+    scores = scores + (e_rows[..., :, None] - e_cols[..., None, :])
+    if spec.key_lo is not None:
+        lo = spec.key_lo.long()[:, pos_c.flatten()].view(B, 1, nb, r, 1)
+        visible = visible & (cols[None, None, :, None, :] >= lo)
+    lam = torch.logsumexp(scores.masked_fill(~visible, -math.inf), dim=-1).reshape(B, H, nb * r)[..., :Tq]
+    return torch.where(torch.isneginf(lam), math.inf, lam - LOCAL_MARGIN)
 
 
 @dataclass
@@ -262,8 +453,9 @@ class AcpStats:
     """What ACP pruned in one forward call, per (batch, head).
 
     ``kept_tiles``/``causal_tiles``: tiles computed vs tiles a dense causal kernel computes;
-    ``flops_done``/``flops_dense``: forward attention FLOPs (``4 D`` per computed score,
-    QK^T and PV) at tile granularity; ``threshold``: delta used (``None`` when dense);
+    ``paper_kept_tiles``: what the paper's rule alone would compute (equal to ``kept_tiles`` under
+    that rule); ``flops_done``/``flops_dense``: forward attention FLOPs (``4 D`` per computed score,
+    QK^T and PV) at tile granularity; ``threshold``: the paper rule's delta (``None`` when dense);
     ``plan``: the forward's :class:`TilePlan` (tile maps for analyses).
     """
 
@@ -275,6 +467,7 @@ class AcpStats:
     block_m: int
     block_n: int
     plan: TilePlan | None = None
+    paper_kept_tiles: torch.Tensor | None = None
 
     @classmethod
     def from_plan(cls, plan: TilePlan, head_dim: int, threshold: torch.Tensor | None) -> "AcpStats":
@@ -282,12 +475,20 @@ class AcpStats:
         causal = plan.causal_tiles().long()
         per_tile = 4 * head_dim * plan.block_m * plan.block_n
         return cls(kept, causal, kept * per_tile, causal * per_tile,
-                   None if threshold is None else threshold.detach(), plan.block_m, plan.block_n, plan)
+                   None if threshold is None else threshold.detach(), plan.block_m, plan.block_n, plan,
+                   plan.paper_kept_tiles().long())
 
     @property
     def kept_fraction(self) -> float:
         causal = int(self.causal_tiles.sum())
         return int(self.kept_tiles.sum()) / causal if causal else 1.0
+
+    @property
+    def paper_kept_fraction(self) -> float:
+        """Kept fraction under the paper's rule on the same call (the baseline of a tighter rule)."""
+        kept = self.kept_tiles if self.paper_kept_tiles is None else self.paper_kept_tiles
+        causal = int(self.causal_tiles.sum())
+        return int(kept.sum()) / causal if causal else 1.0
 
     @property
     def flops_saved_fraction(self) -> float:
@@ -297,6 +498,7 @@ class AcpStats:
     def summary(self) -> dict:
         return {
             "kept_fraction": self.kept_fraction,
+            "paper_kept_fraction": self.paper_kept_fraction,
             "flops_saved_fraction": self.flops_saved_fraction,
             "flops_done": int(self.flops_done.sum()),
             "flops_dense": int(self.flops_dense.sum()),

@@ -8,7 +8,8 @@ from typing import Literal
 import torch
 
 from . import backends
-from .acp import AcpStats, MaskSpec, threshold_from_data
+from .acp import ACP_RULES, AcpStats, MaskSpec, TilePlan, threshold_from_data
+from .layout import SequenceLayout
 
 Backend = Literal["auto", "reference", "torch", "triton"]
 
@@ -23,8 +24,11 @@ def forgetting_attention(
     sm_scale: float | None = None,
     adaptive_threshold: None | str | float | torch.Tensor = None,
     log_eps: float = -10.0,
+    acp_rule: str = "paper",
     seq_start: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    layout: SequenceLayout | None = None,
+    acp_plan: TilePlan | None = None,
     backend: Backend = "auto",
     return_stats: bool = False,
     cumulative_gate: bool = False,
@@ -50,11 +54,21 @@ def forgetting_attention(
             broadcastable to ``(B, H)``: delta itself (<= 0; a CUDA tensor is checked without a host
             sync, so a bad value fails as a device-side assert). A (query tile, key tile) pair
             whose largest decay ``c[first query] - c[last key]`` is below delta is skipped; the
-            attention mass removed from any query is then <= ``e^log_eps``.
+            attention mass removed from any query is then <= ``e^log_eps``. ACP needs a real
+            forget gate: ``log_fgate <= 0`` (checked like a tensor delta). NaN activations make
+            the data threshold prune nothing, so ACP never turns a finite dense output into
+            another value beyond the eps bound.
+        acp_rule: ``"paper"`` (the rule above) or ``"local"``: also prunes what the data-aware bound
+            of :mod:`foxacp.ops.acp` proves removable (same eps guarantee, fewer kept tiles).
         seq_start: ``(B,)`` ints; positions before ``seq_start[b]`` are left padding, never
             attended, and their outputs are 0.
         cu_seqlens: ``(N+1,)`` int offsets of packed sequences (B must be 1, Tq == Tk);
             attention and gate decay never cross a boundary.
+        layout: a :class:`~foxacp.ops.layout.SequenceLayout` built once for the batch (instead of
+            ``seq_start``/``cu_seqlens``; models pass one to every layer).
+        acp_plan: a :class:`~foxacp.ops.acp.TilePlan` to compute instead of planning (e.g. the plan
+            of another backend's call, to run the reference on exactly its tiles; the Triton
+            backend takes only plans on its own tiles).
         backend: ``"reference"`` (dense PyTorch), ``"torch"`` (block-sparse PyTorch),
             ``"triton"`` (GPU kernels) or ``"auto"`` (triton on CUDA when available, else torch).
         return_stats: also return :class:`~foxacp.ops.acp.AcpStats`.
@@ -75,43 +89,80 @@ def forgetting_attention(
         sm_scale = 1.0 / math.sqrt(head_dim)
     elif not isinstance(sm_scale, (int, float)) or not math.isfinite(sm_scale) or sm_scale <= 0:
         raise ValueError(f"sm_scale must be a positive finite number, got {sm_scale!r}")
-    key_lo, key_hi = _sequence_bounds(seq_start, cu_seqlens, batch, seqlen_q, seqlen_k, q.device)
-
-    if cumulative_gate:
-        if cu_seqlens is not None:
-            raise ValueError("cumulative_gate=True cannot be combined with cu_seqlens")
-        # the float64 copy only serves the ACP search
-        decay, decay_global = gate, (None if adaptive_threshold is None else gate.detach().double())
+    if acp_rule not in ACP_RULES:
+        raise ValueError(f"acp_rule must be one of {list(ACP_RULES)}, got {acp_rule!r}")
+    if layout is None:
+        layout = SequenceLayout.from_arguments(seq_start, cu_seqlens, batch, seqlen_q, seqlen_k, q.device)
+    elif seq_start is not None or cu_seqlens is not None:
+        raise ValueError("pass layout or seq_start/cu_seqlens, not both")
     else:
-        decay, decay_global = _cumulative_decay(gate, key_lo, seq_start is not None, cu_seqlens is not None)
+        layout.check(batch, seqlen_q, seqlen_k)
 
     delta = _threshold(adaptive_threshold, log_eps, q_c, k_c, sm_scale, batch, heads, seqlen_k)
-    spec = MaskSpec(batch, heads, seqlen_q, seqlen_k, key_lo, key_hi,
-                    None if delta is None else decay_global, delta)
+    if cumulative_gate:
+        if layout.is_packed:
+            raise ValueError("cumulative_gate=True cannot be combined with cu_seqlens")
+        decay, decay_global = gate, (None if delta is None else gate.detach().double())
+    else:
+        decay, decay_global = _cumulative_decay(gate, layout)
+    if delta is not None:
+        _check_forget_gate(gate, cumulative_gate)
+        # a NaN gate poisons the decay from there on: plan it as fully decayed, so rows before it
+        # keep their tiles (rows after it are NaN with or without ACP)
+        decay_global = decay_global.nan_to_num(nan=-math.inf)
+    spec = MaskSpec(batch, heads, seqlen_q, seqlen_k, layout.key_lo, layout.key_hi, decay_global, delta,
+                    acp_rule, log_eps)
 
     impl = backends.resolve(backend, q_c, head_dim)
-    out, plan = impl.attend(q_c, k_c, v_c, decay, sm_scale=sm_scale, spec=spec)
+    plan = impl.plan(spec, q_c, k_c, sm_scale) if acp_plan is None else _checked_plan(acp_plan, impl, spec, head_dim)
+    out = impl.attend(q_c, k_c, v_c, decay, sm_scale=sm_scale, spec=spec, plan=plan)
     if not head_first:
         out = out.transpose(1, 2)
     if not return_stats:
         return out
-    if plan is None:
-        plan = spec.plan(*impl.default_tiles(head_dim))
     return out, AcpStats.from_plan(plan, head_dim, delta)
 
 
-def _cumulative_decay(gate, key_lo, left_padded: bool, packed: bool):
+def _checked_plan(plan, impl, spec: MaskSpec, head_dim: int) -> TilePlan:
+    if not isinstance(plan, TilePlan):
+        raise TypeError(f"acp_plan must be a foxacp.acp.TilePlan, got {type(plan).__name__}")
+    want = (spec.batch, spec.heads, -(-spec.seqlen_q // plan.block_m))
+    if (plan.spec.batch, plan.spec.heads, plan.seqlen_q, plan.seqlen_k) != \
+            (spec.batch, spec.heads, spec.seqlen_q, spec.seqlen_k):
+        raise ValueError(f"acp_plan was made for (B, H, Tq, Tk) = {(plan.spec.batch, plan.spec.heads, plan.seqlen_q, plan.seqlen_k)}, "
+                         f"this call has {(spec.batch, spec.heads, spec.seqlen_q, spec.seqlen_k)}")
+    if plan.acp_kv_begin is not None and tuple(plan.acp_kv_begin.shape) != want:
+        raise ValueError(f"acp_plan.acp_kv_begin must have shape {want}, got {tuple(plan.acp_kv_begin.shape)}")
+    tiles = impl.required_tiles(head_dim)
+    if tiles is not None and (plan.block_m, plan.block_n) != tiles:
+        raise ValueError(f"this backend computes {tiles} tiles; acp_plan has {(plan.block_m, plan.block_n)}")
+    return plan
+
+
+def _cumulative_decay(gate, layout: SequenceLayout):
     """``c = cumsum(log f)`` as float32 (restarted per packed sequence) and as a global float64.
 
     The float64 global sum is monotone across packed sequences (what the ACP search needs);
     subtracting each sequence's starting value in float64 keeps the restart exact.
     """
-    if left_padded:  # gates inside the padding never enter a visible decay
-        padding = torch.arange(gate.shape[-1], device=gate.device)[None, None, :] < key_lo[:, None, :]
+    if layout.is_left_padded:  # gates inside the padding never enter a visible decay
+        padding = torch.arange(gate.shape[-1], device=gate.device)[None, None, :] < layout.key_lo[:, None, :]
         gate = gate.masked_fill(padding, 0.0)
     decay_global = torch.cumsum(gate, dim=-1, dtype=torch.float64)  # no separate float64 copy of gate
-    decay = decay_global - _value_before(decay_global, key_lo) if packed else decay_global
+    decay = decay_global - _value_before(decay_global, layout.key_lo) if layout.is_packed else decay_global
     return decay.float(), decay_global.detach()
+
+
+def _check_forget_gate(gate: torch.Tensor, cumulative: bool) -> None:
+    """ACP's bound assumes a decay that never grows: ``log f <= 0`` (or a non-increasing ``c``)."""
+    values = gate.detach()
+    steps = values.diff(dim=-1) if cumulative else values
+    valid = ~(steps > 0).any()  # NaN passes here: it is planned as fully decayed
+    what = "cumulative_gate must be non-increasing" if cumulative else "log_fgate must be <= 0 (log of a forget gate)"
+    if values.is_cuda or torch.compiler.is_compiling():  # no host sync on the hot path
+        torch._assert_async(valid, f"{what} when ACP is on")
+    elif not bool(valid):
+        raise ValueError(f"{what} when ACP is on (adaptive_threshold is set); a positive value breaks the eps bound")
 
 
 def _value_before(values: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
@@ -150,8 +201,11 @@ def _check_tensors(q, k, v, log_fgate, head_first: bool) -> None:
         raise ValueError(f"k has batch {k.shape[0]}, q has batch {B}")
     if k.shape[3] != D:
         raise ValueError(f"k has head dim {k.shape[3]}, q has head dim {D}")
-    if D < 1 or Tq < 1:
-        raise ValueError(f"q must have T >= 1 and D >= 1, got shape {tuple(q.shape)}")
+    if D < 1 or Tq < 1 or B < 1:
+        raise ValueError(f"q must have B >= 1, T >= 1 and D >= 1, got shape {tuple(q.shape)}")
+    if q.device.type == "meta":
+        raise ValueError("forgetting_attention needs tensors with data; got device 'meta' "
+                         "(under torch.compile the custom op's fake implementation serves shapes)")
     if Hkv < 1 or H % Hkv != 0:
         raise ValueError(f"q heads ({H}) must be a multiple of k/v heads ({Hkv})")
     if Tq > Tk:
@@ -160,43 +214,6 @@ def _check_tensors(q, k, v, log_fgate, head_first: bool) -> None:
     if tuple(log_fgate.shape) != gate_shape:
         raise ValueError(f"log_fgate must have shape {gate_shape} (one gate per query head), "
                          f"got {tuple(log_fgate.shape)}")
-
-
-def _sequence_bounds(seq_start, cu_seqlens, batch: int, seqlen_q: int, seqlen_k: int, device):
-    """``key_lo``/``key_hi`` ``(B, Tk)`` int32 from ``seq_start`` or ``cu_seqlens`` (else None)."""
-    if seq_start is not None and cu_seqlens is not None:
-        raise ValueError("pass seq_start or cu_seqlens, not both")
-    if seq_start is not None:
-        if not isinstance(seq_start, torch.Tensor) or seq_start.dtype.is_floating_point or seq_start.dtype == torch.bool:
-            raise TypeError(f"seq_start must be an integer tensor of shape ({batch},)")
-        if tuple(seq_start.shape) != (batch,):
-            raise ValueError(f"seq_start must have shape ({batch},), got {tuple(seq_start.shape)}")
-        if bool(((seq_start < 0) | (seq_start >= seqlen_k)).any()):
-            raise ValueError(f"seq_start values must lie in [0, {seqlen_k}), got {seq_start.tolist()}")
-        lo = seq_start.to(device=device, dtype=torch.int32)[:, None].expand(batch, seqlen_k).contiguous()
-        hi = torch.full((batch, seqlen_k), seqlen_k - 1, dtype=torch.int32, device=device)
-        return lo, hi
-    if cu_seqlens is not None:
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"cu_seqlens must be an int32/int64 tensor, got "
-                            f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)}")
-        if batch != 1:
-            raise ValueError(f"cu_seqlens needs batch size 1 (sequences packed along T), got B={batch}")
-        if seqlen_q != seqlen_k:
-            raise ValueError(f"cu_seqlens needs Tq == Tk, got Tq={seqlen_q}, Tk={seqlen_k}")
-        cu = cu_seqlens.to(device=device, dtype=torch.long)
-        if cu.dim() != 1 or cu.numel() < 2:
-            raise ValueError(f"cu_seqlens must be 1-D with >= 2 offsets, got shape {tuple(cu.shape)}")
-        ends_ok, increasing = torch.stack([(cu[0] == 0) & (cu[-1] == seqlen_k), (cu[1:] > cu[:-1]).all()]).tolist()
-        if not ends_ok:  # (one host sync for both checks)
-            raise ValueError(f"cu_seqlens must start at 0 and end at T={seqlen_k}, got {cu.tolist()}")
-        if not increasing:
-            raise ValueError(f"cu_seqlens must be strictly increasing, got {cu.tolist()}")
-        seq_id = torch.searchsorted(cu, torch.arange(seqlen_k, device=device), right=True) - 1
-        lo = cu[seq_id].to(torch.int32)[None].contiguous()
-        hi = (cu[seq_id + 1] - 1).to(torch.int32)[None].contiguous()
-        return lo, hi
-    return None, None
 
 
 def _threshold(adaptive_threshold, log_eps: float, q, k, sm_scale: float, batch: int, heads: int,
@@ -210,7 +227,8 @@ def _threshold(adaptive_threshold, log_eps: float, q, k, sm_scale: float, batch:
                              f"got {adaptive_threshold!r}")
         if not isinstance(log_eps, (int, float)) or not log_eps < 0:
             raise ValueError(f"log_eps must be a negative number, got {log_eps!r}")
-        return threshold_from_data(q, k, sm_scale, seqlen_k, log_eps).float()
+        # NaN activations give a NaN bound: prune nothing there rather than everything
+        return threshold_from_data(q, k, sm_scale, seqlen_k, log_eps).float().nan_to_num(nan=-math.inf)
     if isinstance(adaptive_threshold, bool) or not isinstance(adaptive_threshold, (int, float, torch.Tensor)):
         raise TypeError(f"adaptive_threshold must be None, 'auto', a float or a tensor, "
                         f"got {type(adaptive_threshold).__name__}")
@@ -225,7 +243,7 @@ def _threshold(adaptive_threshold, log_eps: float, q, k, sm_scale: float, batch:
         raise ValueError(f"adaptive_threshold tensor of shape {tuple(delta.shape)} does not "
                          f"broadcast to (B, H) = ({batch}, {heads})") from None
     valid = (delta <= 0).all()  # False for NaN too; two small kernels (decoding calls this per layer)
-    if delta.is_cuda:  # no host sync on the hot path: a bad value stops at the next CUDA call
+    if delta.is_cuda or torch.compiler.is_compiling():  # no host sync (nor graph break) on the hot path
         torch._assert_async(valid)
     elif not bool(valid):
         raise ValueError(f"adaptive_threshold must be <= 0 and not NaN (a log-decay), got {adaptive_threshold}")

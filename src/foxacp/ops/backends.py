@@ -1,9 +1,12 @@
 """Backend registry: which implementation serves a call, and a clear error when none can.
 
-A backend module provides ``attend(q, k, v, decay, *, sm_scale, spec) -> (out, plan)`` on
-canonical tensors (q ``(B, H, Tq, D)``, k/v ``(B, Hkv, Tk, D)``, decay ``(B, H, Tk)`` float32;
-``plan`` is the :class:`~foxacp.ops.acp.TilePlan` its forward used, or None),
-``default_tiles(head_dim) -> (block_m, block_n)`` and ``unavailable_reason(q) -> str | None``.
+A backend module provides, on canonical tensors (q ``(B, H, Tq, D)``, k/v ``(B, Hkv, Tk, D)``,
+decay ``(B, H, Tk)`` float32):
+
+* ``plan(spec, q, k, sm_scale) -> TilePlan``: the call's :class:`~foxacp.ops.acp.TilePlan`, built once;
+* ``attend(q, k, v, decay, *, sm_scale, spec, plan) -> out``: computes exactly the plan's tiles;
+* ``required_tiles(head_dim)``: the tiles a given plan must use, or None for any;
+* ``unavailable_reason(q) -> str | None``.
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ _MODULES = {
     "torch": "foxacp.ops.blockwise",
     "triton": "foxacp.ops.triton_attention",
 }
+BACKEND_NAMES = ("auto", *_MODULES)  # the one list (configs and the CLI read it)
 
 
 def load(name: str):
     if name not in _MODULES:
-        raise ValueError(f"backend must be one of {['auto', *_MODULES]}, got {name!r}")
+        raise ValueError(f"backend must be one of {list(BACKEND_NAMES)}, got {name!r}")
     try:
         return _import(name)
     except ImportError as err:

@@ -17,23 +17,25 @@ from __future__ import annotations
 
 import torch
 
-from .acp import MaskSpec, TilePlan
+from .acp import MaskSpec, TilePlan, plan_tiles
 
-TILES = (64, 64)
+PLAN_TILES = (64, 64)
 
 
-def default_tiles(head_dim: int) -> tuple[int, int]:
-    return TILES
+def required_tiles(head_dim: int) -> None:
+    return None  # any plan: the loops follow its tiles
 
 
 def unavailable_reason(q) -> str | None:
     return None
 
 
-def attend(q, k, v, decay, *, sm_scale: float, spec: MaskSpec):
-    plan = spec.plan(*TILES)
-    out = _BlockwiseAttention.apply(q, k, v, decay, sm_scale, spec, plan)
-    return out, plan
+def plan(spec: MaskSpec, q, k, sm_scale: float) -> TilePlan:
+    return plan_tiles(spec, *PLAN_TILES, q=q, k=k, sm_scale=sm_scale)
+
+
+def attend(q, k, v, decay, *, sm_scale: float, spec: MaskSpec, plan: TilePlan):
+    return _BlockwiseAttention.apply(q, k, v, decay, sm_scale, spec, plan)
 
 
 def _range_groups(plan: TilePlan):

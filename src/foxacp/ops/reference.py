@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .acp import MaskSpec, TilePlan
+from .acp import MaskSpec, TilePlan, plan_tiles
 
 
 def visible_mask(spec: MaskSpec, device, plan: TilePlan | None = None) -> torch.Tensor:
@@ -76,18 +76,23 @@ def attention_mass_pruned(q, k, decay, *, sm_scale: float, spec: MaskSpec, plan:
     return torch.where(total > 0, pruned / total.clamp_min(1e-300), torch.zeros_like(total))
 
 
-# Backend interface (see foxacp.ops.backends): dense, pruned at 64 x 64 tiles when ACP is on.
-ACP_TILES = (64, 64)
+# Backend interface (see foxacp.ops.backends): dense, pruned on the plan's tiles when ACP is on.
+# Its own plans use 64 x 64 tiles; to check another backend, pass that call's plan (acp_plan=).
+PLAN_TILES = (64, 64)
 
 
-def default_tiles(head_dim: int) -> tuple[int, int]:
-    return ACP_TILES
+def required_tiles(head_dim: int) -> None:
+    return None  # any plan
 
 
 def unavailable_reason(q) -> str | None:
     return None
 
 
-def attend(q, k, v, decay, *, sm_scale: float, spec: MaskSpec):
-    plan = spec.plan(*ACP_TILES) if spec.has_acp else None
-    return attention_reference(q, k, v, decay, sm_scale=sm_scale, spec=spec, plan=plan), plan
+def plan(spec: MaskSpec, q, k, sm_scale: float) -> TilePlan:
+    return plan_tiles(spec, *PLAN_TILES, q=q, k=k, sm_scale=sm_scale)
+
+
+def attend(q, k, v, decay, *, sm_scale: float, spec: MaskSpec, plan: TilePlan):
+    pruning = plan if plan.acp_kv_begin is not None else None
+    return attention_reference(q, k, v, decay, sm_scale=sm_scale, spec=spec, plan=pruning)

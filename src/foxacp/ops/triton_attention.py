@@ -11,10 +11,11 @@ Layers (kernels live in :mod:`foxacp.ops.triton_kernels`):
 * the backend interface of :mod:`foxacp.ops.backends`: ``attend``, ``default_tiles``,
   ``unavailable_reason``.
 
-ACP: one tiny parallel pre-pass finds every tile's range from the float64 global decay (see the
-kernels' module docstring); the plan tiles are the forward tiles ``default_tiles(head_dim)``, so
-``spec.plan(*default_tiles(head_dim))`` describes exactly what the kernels computed. ``attend``
-returns no plan: the API builds it only when stats are asked for.
+ACP: ``plan`` builds the call's :class:`~foxacp.ops.acp.TilePlan` once, on the forward tiles
+``default_tiles(head_dim)``: the paper rule's ranges come from one tiny parallel pre-pass over the
+float64 global decay (see the kernels' module docstring; the custom op ``foxacp::acp_tiles``), the
+local rule adds its data bound in PyTorch. The forward reads the plan's ``acp_kv_begin``, the
+backward the same saved ``acp_kv_begin``/``acp_q_end``: nothing is planned twice.
 """
 
 import math
@@ -35,7 +36,7 @@ except ImportError as _err:  # pragma: no cover - depends on the environment
     triton = None
     _IMPORT_ERROR = str(_err)
 
-from .acp import MaskSpec
+from .acp import MaskSpec, TilePlan, plan_tiles
 
 MAX_HEAD_DIM = 256
 DECODE_MAX_Q = 64  # Tq at or below this takes the decoding forward (small query blocks, split keys)
@@ -166,26 +167,37 @@ def _decode_splits(batch_heads: int, seqlen_k: int, block_n: int, device) -> int
 # ----------------------------------------------------------------------------- launchers
 
 
-def _acp_tiles(decay_global, delta, B, H, Tq, Tk, plan_m, plan_n):
-    """The ACP pre-pass: first kept key tile per query tile, end of kept query tiles per key tile."""
-    nqt, nkt = triton.cdiv(Tq, plan_m), triton.cdiv(Tk, plan_n)
-    acp_kv = torch.empty((B * H, nqt), dtype=torch.int32, device=decay_global.device)
-    acp_q = torch.empty((B * H, nkt), dtype=torch.int32, device=decay_global.device)
+@torch.library.custom_op("foxacp::acp_tiles", mutates_args=())
+def acp_tiles(decay_global: torch.Tensor, delta: torch.Tensor, seqlen_q: int, plan_m: int,
+              plan_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper rule's pre-pass: ``acp_kv_begin (B, H, nqt)``, ``acp_q_end (B, H, nkt)`` int32,
+    equal to :func:`foxacp.ops.acp.paper_ranges` (same float64 arithmetic) in one launch."""
+    B, H, Tk = decay_global.shape
+    nqt, nkt = triton.cdiv(seqlen_q, plan_m), triton.cdiv(Tk, plan_n)
+    acp_kv = torch.empty((B, H, nqt), dtype=torch.int32, device=decay_global.device)
+    acp_q = torch.empty((B, H, nkt), dtype=torch.int32, device=decay_global.device)
     kernels.acp_tiles_kernel[(max(nqt, nkt), B * H)](
-        decay_global, delta, acp_kv, acp_q, *decay_global.stride(), H, Tq, Tk, Tk - Tq, nqt, nkt,
-        PLAN_M=plan_m, PLAN_N=plan_n, SEARCH=_search_block(), num_warps=4,
+        decay_global, delta.contiguous(), acp_kv, acp_q, *decay_global.stride(), H, seqlen_q, Tk, Tk - seqlen_q,
+        nqt, nkt, PLAN_M=plan_m, PLAN_N=plan_n, SEARCH=_search_block(), num_warps=4,
     )
     return acp_kv, acp_q
 
 
-def _forward(q, k, v, decay, decay_global, key_lo, key_hi, delta, sm_scale: float):
+@acp_tiles.register_fake
+def _(decay_global, delta, seqlen_q, plan_m, plan_n):
+    B, H, Tk = decay_global.shape
+    return (decay_global.new_empty((B, H, -(-seqlen_q // plan_m)), dtype=torch.int32),
+            decay_global.new_empty((B, H, -(-Tk // plan_n)), dtype=torch.int32))
+
+
+def _forward(q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, sm_scale: float):
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     cfg = tile_config(D)
     d_pad = _pad(D)
     out = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
-    has_acp, varlen = delta is not None, key_lo is not None
+    has_acp, varlen = acp_kv is not None, key_lo is not None
     block_m, block_n, warps, stages = cfg.block_m, cfg.block_n, cfg.fwd_warps, cfg.fwd_stages
     splits = 1
     if Tq <= DECODE_MAX_Q:
@@ -193,7 +205,7 @@ def _forward(q, k, v, decay, decay_global, key_lo, key_hi, delta, sm_scale: floa
         warps = 4
         splits = _decode_splits(B * H * triton.cdiv(Tq, block_m), Tk, block_n, q.device)
     stages = _stages(stages, q.dtype, D)
-    acp_kv = _acp_tiles(decay_global, delta, B, H, Tq, Tk, cfg.block_m, cfg.block_n)[0] if has_acp else lse
+    acp_kv = acp_kv if has_acp else lse
     lo = key_lo if varlen else decay
     if splits > 1:
         acc_part = torch.empty((splits, B * H, Tq, d_pad), dtype=torch.float32, device=q.device)
@@ -220,7 +232,7 @@ def _forward(q, k, v, decay, decay_global, key_lo, key_hi, delta, sm_scale: floa
     return out, lse
 
 
-def _backward(dout, q, k, v, decay, decay_global, key_lo, key_hi, delta, out, lse, sm_scale: float):
+def _backward(dout, q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, out, lse, sm_scale: float):
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     group = H // Hkv
@@ -228,14 +240,12 @@ def _backward(dout, q, k, v, decay, decay_global, key_lo, key_hi, delta, out, ls
     d_pad = _pad(D)
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    has_acp, varlen = delta is not None, key_lo is not None
+    has_acp, varlen = acp_kv is not None, key_lo is not None
     di = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)  # written by the dQ kernel
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     # the dQ kernel writes dc at the query positions [Tk - Tq, Tk); the dK/dV kernel adds to every position
     dc = (torch.empty_like if Tq == Tk else torch.zeros_like)(decay, dtype=torch.float32)
-    if has_acp:
-        acp_kv, acp_q = _acp_tiles(decay_global, delta, B, H, Tq, Tk, cfg.block_m, cfg.block_n)
-    else:
+    if not has_acp:
         acp_kv = acp_q = di
     lo = key_lo if varlen else decay
     hi = key_hi if varlen else decay
@@ -274,15 +284,16 @@ def _backward(dout, q, k, v, decay, decay_global, key_lo, key_hi, delta, out, ls
 
 @torch.library.custom_op("foxacp::fox_attn_fwd", mutates_args=())
 def fox_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor,
-                 decay_global: Optional[torch.Tensor], key_lo: Optional[torch.Tensor],
-                 key_hi: Optional[torch.Tensor], delta: Optional[torch.Tensor],
-                 sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward: ``(out (B, H, Tq, D) in q's dtype, lse (B, H, Tq) float32 in log2 units)``."""
-    return _forward(q, k, v, decay, decay_global, key_lo, key_hi, delta, sm_scale)
+                 acp_kv: Optional[torch.Tensor], acp_q: Optional[torch.Tensor], key_lo: Optional[torch.Tensor],
+                 key_hi: Optional[torch.Tensor], sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward: ``(out (B, H, Tq, D) in q's dtype, lse (B, H, Tq) float32 in log2 units)``.
+    ``acp_kv``/``acp_q``: the plan's :attr:`~foxacp.ops.acp.TilePlan.acp_kv_begin` /
+    ``acp_q_end`` (None: dense); the forward reads the first, the backward both."""
+    return _forward(q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, sm_scale)
 
 
 @fox_attn_fwd.register_fake
-def _(q, k, v, decay, decay_global, key_lo, key_hi, delta, sm_scale):
+def _(q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, sm_scale):
     B, H, Tq, D = q.shape
     out = q.new_empty((B, Tq, H, D)).transpose(1, 2)
     return out, q.new_empty((B, H, Tq), dtype=torch.float32)
@@ -290,29 +301,29 @@ def _(q, k, v, decay, decay_global, key_lo, key_hi, delta, sm_scale):
 
 @torch.library.custom_op("foxacp::fox_attn_bwd", mutates_args=())
 def fox_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor,
-                 decay_global: Optional[torch.Tensor], key_lo: Optional[torch.Tensor],
-                 key_hi: Optional[torch.Tensor], delta: Optional[torch.Tensor], out: torch.Tensor,
+                 acp_kv: Optional[torch.Tensor], acp_q: Optional[torch.Tensor], key_lo: Optional[torch.Tensor],
+                 key_hi: Optional[torch.Tensor], out: torch.Tensor,
                  lse: torch.Tensor, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: ``(dq, dk, dv, d decay)``; d decay is float32 (key- and query-side terms, see kernels)."""
-    return _backward(dout, q, k, v, decay, decay_global, key_lo, key_hi, delta, out, lse, sm_scale)
+    return _backward(dout, q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, out, lse, sm_scale)
 
 
 @fox_attn_bwd.register_fake
-def _(dout, q, k, v, decay, decay_global, key_lo, key_hi, delta, out, lse, sm_scale):
+def _(dout, q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, out, lse, sm_scale):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             torch.empty_like(decay, dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, decay, decay_global, key_lo, key_hi, delta, sm_scale = inputs
+    q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, sm_scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, decay, decay_global, key_lo, key_hi, delta, out, lse)
+    ctx.save_for_backward(q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, out, lse)
     ctx.sm_scale = sm_scale
 
 
 def _backward_rule(ctx, dout, dlse):
-    q, k, v, decay, decay_global, key_lo, key_hi, delta, out, lse = ctx.saved_tensors
-    dq, dk, dv, dc = fox_attn_bwd(dout, q, k, v, decay, decay_global, key_lo, key_hi, delta, out, lse,
+    q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, out, lse = ctx.saved_tensors
+    dq, dk, dv, dc = fox_attn_bwd(dout, q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, out, lse,
                                   ctx.sm_scale)
     return dq, dk, dv, dc, None, None, None, None, None
 
@@ -366,6 +377,20 @@ def default_tiles(head_dim: int) -> tuple[int, int]:
     return cfg.block_m, cfg.block_n
 
 
+def required_tiles(head_dim: int) -> tuple[int, int]:
+    """A plan given to this backend must be on these tiles (the kernels' blocks divide them)."""
+    return default_tiles(head_dim)
+
+
+def plan(spec: MaskSpec, q, k, sm_scale: float) -> TilePlan:
+    """The call's tile plan: the paper rule from the pre-pass, the local rule's data bound on top."""
+    bm, bn = default_tiles(q.shape[-1])
+    if not spec.has_acp:
+        return TilePlan(spec, bm, bn)
+    paper = acp_tiles(spec.decay, spec.delta, spec.seqlen_q, bm, bn)
+    return plan_tiles(spec, bm, bn, q=q, k=k, sm_scale=sm_scale, paper=paper)
+
+
 def unavailable_reason(q) -> Optional[str]:
     if triton is None:
         return f"triton is not installed ({_IMPORT_ERROR})"
@@ -394,41 +419,34 @@ def _check_offsets_fit_int32(q, k, v) -> None:
                          "split the sequence or the heads across calls, or use backend='torch'")
 
 
-def attend(q, k, v, decay, *, sm_scale: float, spec: MaskSpec):
+def attend(q, k, v, decay, *, sm_scale: float, spec: MaskSpec, plan: TilePlan):
     _check_offsets_fit_int32(q, k, v)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     key_lo = None if spec.key_lo is None else spec.key_lo.contiguous()
     key_hi = None if spec.key_hi is None else spec.key_hi.contiguous()
-    delta = None if spec.delta is None else spec.delta.contiguous()
-    decay_global = spec.decay if spec.has_acp else None
-    args = (q, k, v, decay, decay_global, key_lo, key_hi, delta, float(sm_scale))
+    args = (q, k, v, decay, plan.acp_kv_begin, plan.acp_q_end, key_lo, key_hi, float(sm_scale))
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, decay))):
         out, _ = fox_attn_fwd(*args)
     else:  # inference: the custom op's dispatch costs ~50 us of host time per call (a decoding step's
         out, _ = _forward(*args)  # budget) and buys nothing without autograd or torch.compile
-    return out, None
+    return out
 
 
-def acp_bounds(spec: MaskSpec, head_dim: int):
-    """The kernels' own element ranges per plan tile, as a :class:`~foxacp.ops.acp.TilePlan`.
+def acp_bounds(plan: TilePlan) -> "KernelRanges":
+    """The kernels' own element ranges per plan tile, as a :class:`~foxacp.ops.acp.TilePlan`'s ranges.
 
-    For tests and analysis: ``acp_bounds(spec, D).to_dense()`` must equal
-    ``spec.plan(*default_tiles(D)).to_dense()``.
+    For tests and analysis: ``acp_bounds(plan).to_dense()`` must equal ``plan.to_dense()``; the
+    returned object's ``kv_begin``... are what the kernels compute (read back from the device).
     """
-    from .acp import TilePlan
-
-    bm, bn = default_tiles(head_dim)
+    spec, bm, bn = plan.spec, plan.block_m, plan.block_n
     B, H, Tq, Tk = spec.batch, spec.heads, spec.seqlen_q, spec.seqlen_k
-    device = spec.decay.device if spec.decay is not None else (
-        spec.key_lo.device if spec.key_lo is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    device = next((t.device for t in (spec.decay, spec.key_lo, plan.acp_kv_begin) if t is not None),
+                  torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     nqt, nkt = triton.cdiv(Tq, bm), triton.cdiv(Tk, bn)
     out = [torch.empty((B, H, n), dtype=torch.int32, device=device) for n in (nqt, nqt, nkt, nkt)]
-    varlen, has_acp = spec.key_lo is not None, spec.has_acp
+    varlen, has_acp = spec.key_lo is not None, plan.acp_kv_begin is not None
     dummy = out[0]
-    if has_acp:
-        acp_kv, acp_q = _acp_tiles(spec.decay, spec.delta.contiguous(), B, H, Tq, Tk, bm, bn)
-    else:
-        acp_kv = acp_q = dummy
+    acp_kv, acp_q = (plan.acp_kv_begin, plan.acp_q_end) if has_acp else (dummy, dummy)
     lo = spec.key_lo.contiguous() if varlen else dummy
     hi = spec.key_hi.contiguous() if varlen else dummy
     kernels.acp_bounds_kernel[(max(nqt, nkt), B * H)](
@@ -437,10 +455,23 @@ def acp_bounds(spec: MaskSpec, head_dim: int):
     )
     col_lo, col_hi, row_lo, row_hi = (t.long() for t in out)
     empty_q = col_lo >= col_hi
-    kv_begin = torch.where(empty_q, 0, col_lo // bn)
-    kv_end = torch.where(empty_q, 0, (col_hi + bn - 1) // bn)
     empty_k = row_lo >= row_hi
-    q_begin = torch.where(empty_k, 0, row_lo // bm)
-    q_end = torch.where(empty_k, 0, (row_hi + bm - 1) // bm)
     i32 = lambda t: t.to(torch.int32)  # noqa: E731
-    return TilePlan(bm, bn, Tq, Tk, i32(kv_begin), i32(kv_end), i32(q_begin), i32(q_end), i32(kv_begin))
+    return KernelRanges(i32(torch.where(empty_q, 0, col_lo // bn)), i32(torch.where(empty_q, 0, (col_hi + bn - 1) // bn)),
+                        i32(torch.where(empty_k, 0, row_lo // bm)), i32(torch.where(empty_k, 0, (row_hi + bm - 1) // bm)),
+                        nkt)
+
+
+@dataclass(frozen=True)
+class KernelRanges:
+    """Tile ranges as the kernels compute them (see :func:`acp_bounds`)."""
+
+    kv_begin: torch.Tensor
+    kv_end: torch.Tensor
+    q_begin: torch.Tensor
+    q_end: torch.Tensor
+    num_k_tiles: int
+
+    def to_dense(self) -> torch.Tensor:
+        n = torch.arange(self.num_k_tiles, device=self.kv_begin.device)
+        return (n >= self.kv_begin[..., None]) & (n < self.kv_end[..., None])

@@ -24,12 +24,22 @@ key positions)``: ``dc_p = sum_j dS_pj`` (bwd_dq_kernel, first) and ``dc_j -= su
 rounded bf16/fp16 O, so each row of ``P * (dP - Di)`` sums to ``(true Di - Di)`` instead; the row
 term is exactly that error and cancels it. Without it the reverse cumsum that turns dc into
 dlog_fgate adds the row errors up over T (bf16: 6.7e-2 relative error on an H100 instead of < 1e-2).
+
+Structure. Each attention kernel splits its range into three phases (masked edge, full blocks
+without masks, masked edge) and runs one inner loop per phase. What a program holds is bundled in
+small NamedTuples (:class:`QueryBlock`, :class:`KeySource`, :class:`KeyBlock`, ...) that the inner
+loops take whole; Triton flattens them when it inlines the loops, so they cost nothing.
 """
+
+from typing import NamedTuple
 
 import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+"""``log2(e)``: scores, decays and lse are kept in log2 units (``exp2`` instead of ``exp``); the
+launchers fold it into ``qk_scale``."""
+_LOG2E = tl.constexpr(LOG2E)  # the same number in the form @triton.jit code may read (a float global may not)
 
 
 # ----------------------------------------------------------------------------- tile ranges
@@ -80,8 +90,8 @@ def _query_block_keys(LO, acp_first, r0, Tq, OFF,
 
     Also returns ``lo_max``, the largest ``lo`` among the rows (keys at or above it are visible
     to every row up to the causal edge). ``LO`` already points at this batch; ``acp_first`` is
-    ``ACP_KV[bh, r0 // PLAN_M]``, loaded by the caller at the top of the kernel so that its latency
-    overlaps the q loads (it gates the first key loop).
+    ``ACP_KV[bh, r0 // PLAN_M]``, loaded by the caller before the q loads so that its latency
+    overlaps them (it gates the first key loop).
     """
     r_last = tl.minimum(r0 + BLOCK_M, Tq) - 1
     p_first = r0 + OFF
@@ -136,13 +146,14 @@ def acp_bounds_kernel(LO, HI, ACP_KV, ACP_Q, KV_LO, KV_HI, Q_LO, Q_HI, stride_lo
     HI += b * stride_lob
     if t < NUM_QT:
         acp_first = tl.load(ACP_KV + bh * NUM_QT + t) if HAS_ACP else 0
-        col_lo, col_hi, _ = _query_block_keys(LO, acp_first, t * PLAN_M, Tq, OFF,
-                                              PLAN_M, PLAN_M, PLAN_N, IS_VARLEN, HAS_ACP)
+        col_lo, col_hi, _ = _query_block_keys(LO, acp_first, t * PLAN_M, Tq, OFF, BLOCK_M=PLAN_M, PLAN_M=PLAN_M,
+                                              PLAN_N=PLAN_N, IS_VARLEN=IS_VARLEN, HAS_ACP=HAS_ACP)
         tl.store(KV_LO + bh * NUM_QT + t, col_lo)
         tl.store(KV_HI + bh * NUM_QT + t, col_hi)
     if t < NUM_KT:
         row_lo, row_hi, _, _ = _key_block_queries(LO, HI, ACP_Q + bh * NUM_KT, t * PLAN_N, Tq, Tk, OFF,
-                                                  PLAN_N, PLAN_M, PLAN_N, IS_VARLEN, HAS_ACP)
+                                                  BLOCK_N=PLAN_N, PLAN_M=PLAN_M, PLAN_N=PLAN_N,
+                                                  IS_VARLEN=IS_VARLEN, HAS_ACP=HAS_ACP)
         tl.store(Q_LO + bh * NUM_KT + t, row_lo)
         tl.store(Q_HI + bh * NUM_KT + t, row_hi)
 
@@ -178,15 +189,82 @@ def _longest_first(pid, num_blocks, num_heads, HEADS_PER_GROUP: tl.constexpr):
     return num_blocks - 1 - block, group * HEADS_PER_GROUP + r - block * width
 
 
-# ----------------------------------------------------------------------------- forward
+# ----------------------------------------------------------------------------- query blocks (forward, dQ)
+
+
+class QueryBlock(NamedTuple):
+    """Query rows ``[r0, r0 + BLOCK_M)`` of one (batch, head), as a forward or dQ program holds them."""
+    rows: tl.tensor  # [BLOCK_M] row indices r
+    row_ok: tl.tensor  # [BLOCK_M] r < Tq
+    pos: tl.tensor  # [BLOCK_M] key position of each row, r + OFF
+    lo: tl.tensor  # [BLOCK_M] first key each row sees (0 unless IS_VARLEN)
+    offs_d: tl.tensor  # [D_PAD]
+    q: tl.tensor  # [BLOCK_M, D_PAD]
+    c_ref: tl.tensor  # decay at the block's first position (subtracted from every decay: precision)
+    cq: tl.tensor  # [BLOCK_M] the rows' decay term (c_p - c_ref) * log2(e)
+
+
+class KeySource(NamedTuple):
+    """Where a forward or dQ program reads its keys: ``K``, ``V`` at its (batch, kv head), ``C`` (the
+    cumulative decay) at its (batch, head), their strides along the position; keys ``>= Tk`` are masked."""
+    K: tl.tensor
+    V: tl.tensor
+    C: tl.tensor
+    stride_kt: tl.tensor
+    stride_vt: tl.tensor
+    stride_ct: tl.tensor
+    Tk: tl.tensor
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, pos_q, lo_q, K, V, C, K_DESC, V_DESC, desc_b, desc_h, stride_kt, stride_vt, stride_ct,
-               c_ref, offs_d, col_start, col_end, Tk, qk_scale,
-               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+def _query_block(Q, C, ACP_KV, LO, r0, stride_qt, stride_ct, Tq, OFF,
+                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 PLAN_M: tl.constexpr, PLAN_N: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_ACP: tl.constexpr):
+    """Load query rows ``[r0, r0 + BLOCK_M)`` and split the key columns they compute into phases.
+
+    ``Q``, ``C``, ``ACP_KV`` and ``LO`` already point at the program's (batch, head). Returns the
+    :class:`QueryBlock` and the bounds of three phases, in whole BLOCK_N blocks:
+    ``[col_lo, full_start)`` masked (keys below some row's ``lo``), ``[full_start, full_end)``
+    blocks every row sees whole (no masks), ``[full_end, col_hi)`` masked (the causal edge).
+    """
+    acp_first = tl.load(ACP_KV + r0 // PLAN_M) if HAS_ACP else 0  # first, so its latency overlaps q's
+    rows = r0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    row_ok = rows < Tq
+    pos_q = rows + OFF
+    q_ptrs = Q + rows[:, None] * stride_qt + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)  # [BLOCK_M, D]
+    c_ref = tl.load(C + (r0 + OFF) * stride_ct)
+    cq = (tl.load(C + pos_q * stride_ct, mask=row_ok, other=0.0) - c_ref) * _LOG2E  # [BLOCK_M]
+    col_lo, col_hi, lo_max = _query_block_keys(LO, acp_first, r0, Tq, OFF, BLOCK_M=BLOCK_M, PLAN_M=PLAN_M,
+                                               PLAN_N=PLAN_N, IS_VARLEN=IS_VARLEN, HAS_ACP=HAS_ACP)
+    col_lo = col_lo // BLOCK_N * BLOCK_N
+    full_start = tl.minimum(tl.maximum((lo_max + BLOCK_N - 1) // BLOCK_N * BLOCK_N, col_lo), col_hi)
+    full_end = tl.maximum(tl.minimum((r0 + OFF + 1) // BLOCK_N * BLOCK_N, col_hi), full_start)
+    if IS_VARLEN:
+        lo_q = tl.load(LO + pos_q, mask=row_ok, other=0)
+    else:
+        lo_q = rows * 0
+    return QueryBlock(rows, row_ok, pos_q, lo_q, offs_d, q, c_ref, cq), col_lo, full_start, full_end, col_hi
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+class TmaKeys(NamedTuple):
+    """The forward's host tensor descriptors over K and V, and the (batch, kv head) read through them."""
+    K_DESC: tl.tensor
+    V_DESC: tl.tensor
+    b: tl.tensor
+    h: tl.tensor
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, query, keys, tma, col_start, col_end, qk_scale,
+               MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                IS_VARLEN: tl.constexpr, EVEN_D: tl.constexpr, ADVANCE: tl.constexpr, USE_TMA: tl.constexpr):
-    """Online softmax over key blocks ``[col_start, col_end)``; MASKED applies causal/lo masks.
+    """Online softmax of a :class:`QueryBlock` over key blocks ``[col_start, col_end)`` of
+    :class:`KeySource` ``keys``; MASKED applies causal/lo masks.
 
     Scores here omit the per-row decay ``c_p``: a row constant cancels in the softmax, so each
     element costs one FMA for the decay (``qk * scale - c_j``); the caller adds it to the lse.
@@ -195,10 +273,12 @@ def _fwd_inner(acc, l_i, m_i, q, pos_q, lo_q, K, V, C, K_DESC, V_DESC, desc_b, d
     step of the full-block loop at D=64 (697 vs 650, sm_90 SASS); advancing removes them (633).
     Measured (H100, 3 reps): ACP forward -2..-4% at D=64, +4% at D=128, dense unchanged; so the
     caller sets it for the ACP variant at head dims <= 64 only (kernel-notes attempt 8).
-    USE_TMA: K and V blocks of head ``(desc_b, desc_h)`` come through the host tensor descriptors
-    ``K_DESC``/``V_DESC`` (Hopper's bulk copy engine; zero outside ``[Tk, HEAD_DIM]``, so no masks)
-    instead of per-thread loads.
+    USE_TMA: K and V blocks come through the :class:`TmaKeys` descriptors (Hopper's bulk copy
+    engine; zero outside ``[Tk, HEAD_DIM]``, so no masks) instead of per-thread loads.
     """
+    q, pos_q, lo_q, offs_d, c_ref = query.q, query.pos, query.lo, query.offs_d, query.c_ref
+    K, V, C, Tk = keys.K, keys.V, keys.C, keys.Tk
+    stride_kt, stride_vt, stride_ct = keys.stride_kt, keys.stride_vt, keys.stride_ct
     c_ptrs0 = C + (col_start + tl.arange(0, BLOCK_N)) * stride_ct
     k_ptrs0 = K + (col_start + tl.arange(0, BLOCK_N))[None, :] * stride_kt + offs_d[:, None]
     v_ptrs0 = V + (col_start + tl.arange(0, BLOCK_N))[:, None] * stride_vt + offs_d[None, :]
@@ -213,7 +293,7 @@ def _fwd_inner(acc, l_i, m_i, q, pos_q, lo_q, K, V, C, K_DESC, V_DESC, desc_b, d
             v_ptrs = V + cols[:, None] * stride_vt + offs_d[None, :]  # [BLOCK_N, D]
             c_ptrs = C + cols * stride_ct
         if USE_TMA:
-            kt = tl.trans(_tma_block(K_DESC, desc_b, desc_h, start_n, BLOCK_N, offs_d.shape[0]))
+            kt = tl.trans(_tma_block(tma.K_DESC, tma.b, tma.h, start_n, BLOCK_N, offs_d.shape[0]))
             ck = tl.load(c_ptrs, mask=cols < Tk, other=0.0) if MASKED else tl.load(c_ptrs)
         elif MASKED:
             kt = tl.load(k_ptrs, mask=(cols[None, :] < Tk) & (offs_d[:, None] < HEAD_DIM), other=0.0)
@@ -224,7 +304,7 @@ def _fwd_inner(acc, l_i, m_i, q, pos_q, lo_q, K, V, C, K_DESC, V_DESC, desc_b, d
         else:
             kt = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
             ck = tl.load(c_ptrs)
-        ck = (ck - c_ref) * 1.4426950408889634  # [BLOCK_N], log2 units
+        ck = (ck - c_ref) * _LOG2E  # [BLOCK_N], log2 units
         # scores in log2 units without the row term: s = scale*log2e*q.k - c_j*log2e   # [BLOCK_M, BLOCK_N]
         s = tl.dot(q, kt) * qk_scale - ck[None, :]
         if MASKED:
@@ -242,7 +322,7 @@ def _fwd_inner(acc, l_i, m_i, q, pos_q, lo_q, K, V, C, K_DESC, V_DESC, desc_b, d
         alpha = tl.math.exp2(m_i - m_use)  # rescale of the old accumulator
         l_i = l_i * alpha + tl.sum(p, 1)
         if USE_TMA:
-            v = _tma_block(V_DESC, desc_b, desc_h, start_n, BLOCK_N, offs_d.shape[0])
+            v = _tma_block(tma.V_DESC, tma.b, tma.h, start_n, BLOCK_N, offs_d.shape[0])
         elif MASKED:
             v = tl.load(v_ptrs, mask=(cols[:, None] < Tk) & (offs_d[None, :] < HEAD_DIM), other=0.0)
         elif EVEN_D:
@@ -284,21 +364,9 @@ def fwd_kernel(Q, K, V, C, ACP_KV, LO, OUT, LSE, ACC_PART, ML_PART, K_DESC, V_DE
     LO += b * stride_lob
     OUT += b64 * stride_ob + h * stride_oh
 
-    r0 = pid_m * BLOCK_M
-    acp_first = tl.load(ACP_KV + r0 // PLAN_M) if HAS_ACP else 0  # first, so its latency overlaps q's
-    rows = r0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
-    row_ok = rows < Tq
-    pos_q = rows + OFF
-    q_ptrs = Q + rows[:, None] * stride_qt + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)  # [BLOCK_M, D]
-    c_ref = tl.load(C + (r0 + OFF) * stride_ct)
-    cq = (tl.load(C + pos_q * stride_ct, mask=row_ok, other=0.0) - c_ref) * 1.4426950408889634  # [BLOCK_M]
-    col_lo, col_hi, lo_max = _query_block_keys(LO, acp_first, r0, Tq, OFF, BLOCK_M, PLAN_M, PLAN_N, IS_VARLEN, HAS_ACP)
-    # phases: [col_lo, a) masked (lo edge), [a, b) full blocks, [b, col_hi) masked (causal edge)
-    col_lo = col_lo // BLOCK_N * BLOCK_N
-    a = tl.minimum(tl.maximum((lo_max + BLOCK_N - 1) // BLOCK_N * BLOCK_N, col_lo), col_hi)
-    b_full = tl.maximum(tl.minimum((r0 + OFF + 1) // BLOCK_N * BLOCK_N, col_hi), a)
+    query, col_lo, full_start, full_end, col_hi = _query_block(
+        Q, C, ACP_KV, LO, pid_m * BLOCK_M, stride_qt, stride_ct, Tq, OFF, HEAD_DIM=HEAD_DIM, D_PAD=D_PAD,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PLAN_M=PLAN_M, PLAN_N=PLAN_N, IS_VARLEN=IS_VARLEN, HAS_ACP=HAS_ACP)
     if NUM_SPLITS > 1:  # this program takes an equal share of the key blocks
         n_blocks = tl.maximum(col_hi - col_lo + BLOCK_N - 1, 0) // BLOCK_N
         per_split = (n_blocks + NUM_SPLITS - 1) // NUM_SPLITS
@@ -308,26 +376,25 @@ def fwd_kernel(Q, K, V, C, ACP_KV, LO, OUT, LSE, ACC_PART, ML_PART, K_DESC, V_DE
         my_lo = col_lo
         my_hi = col_hi
 
-    if IS_VARLEN:
-        lo_q = tl.load(LO + pos_q, mask=row_ok, other=0)
-    else:
-        lo_q = rows * 0
-
+    keys = KeySource(K, V, C, stride_kt, stride_vt, stride_ct, Tk)
+    tma = TmaKeys(K_DESC, V_DESC, b, hk)
+    ADVANCE: tl.constexpr = HAS_ACP and D_PAD <= 64 and not USE_TMA  # measured: see _fwd_inner
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-    # full blocks first (no masks), then the two masked edges
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, pos_q, lo_q, K, V, C, K_DESC, V_DESC, b, hk, stride_kt, stride_vt, stride_ct,
-                               c_ref, offs_d, tl.maximum(a, my_lo), tl.minimum(b_full, my_hi), Tk, qk_scale,
-                               HEAD_DIM, BLOCK_N, False, IS_VARLEN, EVEN_D, HAS_ACP and D_PAD <= 64 and not USE_TMA, USE_TMA)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, pos_q, lo_q, K, V, C, K_DESC, V_DESC, b, hk, stride_kt, stride_vt, stride_ct,
-                               c_ref, offs_d, tl.maximum(col_lo, my_lo), tl.minimum(a, my_hi), Tk, qk_scale,
-                               HEAD_DIM, BLOCK_N, True, IS_VARLEN, EVEN_D, HAS_ACP and D_PAD <= 64 and not USE_TMA, USE_TMA)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, pos_q, lo_q, K, V, C, K_DESC, V_DESC, b, hk, stride_kt, stride_vt, stride_ct,
-                               c_ref, offs_d, tl.maximum(b_full, my_lo), tl.minimum(col_hi, my_hi), Tk, qk_scale,
-                               HEAD_DIM, BLOCK_N, True, IS_VARLEN, EVEN_D, HAS_ACP and D_PAD <= 64 and not USE_TMA, USE_TMA)
+    # full blocks first (no masks), then the masked edges below and above them
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, query, keys, tma, tl.maximum(full_start, my_lo),
+                               tl.minimum(full_end, my_hi), qk_scale, MASKED=False, HEAD_DIM=HEAD_DIM,
+                               BLOCK_N=BLOCK_N, IS_VARLEN=IS_VARLEN, EVEN_D=EVEN_D, ADVANCE=ADVANCE, USE_TMA=USE_TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, query, keys, tma, tl.maximum(col_lo, my_lo),
+                               tl.minimum(full_start, my_hi), qk_scale, MASKED=True, HEAD_DIM=HEAD_DIM,
+                               BLOCK_N=BLOCK_N, IS_VARLEN=IS_VARLEN, EVEN_D=EVEN_D, ADVANCE=ADVANCE, USE_TMA=USE_TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, query, keys, tma, tl.maximum(full_end, my_lo),
+                               tl.minimum(col_hi, my_hi), qk_scale, MASKED=True, HEAD_DIM=HEAD_DIM,
+                               BLOCK_N=BLOCK_N, IS_VARLEN=IS_VARLEN, EVEN_D=EVEN_D, ADVANCE=ADVANCE, USE_TMA=USE_TMA)
 
-    m_i = m_i + cq  # the row's decay term, left out of the scores above
+    m_i = m_i + query.cq  # the row's decay term, left out of the scores above
+    rows, row_ok, offs_d = query.rows, query.row_ok, query.offs_d
     if NUM_SPLITS > 1:
         # partial results: unnormalised acc, running max and sum (combined by combine_kernel)
         part = (split * (tl.num_programs(0) // tl.cdiv(Tq, BLOCK_M)) + bh).to(tl.int64) * Tq
@@ -381,12 +448,43 @@ def combine_kernel(ACC_PART, ML_PART, OUT, LSE, stride_ob, stride_oh, stride_ot,
 # ----------------------------------------------------------------------------- backward
 
 
+class KeyBlock(NamedTuple):
+    """Key columns ``[c0, c0 + BLOCK_N)`` of one (batch, head), loaded once by a dK/dV program."""
+    cols: tl.tensor  # [BLOCK_N] key positions j
+    offs_d: tl.tensor  # [D_PAD]
+    k: tl.tensor  # [BLOCK_N, D_PAD]
+    v: tl.tensor  # [BLOCK_N, D_PAD]
+    c_ref: tl.tensor  # decay at the block's first column (subtracted from every decay: precision)
+    ck: tl.tensor  # [BLOCK_N] the columns' decay term (c_j - c_ref) * log2(e)
+
+
+class QuerySource(NamedTuple):
+    """Where a dK/dV program reads its queries: ``Q``, ``DO`` and ``C`` at its (batch, query head),
+    ``LSE`` and ``DI`` at its row, ``LO`` at its batch; query rows ``>= Tq`` are masked, row r sits
+    at key position ``r + OFF``."""
+    Q: tl.tensor
+    DO: tl.tensor
+    C: tl.tensor
+    LSE: tl.tensor
+    DI: tl.tensor
+    LO: tl.tensor
+    stride_qt: tl.tensor
+    stride_dot: tl.tensor
+    stride_ct: tl.tensor
+    Tq: tl.tensor
+    OFF: tl.tensor
+
+
 @triton.jit
-def _dkdv_inner(dk, dv, dc, k, v, ck, cols, Q, DO, C, LSE, DI, LO, stride_qt, stride_dot, stride_ct,
-                c_ref, offs_d, row_start, row_end, Tq, OFF, qk_scale,
-                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+def _dkdv_inner(dk, dv, dc, block, queries, row_start, row_end, qk_scale,
+                MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                 IS_VARLEN: tl.constexpr, EVEN_D: tl.constexpr):
-    """Accumulate dK, dV, dc of one key block over query blocks ``[row_start, row_end)``."""
+    """Accumulate dK, dV, dc of a :class:`KeyBlock` over query blocks ``[row_start, row_end)`` of
+    :class:`QuerySource` ``queries``; MASKED applies causal/lo masks."""
+    k, v, ck, cols, c_ref, offs_d = block.k, block.v, block.ck, block.cols, block.c_ref, block.offs_d
+    Q, DO, C, LSE, DI, LO = queries.Q, queries.DO, queries.C, queries.LSE, queries.DI, queries.LO
+    stride_qt, stride_dot, stride_ct = queries.stride_qt, queries.stride_dot, queries.stride_ct
+    Tq, OFF = queries.Tq, queries.OFF
     for start_m in range(row_start, row_end, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         pos = rows + OFF
@@ -409,7 +507,7 @@ def _dkdv_inner(dk, dv, dc, k, v, ck, cols, Q, DO, C, LSE, DI, LO, stride_qt, st
             lse = tl.load(LSE + rows)
             di = tl.load(DI + rows)
             cq = tl.load(C + pos * stride_ct)
-        lse = lse - (cq - c_ref) * 1.4426950408889634  # fold the row's decay term into its lse
+        lse = lse - (cq - c_ref) * _LOG2E  # fold the row's decay term into its lse
         # transposed P^T[j, r] = exp2(s_rj - lse_r), s in log2 units   # [BLOCK_N, BLOCK_M]
         pt = tl.math.exp2(tl.dot(k, qt) * qk_scale - ck[:, None] - lse[None, :])
         if MASKED:
@@ -468,24 +566,27 @@ def bwd_dkdv_kernel(Q, K, V, C, ACP_Q, LO, HI, DO, LSE, DI, DK, DV, DC,
     LSE += bh.to(tl.int64) * Tq
     DI += bh.to(tl.int64) * Tq
     row_lo, row_hi, full_lo, full_hi = _key_block_queries(LO, HI, ACP_Q + bh * NUM_KT, c0, Tq, Tk, OFF,
-                                                          BLOCK_N, PLAN_M, PLAN_N, IS_VARLEN, HAS_ACP)
-    # phases: [row_lo, a) masked (causal edge), [a, b) full blocks, [b, row_hi) masked (other sequences)
+                                                          BLOCK_N=BLOCK_N, PLAN_M=PLAN_M, PLAN_N=PLAN_N,
+                                                          IS_VARLEN=IS_VARLEN, HAS_ACP=HAS_ACP)
+    # phases in whole BLOCK_M blocks: [row_lo, full_start) masked (causal edge), [full_start, full_end)
+    # rows that see every column (no masks), [full_end, row_hi) masked (rows of other sequences)
     row_lo = row_lo // BLOCK_M * BLOCK_M
-    a = tl.minimum(tl.maximum((full_lo + BLOCK_M - 1) // BLOCK_M * BLOCK_M, row_lo), tl.maximum(row_hi, row_lo))
-    b_full = tl.maximum(tl.minimum(full_hi // BLOCK_M * BLOCK_M, row_hi), a)
+    full_start = tl.minimum(tl.maximum((full_lo + BLOCK_M - 1) // BLOCK_M * BLOCK_M, row_lo),
+                            tl.maximum(row_hi, row_lo))
+    full_end = tl.maximum(tl.minimum(full_hi // BLOCK_M * BLOCK_M, row_hi), full_start)
     c_ref = tl.load(C + tl.minimum(c0, Tk - 1) * stride_ct)
     ck = tl.load(C + cols * stride_ct, mask=col_ok, other=0.0)
-    ck = (ck - c_ref) * 1.4426950408889634  # [BLOCK_N]
+    ck = (ck - c_ref) * _LOG2E  # [BLOCK_N]
     dc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, ck, cols, Q, DO, C, LSE, DI, LO, stride_qt, stride_dot,
-                             stride_ct, c_ref, offs_d, a, b_full, Tq, OFF, qk_scale,
-                             HEAD_DIM, BLOCK_M, False, IS_VARLEN, EVEN_D)
-    dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, ck, cols, Q, DO, C, LSE, DI, LO, stride_qt, stride_dot,
-                             stride_ct, c_ref, offs_d, row_lo, a, Tq, OFF, qk_scale,
-                             HEAD_DIM, BLOCK_M, True, IS_VARLEN, EVEN_D)
-    dk, dv, dc = _dkdv_inner(dk, dv, dc, k, v, ck, cols, Q, DO, C, LSE, DI, LO, stride_qt, stride_dot,
-                             stride_ct, c_ref, offs_d, b_full, row_hi, Tq, OFF, qk_scale,
-                             HEAD_DIM, BLOCK_M, True, IS_VARLEN, EVEN_D)
+    block = KeyBlock(cols, offs_d, k, v, c_ref, ck)
+    queries = QuerySource(Q, DO, C, LSE, DI, LO, stride_qt, stride_dot, stride_ct, Tq, OFF)
+    # full blocks first (no masks), then the masked edges below and above them
+    dk, dv, dc = _dkdv_inner(dk, dv, dc, block, queries, full_start, full_end, qk_scale, MASKED=False,
+                             HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, IS_VARLEN=IS_VARLEN, EVEN_D=EVEN_D)
+    dk, dv, dc = _dkdv_inner(dk, dv, dc, block, queries, row_lo, full_start, qk_scale, MASKED=True,
+                             HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, IS_VARLEN=IS_VARLEN, EVEN_D=EVEN_D)
+    dk, dv, dc = _dkdv_inner(dk, dv, dc, block, queries, full_end, row_hi, qk_scale, MASKED=True,
+                             HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, IS_VARLEN=IS_VARLEN, EVEN_D=EVEN_D)
     dc_ptrs = DC + b64 * stride_dcb + h * stride_dch + cols * stride_dct  # + the query-side term (dQ kernel)
     tl.store(dc_ptrs, tl.load(dc_ptrs, mask=col_ok, other=0.0) + dc, mask=col_ok)
     dk_ptrs = DK + b64 * stride_dkb + h * stride_dkh + cols[:, None] * stride_dkt + offs_d[None, :]
@@ -521,14 +622,17 @@ def group_sum_kernel(PK, PV, DK, DV, stride_pb, stride_ph, stride_pt,
 
 
 @triton.jit
-def _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct, c_ref,
-              offs_d, col_start, col_end, Tk, qk_scale,
-              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+def _dq_inner(dq, dcq, query, do, lse, di, keys, col_start, col_end, qk_scale,
+              MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
               IS_VARLEN: tl.constexpr, EVEN_D: tl.constexpr, ADVANCE: tl.constexpr):
-    """Accumulate dQ and the row sums of dS (query-side dc term) over key blocks ``[col_start, col_end)``.
+    """Accumulate dQ and the row sums of dS (query-side dc term) of a :class:`QueryBlock` over key
+    blocks ``[col_start, col_end)`` of :class:`KeySource` ``keys``; MASKED applies causal/lo masks.
 
     ADVANCE: pointers step by a block per iteration (as in ``_fwd_inner``), for a start read from
     memory (ACP), where ptxas otherwise recomputes the addresses in every step."""
+    q, pos_q, lo_q, offs_d, c_ref = query.q, query.pos, query.lo, query.offs_d, query.c_ref
+    K, V, C, Tk = keys.K, keys.V, keys.C, keys.Tk
+    stride_kt, stride_vt, stride_ct = keys.stride_kt, keys.stride_vt, keys.stride_ct
     if ADVANCE:
         kt_ptrs0 = K + (col_start + tl.arange(0, BLOCK_N))[None, :] * stride_kt + offs_d[:, None]
         vt_ptrs0 = V + (col_start + tl.arange(0, BLOCK_N))[None, :] * stride_vt + offs_d[:, None]
@@ -554,7 +658,7 @@ def _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_v
             kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
             vt = tl.load(vt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
             ck = tl.load(c_ptrs0 if ADVANCE else C + cols * stride_ct)
-        ck = (ck - c_ref) * 1.4426950408889634
+        ck = (ck - c_ref) * _LOG2E
         # P = exp2(s - lse), the row's decay term folded into lse by the caller   # [BLOCK_M, BLOCK_N]
         p = tl.math.exp2(tl.dot(q, kt) * qk_scale - ck[None, :] - lse[:, None])
         if MASKED:
@@ -610,43 +714,31 @@ def bwd_dq_kernel(Q, K, V, C, ACP_KV, LO, OUT, DO, LSE, DI, DQ, DC,
     LSE += bh.to(tl.int64) * Tq
     DI += bh.to(tl.int64) * Tq
 
-    r0 = pid_m * BLOCK_M
-    acp_first = tl.load(ACP_KV + r0 // PLAN_M) if HAS_ACP else 0
-    rows = r0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
-    row_ok = rows < Tq
-    pos_q = rows + OFF
-    col_lo, col_hi, lo_max = _query_block_keys(LO, acp_first, r0, Tq, OFF, BLOCK_M, PLAN_M, PLAN_N, IS_VARLEN, HAS_ACP)
-    col_lo = col_lo // BLOCK_N * BLOCK_N
-    a = tl.minimum(tl.maximum((lo_max + BLOCK_N - 1) // BLOCK_N * BLOCK_N, col_lo), col_hi)
-    b_full = tl.maximum(tl.minimum((r0 + OFF + 1) // BLOCK_N * BLOCK_N, col_hi), a)
-
-    if IS_VARLEN:
-        lo_q = tl.load(LO + pos_q, mask=row_ok, other=0)
-    else:
-        lo_q = rows * 0
+    query, col_lo, full_start, full_end, col_hi = _query_block(
+        Q, C, ACP_KV, LO, pid_m * BLOCK_M, stride_qt, stride_ct, Tq, OFF, HEAD_DIM=HEAD_DIM, D_PAD=D_PAD,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PLAN_M=PLAN_M, PLAN_N=PLAN_N, IS_VARLEN=IS_VARLEN, HAS_ACP=HAS_ACP)
+    rows, row_ok, offs_d = query.rows, query.row_ok, query.offs_d
     mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + rows[:, None] * stride_qt + offs_d[None, :], mask=mask, other=0.0)  # [BLOCK_M, D]
     do = tl.load(DO + rows[:, None] * stride_dot + offs_d[None, :], mask=mask, other=0.0)  # [BLOCK_M, D]
     o = tl.load(OUT + b64 * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :], mask=mask, other=0.0)
     di = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DI + rows, di, mask=row_ok)
     lse = tl.load(LSE + rows, mask=row_ok, other=float("inf"))
-    c_ref = tl.load(C + (r0 + OFF) * stride_ct)
-    cq = (tl.load(C + pos_q * stride_ct, mask=row_ok, other=0.0) - c_ref) * 1.4426950408889634
-    lse = lse - cq  # the row's decay term, folded into its lse
+    lse = lse - query.cq  # the row's decay term, folded into its lse
+    keys = KeySource(K, V, C, stride_kt, stride_vt, stride_ct, Tk)
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     dcq = tl.zeros([BLOCK_M], dtype=tl.float32)
-    dq, dcq = _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct, c_ref,
-                        offs_d, a, b_full, Tk, qk_scale, HEAD_DIM, BLOCK_N, False, IS_VARLEN, EVEN_D, HAS_ACP)
-    dq, dcq = _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct, c_ref,
-                        offs_d, col_lo, a, Tk, qk_scale, HEAD_DIM, BLOCK_N, True, IS_VARLEN, EVEN_D, False)
-    dq, dcq = _dq_inner(dq, dcq, q, do, lse, di, pos_q, lo_q, K, V, C, stride_kt, stride_vt, stride_ct, c_ref,
-                        offs_d, b_full, col_hi, Tk, qk_scale, HEAD_DIM, BLOCK_N, True, IS_VARLEN, EVEN_D, False)
+    # full blocks first (no masks, pointers advanced with ACP: see _dq_inner), then the masked edges
+    dq, dcq = _dq_inner(dq, dcq, query, do, lse, di, keys, full_start, full_end, qk_scale, MASKED=False,
+                        HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, IS_VARLEN=IS_VARLEN, EVEN_D=EVEN_D, ADVANCE=HAS_ACP)
+    dq, dcq = _dq_inner(dq, dcq, query, do, lse, di, keys, col_lo, full_start, qk_scale, MASKED=True,
+                        HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, IS_VARLEN=IS_VARLEN, EVEN_D=EVEN_D, ADVANCE=False)
+    dq, dcq = _dq_inner(dq, dcq, query, do, lse, di, keys, full_end, col_hi, qk_scale, MASKED=True,
+                        HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, IS_VARLEN=IS_VARLEN, EVEN_D=EVEN_D, ADVANCE=False)
     dq_ptrs = DQ + b64 * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqt + offs_d[None, :]
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
     # the query-side dc term at the rows' positions (bwd_dkdv_kernel adds the key-side term)
-    tl.store(DC + b64 * stride_dcb + h * stride_dch + pos_q * stride_dct, dcq, mask=row_ok)
+    tl.store(DC + b64 * stride_dcb + h * stride_dch + query.pos * stride_dct, dcq, mask=row_ok)
 
 
 # ----------------------------------------------------------------------------- ACP data threshold

@@ -67,11 +67,15 @@ def model_from_checkpoint(path: str | Path):
 
 
 def _export(args) -> int:
+    from ..models.hf_tokenizer import save_training_tokenizer
+
     model, state = model_from_checkpoint(args.checkpoint)
     model.save_pretrained(args.out)
     (Path(args.out) / "foxacp_training.json").write_text(json.dumps(
         {"step": state["step"], "tokens": state["tokens"], "tokenizer": state.get("tokenizer"),
          "config": state["config"]}, indent=1))
+    if save_training_tokenizer(args.out, state) is None:
+        print(f"note: no tokenizer written (the run's tokenizer {state.get('tokenizer')!r} is not available here)")
     print(f"wrote {args.out} (step {state['step']})")
     return 0
 

@@ -43,8 +43,8 @@ class OptimSection:
     betas: tuple = (0.9, 0.95)  # AdamW betas of the paper
     weight_decay: float = 0.1  # on linear and embedding weights only
     grad_clip: float = 1.0  # global grad-norm clip
-    warmup_tokens: int = 2**28  # linear warmup length in tokens (paper: 2^28)
-    total_tokens: int = 2_700_000_000  # cosine decays to min_lr_ratio * lr at this many tokens
+    warmup_tokens: int = 16_384  # linear warmup length in tokens (CPU-sized; paper: 2^28, paper-base.yaml)
+    total_tokens: int = 1_000_000  # cosine decays to min_lr_ratio * lr here (CPU-sized: minutes on 2 cores)
     min_lr_ratio: float = 0.0  # paper decays to 0
 
     def __post_init__(self):
@@ -57,8 +57,8 @@ class OptimSection:
 
 @dataclass
 class BatchSection:
-    global_tokens: int = 524_288  # tokens per optimizer step over all ranks (paper: 32 x 16384)
-    micro_batch: int = 1  # sequences per forward per rank; the rest is gradient accumulation
+    global_tokens: int = 4096  # tokens per optimizer step over all ranks (CPU-sized; paper: 524,288)
+    micro_batch: int = 4  # sequences per forward per rank; the rest is gradient accumulation
 
     def __post_init__(self):
         _check(self.global_tokens >= 1 and self.micro_batch >= 1, "batch sizes must be >= 1")
@@ -78,13 +78,17 @@ class RunSection:
     eval_batches: int = 4  # micro-batches per evaluation
     ckpt_every: int = 0  # steps between checkpoints (0: only at the end / on signals)
     keep_last: int = 3  # checkpoints kept on disk
+    init_from: str | None = None  # start from these weights: a checkpoint, run or Hugging Face folder (not on resume)
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this, for good (0: none)
     progress: bool = True  # tqdm progress bar on rank 0
     tensorboard: bool = True  # also write TensorBoard events when tensorboard is installed
+    wandb_project: str | None = None  # also log to this Weights & Biases project (needs pip install wandb)
 
     def __post_init__(self):
         _check(self.device in ("auto", "cpu", "cuda"), f"run.device must be auto/cpu/cuda, got {self.device!r}")
         _check(self.precision in ("auto", "bf16", "fp32"), f"run.precision must be auto/bf16/fp32, got {self.precision!r}")
         _check(self.keep_last >= 1, "run.keep_last must be >= 1")
+        _check(self.keep_every >= 0, "run.keep_every must be >= 0 (0: keep only the last run.keep_last)")
 
 
 @dataclass

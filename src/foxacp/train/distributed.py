@@ -57,6 +57,15 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def from_main(compute):
+    """``compute()`` run on rank 0 only, its (picklable) result given to every rank."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return compute()
+    box = [compute() if torch.distributed.get_rank() == 0 else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def parallelize(model: torch.nn.Module, blocks: list[torch.nn.Module], info: DistInfo, *, compile: bool,
                 bf16: bool) -> torch.nn.Module:
     """Wrap ``blocks`` (the model's transformer layers) and the root for training."""

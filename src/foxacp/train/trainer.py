@@ -30,7 +30,7 @@ from .optim import build_optimizer, lr_at, set_lr
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+    """The loss, the gradient norm or a weight became NaN or infinite; checkpoints are left as they were."""
 
 
 class Trainer:
@@ -61,10 +61,12 @@ class Trainer:
                                              bf16=self.bf16)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.step, self.tokens = 0, 0
-        self.metrics = MetricLogger(self.out_dir, enabled=self.info.is_main, tensorboard=cfg.run.tensorboard)
+        self.metrics = MetricLogger(self.out_dir, enabled=self.info.is_main, tensorboard=cfg.run.tensorboard,
+                                    wandb_project=cfg.run.wandb_project, resume=resume, config=cfg.to_dict())
         self._stop_signal: int | None = None
-        if resume:
-            self.resume()
+        resumed = resume and self.resume()
+        if not resumed and cfg.run.init_from is not None:
+            self.init_weights(cfg.run.init_from)
 
     # ----------------------------------------------------------------- setup helpers
     def _loader(self, split: str) -> WindowLoader:
@@ -79,23 +81,54 @@ class Trainer:
         return min(steps, self.cfg.run.max_steps) if self.cfg.run.max_steps else steps
 
     def resume(self) -> bool:
-        """Load the newest complete checkpoint under ``run.out_dir``; False when there is none."""
-        path = checkpoint.latest(self.out_dir)
-        if path is None:
+        """Load the newest checkpoint under ``run.out_dir`` that verifies, naming each newer one
+        it skips and why. False when there is no checkpoint; ``CheckpointError`` when none verifies."""
+        found, skipped = distributed.from_main(lambda: checkpoint.newest_verified(self.out_dir))
+        reasons = [f"skipped checkpoint {folder}: {reason}" for folder, reason in skipped]
+        if found is None:
+            if skipped:
+                root = checkpoint.checkpoint_root(self.out_dir)
+                raise checkpoint.CheckpointError(f"no checkpoint under {root} verifies:\n" + "\n".join(reasons))
             return False
-        state = checkpoint.load(path, self.model, self.optimizer)
+        state = checkpoint.load(found, self.model, self.optimizer, verify_files=False)
         self.step, self.tokens = state["step"], state["tokens"]
         self.train_data.load_state_dict(state["loader"])
+        self.metrics.rewind(self.step)
         if self.info.is_main:
-            print(f"resumed from {path} (step {self.step}, {self.tokens} tokens)", flush=True)
+            for line in reasons:
+                print(line, flush=True)
+            print(f"resumed from {found} (step {self.step}, {self.tokens} tokens)", flush=True)
         return True
+
+    def init_weights(self, source: str) -> None:
+        """Start from the weights of ``source``: a checkpoint folder, a run folder (its newest
+        checkpoint that verifies) or a Hugging Face folder. Optimizer, step and data start fresh."""
+        path = Path(source)
+        try:
+            if checkpoint.checkpoint_root(path).is_dir():
+                found, skipped = distributed.from_main(lambda: checkpoint.newest_verified(path))
+                if found is None:
+                    raise ValueError("no checkpoint there verifies: " + "; ".join(f"{f.name}: {r}" for f, r in skipped))
+                path = found
+            if (path / "trainer.json").is_file():
+                checkpoint.load_model_weights(path, self.model)
+            elif (path / "config.json").is_file():
+                checkpoint.set_full_weights(self.model, FoxForCausalLM.from_pretrained(str(path)).state_dict())
+            else:
+                raise ValueError("it is not a checkpoint folder (trainer.json), a run folder (checkpoints/) "
+                                 "or a Hugging Face folder (config.json)")
+        except (ValueError, RuntimeError, OSError) as err:  # RuntimeError: names or shapes differ
+            raise ValueError(f"run.init_from={source!r}: {err}") from err
+        if self.info.is_main:
+            print(f"initialised the weights from {path}", flush=True)
 
     def save_checkpoint(self) -> Path:
         state = {"tokens": self.tokens, "loader": self.train_data.state_dict(), "config": self.cfg.to_dict(),
                  "world_size": self.info.world_size, "vocab_size": self.store.vocab_size,
                  "bos_token_id": self.store.bos_id, "eos_token_id": self.store.eot_id,
                  "tokenizer": getattr(self.store, "tokenizer_name", None)}
-        return checkpoint.save(self.out_dir, self.step, self.model, self.optimizer, state, self.cfg.run.keep_last)
+        return checkpoint.save(self.out_dir, self.step, self.model, self.optimizer, state, self.cfg.run.keep_last,
+                               self.cfg.run.keep_every)
 
     # ----------------------------------------------------------------- the loop
     def fit(self) -> list[dict]:
@@ -134,26 +167,61 @@ class Trainer:
             return records
         val = self.evaluate()
         self.metrics.log({"step": self.step, "val_loss": val, "final": True})
-        self.save_checkpoint()
+        path = self.save_checkpoint()
+        if self.info.is_main:
+            print(f"done: step {self.step}, validation loss {val:.4f}, checkpoint {path}", flush=True)
         return records
 
     def train_step(self, micro_batches: list[dict]) -> tuple[float, float]:
-        """Forward/backward over the micro-batches, clip, optimizer step. Returns (loss, grad norm)."""
+        """Forward/backward over the micro-batches, clip, optimizer step. Returns (loss, grad norm).
+
+        Raises ``TrainingDiverged`` before the optimizer step when the loss or the gradient norm is
+        not finite, and after it when a weight is not finite, so no such step reaches a checkpoint.
+        """
         self.model.train()
         total = torch.zeros((), device=self.info.device)
         for batch in micro_batches:
-            with self._autocast():
-                loss = self.model(**self._to_device(batch)).loss / len(micro_batches)
+            try:
+                with self._autocast():
+                    loss = self.model(**self._to_device(batch)).loss / len(micro_batches)
+            except ValueError as err:  # e.g. ACP refuses a NaN threshold computed from NaN weights
+                if (bad := self._non_finite_weight(all_ranks=False)) is not None:
+                    raise self._diverged(f"weight {bad} is not finite ({err})") from err
+                raise
             loss.backward()
             total += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         loss_value = float(distributed.all_reduce_mean(total))
+        grad_value = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         if not math.isfinite(loss_value):
-            raise TrainingDiverged(f"loss is {loss_value} at step {self.step + 1}; the last good checkpoint "
-                                   f"under {checkpoint.checkpoint_root(self.out_dir)} is intact")
+            raise self._diverged(f"the loss is {loss_value}")
+        if not math.isfinite(grad_value):
+            raise self._diverged(f"the gradient norm is {grad_value} (loss {loss_value:.4f})")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_value, float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        if (bad := self._non_finite_weight()) is not None:
+            raise self._diverged(f"weight {bad} is not finite after the optimizer step")
+        return loss_value, grad_value
+
+    def _non_finite_weight(self, all_ranks: bool = True) -> str | None:
+        """Name of the first parameter holding NaN or inf (on any rank, or on this one), or None."""
+        names, finite = [], []
+        for name, param in self.model.named_parameters():
+            local = param.to_local() if hasattr(param, "to_local") else param  # this rank's FSDP shard
+            names.append(name)
+            finite.append(torch.isfinite(local.detach()).all())
+        bad = (~torch.stack(finite)).float()
+        if all_ranks:
+            bad = distributed.all_reduce_mean(bad)
+        return names[int(bad.nonzero()[0])] if bool(bad.any()) else None
+
+    def _diverged(self, cause: str) -> TrainingDiverged:
+        """The stop error for step ``self.step + 1``: what went wrong and where to resume from."""
+        good = checkpoint.latest(self.out_dir)
+        where = (f"the last good checkpoint {good} is intact: resume from it with --resume (e.g. with a lower optim.lr)"
+                 if good is not None else "no checkpoint was written before it")
+        return TrainingDiverged(f"training diverged at step {self.step + 1}: {cause}. Nothing of this step was "
+                                f"saved; {where}")
 
     @torch.no_grad()
     def evaluate(self) -> float:
