@@ -23,12 +23,12 @@ from triton.compiler import ASTSource
 
 from foxacp.ops import triton_kernels as K
 from foxacp.ops.acp import LOCAL_WINDOW
-from foxacp.ops.triton_attention import HEADS_PER_GROUP, _pad, group_sum_block, tile_config
+from foxacp.ops.triton_attention import HEADS_PER_GROUP, _pad, _search_block, group_sum_block, tile_config
 
-FLOAT32_POINTERS = {"C", "LSE", "DI", "DC", "ACC_PART", "ML_PART", "PART", "PK", "PV", "LAM"}
-FLOAT64_POINTERS = {"DG"}
-INT32_POINTERS = {"ACP_KV", "ACP_Q", "LO", "HI"}
-FLOAT_SCALARS = {"qk_scale", "sm_scale", "margin"}
+FLOAT32_POINTERS = {"C", "LSE", "DI", "DC", "ACC_PART", "ML_PART", "PART", "PK", "PV", "KMAX"}
+FLOAT64_POINTERS = {"DG", "DKEYS"}
+INT32_POINTERS = {"ACP_KV", "ACP_Q", "LO", "HI", "OUT"}
+FLOAT_SCALARS = {"qk_scale", "sm_scale", "margin", "log_eps"}
 INT_SCALARS = {"B", "H", "HKV", "GROUP", "OFF", "NUM_QT", "NUM_KT", "NUM_CHUNKS"}  # upper-case names that are not pointers
 ONE = {"stride_ct", "stride_dct", "GROUP"}  # == 1 at a typical launch: Triton makes them constants
 DIVISIBLE = {"Tq", "Tk", "H", "HKV", "NUM_QT", "NUM_KT"}
@@ -114,9 +114,10 @@ def main(argv=None) -> None:
         compile_one(K.group_sum_kernel, dict(HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_T=group_sum_block(d_pad)), 4, 1,
                     f"D={head_dim} group_sum_kernel")
         for varlen in (False, True):
-            compile_one(K.local_log_mass_kernel, dict(HEAD_DIM=head_dim, D_PAD=d_pad, ROWS=LOCAL_WINDOW,
-                                                      IS_VARLEN=varlen, PRECISION="tf32"), 4, 1,
-                        f"D={head_dim} local_log_mass_kernel varlen={varlen:d}")
+            compile_one(K.local_first_kernel, dict(HEAD_DIM=head_dim, D_PAD=d_pad, ROWS=LOCAL_WINDOW, PLAN_M=cfg.block_m,
+                                                   PLAN_N=cfg.block_n, SEARCH=_search_block(), IS_VARLEN=varlen,
+                                                   PRECISION="tf32"), 4, 1,
+                        f"D={head_dim} local_first_kernel varlen={varlen:d}")
 
 
 if __name__ == "__main__":

@@ -272,18 +272,23 @@ def test_refuses_offsets_beyond_int32(ta):
 
 @pytest.mark.parametrize("shape", [(2, 4, 2, 70, 70, 24, None), (1, 2, 1, 40, 100, 16, None),
                                    (1, 4, 2, 129, 129, 16, [0, 1, 47, 48, 129])])
-def test_local_log_mass_kernel_matches_pytorch(ta, shape):
-    """The local rule's log-mass kernel computes what the PyTorch definition does (GQA, Tq < Tk,
-    packed sequences with a one-token sequence), rows that see nothing included."""
-    from foxacp.acp import local_log_mass
+@pytest.mark.parametrize("poison", [False, True])
+def test_local_rule_kernel_matches_pytorch(ta, shape, poison):
+    """The local rule's fused kernel finds what the PyTorch definition does (GQA, Tq < Tk, packed
+    sequences with a one-token sequence, small tiles so that it prunes), and NaN proves nothing."""
+    from foxacp.acp import key_side_bounds, local_kv_begin
     from foxacp.ops.layout import SequenceLayout
 
     B, H, Hkv, Tq, Tk, D, cu = shape
-    q, k = torch.randn(B, H, Tq, D, device=DEVICE), torch.randn(B, Hkv, Tk, D, device=DEVICE)
+    q, k = 0.3 * torch.randn(B, H, Tq, D, device=DEVICE), 0.3 * torch.randn(B, Hkv, Tk, D, device=DEVICE)
+    if poison:
+        q[0, 1, Tq // 2, 0] = float("nan")
     decay = torch.nn.functional.logsigmoid(torch.randn(B, H, Tk, device=DEVICE) - 1).double().cumsum(-1)
     layout = SequenceLayout.from_arguments(None, None if cu is None else torch.tensor(cu, device=DEVICE),
                                            B, Tq, Tk, torch.device(DEVICE))
     spec = MaskSpec(B, H, Tq, Tk, layout.key_lo, layout.key_hi, decay, torch.zeros(B, H, device=DEVICE), "local")
-    want = local_log_mass(spec, q, k, 0.3)
-    got = ta.local_log_mass(q, k, decay, layout.key_lo, 0.3)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 if DEVICE == "cpu" else 1e-4)
+    bounds = key_side_bounds(spec, k, 16)
+    want = local_kv_begin(spec, q, k, 0.3, 16, 16, bounds)
+    got = ta._local_first(spec, q, k, 0.3, 16, 16, bounds)
+    assert want.sum() > 0  # it prunes here
+    assert torch.equal(got, want)

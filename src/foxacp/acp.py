@@ -9,6 +9,8 @@ from .ops.acp import (
     AcpStats,
     MaskSpec,
     TilePlan,
+    key_side_bounds,
+    local_kv_begin,
     local_log_mass,
     paper_ranges,
     plan_tiles,
@@ -18,5 +20,6 @@ from .ops.acp import (
 )
 from .ops.layout import SequenceLayout
 
-__all__ = ["ACP_RULES", "AcpStats", "MaskSpec", "SequenceLayout", "TilePlan", "local_log_mass", "paper_ranges",
+__all__ = ["ACP_RULES", "AcpStats", "MaskSpec", "SequenceLayout", "TilePlan", "key_side_bounds",
+           "local_kv_begin", "local_log_mass", "paper_ranges",
            "plan_tiles", "threshold_from_data", "threshold_from_qk_norm", "tile_bounds"]

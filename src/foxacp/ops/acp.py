@@ -63,6 +63,8 @@ __all__ = [
     "plan_tiles",
     "paper_ranges",
     "local_log_mass",
+    "local_kv_begin",
+    "key_side_bounds",
     "ACP_RULES",
 ]
 
@@ -325,66 +327,66 @@ def tile_bounds(spec: MaskSpec, block_m: int, block_n: int) -> TilePlan:
 
 def plan_tiles(spec: MaskSpec, block_m: int, block_n: int, *, q: torch.Tensor | None = None,
                k: torch.Tensor | None = None, sm_scale: float | None = None,
-               paper: tuple[torch.Tensor, torch.Tensor] | None = None,
-               log_mass: torch.Tensor | None = None) -> TilePlan:
+               paper: tuple[torch.Tensor, torch.Tensor] | None = None, local_first=None) -> TilePlan:
     """The :class:`TilePlan` of ``spec`` under its rule. ``paper``: the paper rule's ranges if a
     backend already computed them (the Triton pre-pass); the local rule also needs ``q``
-    ``(B, H, Tq, D)``, ``k`` ``(B, Hkv, Tk, D)`` and ``sm_scale``, and takes :func:`local_log_mass`
-    from ``log_mass`` when a backend computed it (a Triton kernel)."""
+    ``(B, H, Tq, D)``, ``k`` ``(B, Hkv, Tk, D)`` and ``sm_scale``. ``local_first``: a backend's
+    version of :func:`local_kv_begin` (same arguments plus the key-side bounds), e.g. one kernel."""
     if not spec.has_acp:
         return TilePlan(spec, block_m, block_n)
     paper_kv, paper_q = paper if paper is not None else paper_ranges(spec, block_m, block_n)
     if spec.rule == "paper":
         return TilePlan(spec, block_m, block_n, paper_kv, paper_q, paper_kv)
-    local_kv = local_kv_begin(spec, q, k, sm_scale, block_m, block_n, log_mass)
+    key_bounds = key_side_bounds(spec, k, block_n)
+    local_kv = (local_first or local_kv_begin)(spec, q, k, sm_scale, block_m, block_n, key_bounds)
     # either proof covers a prefix of key tiles; the longer prefix is proved by one of them. The
     # suffix minimum keeps the begin non-decreasing in m (keeping more is always safe), which
     # makes each key tile's query tiles a prefix: what the backward walks.
-    acp_kv = torch.maximum(local_kv, paper_kv.long()).flip(-1).cummin(-1).values.flip(-1)
-    n = torch.arange(-(-spec.seqlen_k // block_n), device=acp_kv.device)
-    acp_q = torch.searchsorted(acp_kv.contiguous(), n.expand(*acp_kv.shape[:2], -1).contiguous(), right=True)
-    i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
-    return TilePlan(spec, block_m, block_n, i32(acp_kv), i32(acp_q), paper_kv)
+    acp_kv = torch.maximum(local_kv, paper_kv).flip(-1).cummin(-1).values.flip(-1).contiguous()
+    n = torch.arange(-(-spec.seqlen_k // block_n), dtype=acp_kv.dtype, device=acp_kv.device)
+    acp_q = torch.searchsorted(acp_kv, n.expand(*acp_kv.shape[:2], -1).contiguous(), right=True, out_int32=True)
+    return TilePlan(spec, block_m, block_n, acp_kv, acp_q, paper_kv)
 
 
 LOCAL_WINDOW = 32  # rows per block of the local log-sum-exp; each row sums over >= this many recent keys
 LOCAL_MARGIN = 1e-3  # nats off the local log-mass: covers float32 rounding of its scores and decays
 
 
+def key_side_bounds(spec: MaskSpec, k: torch.Tensor, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The local rule's per-key-tile terms: ``K_n`` ``(B, Hkv, nkt)``, the largest key norm in tiles
+    ``0..n`` (float32, float64 for float64 keys), and ``ln sum_{j <= last key of n} e^(-c_j)``
+    ``(B, H, nkt)`` float64."""
+    k_norm = torch.linalg.vector_norm(k.detach(), dim=-1, dtype=_compute_dtype(k))  # [B, Hkv, Tk]
+    k_prefix_max = _tile_reduce(k_norm, block_n, torch.amax).cummax(-1).values
+    _, k_last = _tile_edges(spec.seqlen_k, block_n, k.device)
+    decayed_keys = torch.logcumsumexp(-spec.decay.double(), dim=-1)[..., k_last]
+    return k_prefix_max.contiguous(), decayed_keys.contiguous()
+
+
 def local_kv_begin(spec: MaskSpec, q: torch.Tensor, k: torch.Tensor, sm_scale: float,
-                   block_m: int, block_n: int, log_mass: torch.Tensor | None = None) -> torch.Tensor:
-    """The local rule's first kept key tile per query tile, ``(B, H, nqt)`` int64 (module docstring).
+                   block_m: int, block_n: int, key_bounds: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The local rule's first kept key tile per query tile, ``(B, H, nqt)`` int32 (module docstring).
 
     ``n0(m)`` counts the key tiles ``n`` below query tile m's first position's tile with
     ``g(m, n) = Q_m K_n sm_scale + c[first query of m] + ln sum_{j <= last key of n} e^(-c_j)
     - Lambda_m <= log_eps``, where ``Q_m`` is the largest query norm of the tile, ``K_n`` the largest
     key norm in tiles ``0..n`` and ``Lambda_m`` the smallest :func:`local_log_mass` of the tile's
-    rows. Every term is non-decreasing in ``n``, so the tiles that pass form a prefix. NaN anywhere
-    makes ``g`` NaN, which never passes.
+    rows (``key_bounds``: :func:`key_side_bounds`). Every term is non-decreasing in ``n``, so the
+    tiles that pass form a prefix. NaN anywhere makes ``g`` NaN, which never passes.
     """
-    B, H, Tq, Tk, off = spec.batch, spec.heads, spec.seqlen_q, spec.seqlen_k, spec.q_offset
+    B, H, Tq, off = spec.batch, spec.heads, spec.seqlen_q, spec.q_offset
     device = q.device
     q_start, _ = _tile_edges(Tq, block_m, device)
-    _, k_last = _tile_edges(Tk, block_n, device)
-    num_kt = k_last.numel()
-    group = H // k.shape[1]
-
-    compute = _compute_dtype(q)
-    q_norm = torch.linalg.vector_norm(q.detach(), dim=-1, dtype=compute)  # [B, H, Tq]
-    k_norm = torch.linalg.vector_norm(k.detach(), dim=-1, dtype=compute)  # [B, Hkv, Tk]
-    q_max = _tile_reduce(q_norm, block_m, torch.amax)  # [B, H, nqt]
-    k_max = _tile_reduce(k_norm, block_n, torch.amax).cummax(-1).values.repeat_interleave(group, 1)
-    if log_mass is None:
-        log_mass = local_log_mass(spec, q, k, sm_scale)
-    lam = _tile_reduce(log_mass, block_m, torch.amin)  # [B, H, nqt]
-
+    k_max, decayed_keys = key_bounds
+    k_max = k_max.repeat_interleave(H // k.shape[1], 1)  # [B, H, nkt]
+    q_max = _tile_reduce(torch.linalg.vector_norm(q.detach(), dim=-1, dtype=_compute_dtype(q)), block_m, torch.amax)
+    lam = _tile_reduce(local_log_mass(spec, q, k, sm_scale), block_m, torch.amin)  # [B, H, nqt]
     c = spec.decay.double()
-    decayed_keys = torch.logcumsumexp(-c, dim=-1)[..., k_last]  # ln sum_{j <= last key of n} e^-c_j
     g = (q_max[..., :, None] * k_max[..., None, :]).double() * sm_scale \
         + c[..., q_start + off, None] + decayed_keys[..., None, :] - lam[..., :, None].double()
-    below_diag = torch.arange(num_kt, device=device)[None, :] < ((q_start + off) // block_n)[:, None]
+    below_diag = torch.arange(k_max.shape[-1], device=device)[None, :] < ((q_start + off) // block_n)[:, None]
     passes = (g <= spec.log_eps) & below_diag  # NaN compares False
-    return passes.sum(-1)  # a prefix, so its length is the count
+    return passes.sum(-1, dtype=torch.int32)  # a prefix, so its length is the count
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:

@@ -384,38 +384,44 @@ def required_tiles(head_dim: int) -> tuple[int, int]:
 
 def plan(spec: MaskSpec, q, k, sm_scale: float) -> TilePlan:
     """The call's tile plan: the paper rule from the pre-pass, the local rule's data bound on top
-    (its local log-mass from one kernel that reads q and k once)."""
+    (its query side from one kernel that reads q and k once)."""
     bm, bn = default_tiles(q.shape[-1])
     if not spec.has_acp:
         return TilePlan(spec, bm, bn)
     paper = acp_tiles(spec.decay, spec.delta, spec.seqlen_q, bm, bn)
-    log_mass = None
-    if spec.rule == "local":
-        q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
-        log_mass = local_log_mass(q.detach(), k.detach(), spec.decay, spec.key_lo, float(sm_scale))
-    return plan_tiles(spec, bm, bn, q=q, k=k, sm_scale=sm_scale, paper=paper, log_mass=log_mass)
+    return plan_tiles(spec, bm, bn, q=q, k=k, sm_scale=sm_scale, paper=paper, local_first=_local_first)
 
 
-@torch.library.custom_op("foxacp::local_log_mass", mutates_args=())
-def local_log_mass(q: torch.Tensor, k: torch.Tensor, decay_global: torch.Tensor, key_lo: Optional[torch.Tensor],
-                   sm_scale: float) -> torch.Tensor:
-    """:func:`foxacp.ops.acp.local_log_mass` ``(B, H, Tq)`` float32 in one launch (q, k: last dim contiguous)."""
+def _local_first(spec: MaskSpec, q, k, sm_scale: float, block_m: int, block_n: int, key_bounds):
+    """:func:`foxacp.ops.acp.local_kv_begin` in one launch (:func:`local_first`)."""
+    q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+    return local_first(q.detach(), k.detach(), spec.decay, spec.key_lo, *key_bounds, float(sm_scale),
+                       float(spec.log_eps), block_m, block_n)
+
+
+@torch.library.custom_op("foxacp::local_first", mutates_args=())
+def local_first(q: torch.Tensor, k: torch.Tensor, decay_global: torch.Tensor, key_lo: Optional[torch.Tensor],
+                k_prefix_max: torch.Tensor, decayed_keys: torch.Tensor, sm_scale: float, log_eps: float,
+                plan_m: int, plan_n: int) -> torch.Tensor:
+    """The local rule's prunable key tiles per query tile ``(B, H, nqt)`` int32 (``local_first_kernel``)."""
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
-    lam = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    nqt, nkt = triton.cdiv(Tq, plan_m), triton.cdiv(Tk, plan_n)
+    out = torch.empty((B, H, nqt), dtype=torch.int32, device=q.device)
     varlen = key_lo is not None
-    kernels.local_log_mass_kernel[(triton.cdiv(Tq, LOCAL_WINDOW), B * H)](
-        q, k, decay_global, key_lo if varlen else lam, lam, *q.stride()[:3], *k.stride()[:3], *decay_global.stride(),
-        key_lo.stride(0) if varlen else 0, H, H // Hkv, Tq, Tk, Tk - Tq, sm_scale, LOCAL_MARGIN,
-        HEAD_DIM=D, D_PAD=_pad(D), ROWS=LOCAL_WINDOW, IS_VARLEN=varlen,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
+    kernels.local_first_kernel[(nqt, B * H)](
+        q, k, decay_global, key_lo if varlen else out, k_prefix_max, decayed_keys, out,
+        *q.stride()[:3], *k.stride()[:3], *decay_global.stride(), key_lo.stride(0) if varlen else 0,
+        H, H // Hkv, Tq, Tk, Tk - Tq, nqt, nkt, sm_scale, LOCAL_MARGIN, log_eps,
+        HEAD_DIM=D, D_PAD=_pad(D), ROWS=LOCAL_WINDOW, PLAN_M=plan_m, PLAN_N=plan_n, SEARCH=_search_block(),
+        IS_VARLEN=varlen, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
     )
-    return lam
+    return out
 
 
-@local_log_mass.register_fake
-def _(q, k, decay_global, key_lo, sm_scale):
-    return q.new_empty(q.shape[:3], dtype=torch.float32)
+@local_first.register_fake
+def _(q, k, decay_global, key_lo, k_prefix_max, decayed_keys, sm_scale, log_eps, plan_m, plan_n):
+    return q.new_empty((q.shape[0], q.shape[1], -(-q.shape[2] // plan_m)), dtype=torch.int32)
 
 
 def unavailable_reason(q) -> Optional[str]:

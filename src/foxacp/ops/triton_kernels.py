@@ -83,48 +83,76 @@ def acp_tiles_kernel(DG, DELTA, ACP_KV, ACP_Q, stride_dgb, stride_dgh, stride_dg
 
 
 @triton.jit
-def local_log_mass_kernel(Q, K, DG, LO, LAM, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-                          stride_dgb, stride_dgh, stride_dgt, stride_lob, H, GROUP, Tq, Tk, OFF, sm_scale, margin,
-                          HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ROWS: tl.constexpr,
-                          IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr):
-    """The local ACP rule's ``lambda`` (:func:`foxacp.ops.acp.local_log_mass`) for ``ROWS`` query rows.
+def local_first_kernel(Q, K, DG, LO, KMAX, DKEYS, OUT, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh,
+                       stride_kt, stride_dgb, stride_dgh, stride_dgt, stride_lob, H, GROUP, Tq, Tk, OFF,
+                       NUM_QT, NUM_KT, sm_scale, margin, log_eps,
+                       HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ROWS: tl.constexpr, PLAN_M: tl.constexpr,
+                       PLAN_N: tl.constexpr, SEARCH: tl.constexpr, IS_VARLEN: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """The local ACP rule for one query tile (:func:`foxacp.ops.acp.local_kv_begin`): how many key
+    tiles below the tile's diagonal it proves prunable. One program per (plan tile, batch*head).
 
-    Row r's log-sum-exp of ``sm_scale q_r . k_j + c_p - c_j`` over the visible keys among the
-    ``ROWS - 1`` keys before the block's first row and the keys up to r itself, minus ``margin``
-    (``+inf`` for a row that sees nothing). One program per (row block, batch*head); q and k are
-    read once. Decays are float64 differences from the block's first key, then float32.
+    Phase 1, in blocks of ``ROWS`` rows: each row's local log-mass ``lambda`` (the log-sum-exp of
+    ``sm_scale q . k + c_p - c_j`` over the visible keys among the ``ROWS - 1`` keys before its block
+    and those up to the row, minus ``margin``), kept as the tile's minimum, and the tile's largest
+    query norm. q and k are read once. Phase 2: count the key tiles n with ``Q K_n sm_scale +
+    c[first query] + DKEYS[n] - lambda_min <= log_eps`` (``KMAX``, ``DKEYS``: the key-side bounds).
+    NaN in q, k or the decays proves nothing (count 0).
     """
-    blk = tl.program_id(0)
+    m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    rows = blk * ROWS + tl.arange(0, ROWS)  # [ROWS]
-    pos = rows + OFF
-    first_col = blk * ROWS + OFF - (ROWS - 1)
-    cols = first_col + tl.arange(0, 2 * ROWS)  # [2 ROWS]; the last one is past every row (masked)
+    kvh = h // GROUP
     d = tl.arange(0, D_PAD)
-    row_ok = rows < Tq
-    col_ok = (cols >= 0) & (cols < Tk)
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + rows[:, None] * stride_qt + d[None, :],
-                mask=row_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)  # [ROWS, D_PAD]
-    k = tl.load(K + b.to(tl.int64) * stride_kb + (h // GROUP) * stride_kh + cols[:, None] * stride_kt + d[None, :],
-                mask=col_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)  # [2 ROWS, D_PAD]
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale  # [ROWS, 2 ROWS]
+    Q += b.to(tl.int64) * stride_qb + h * stride_qh
+    K += b.to(tl.int64) * stride_kb + kvh * stride_kh
     DG += b.to(tl.int64) * stride_dgb + h * stride_dgh
-    ref = tl.load(DG + tl.maximum(first_col, 0) * stride_dgt)
-    c_row = (tl.load(DG + tl.minimum(pos, Tk - 1) * stride_dgt) - ref).to(tl.float32)  # [ROWS]
-    c_col = (tl.load(DG + tl.minimum(tl.maximum(cols, 0), Tk - 1) * stride_dgt) - ref).to(tl.float32)  # [2 ROWS]
-    s += c_row[:, None] - c_col[None, :]
-    visible = (cols[None, :] <= pos[:, None]) & col_ok[None, :] & row_ok[:, None]
-    if IS_VARLEN:
-        lo = tl.load(LO + b.to(tl.int64) * stride_lob + tl.minimum(pos, Tk - 1))
-        visible &= cols[None, :] >= lo[:, None]
-    s = tl.where(visible, s, float("-inf"))
-    row_max = tl.max(s, 1)
-    seen = row_max > float("-inf")
-    row_max = tl.where(seen, row_max, 0.0)
-    lse = row_max + tl.log(tl.sum(tl.exp(s - row_max[:, None]), 1))
-    tl.store(LAM + bh.to(tl.int64) * Tq + rows, tl.where(seen, lse - margin, float("inf")), mask=row_ok)
+    LO += b.to(tl.int64) * stride_lob
+    lam_min = float("inf")
+    q_max = 0.0
+    poisoned = 0
+    tile_end = tl.minimum(m * PLAN_M + PLAN_M, Tq)
+    for r0 in range(m * PLAN_M, tile_end, ROWS):
+        rows = r0 + tl.arange(0, ROWS)  # [ROWS]
+        pos = rows + OFF
+        first_col = r0 + OFF - (ROWS - 1)
+        cols = first_col + tl.arange(0, 2 * ROWS)  # [2 ROWS]; the last one is past every row (masked)
+        row_ok = rows < tile_end
+        col_ok = (cols >= 0) & (cols < Tk)
+        q = tl.load(Q + rows[:, None] * stride_qt + d[None, :], mask=row_ok[:, None] & (d[None, :] < HEAD_DIM),
+                    other=0.0)  # [ROWS, D_PAD]
+        k = tl.load(K + cols[:, None] * stride_kt + d[None, :], mask=col_ok[:, None] & (d[None, :] < HEAD_DIM),
+                    other=0.0)  # [2 ROWS, D_PAD]
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale  # [ROWS, 2 ROWS]
+        ref = tl.load(DG + tl.maximum(first_col, 0) * stride_dgt)  # decays relative to the block's first key
+        c_row = (tl.load(DG + tl.minimum(pos, Tk - 1) * stride_dgt) - ref).to(tl.float32)
+        c_col = (tl.load(DG + tl.minimum(tl.maximum(cols, 0), Tk - 1) * stride_dgt) - ref).to(tl.float32)
+        s += c_row[:, None] - c_col[None, :]
+        visible = (cols[None, :] <= pos[:, None]) & col_ok[None, :] & row_ok[:, None]
+        if IS_VARLEN:
+            visible &= cols[None, :] >= tl.load(LO + tl.minimum(pos, Tk - 1))[:, None]
+        poisoned += tl.sum(((s != s) & visible).to(tl.int32))
+        s = tl.where(visible, s, float("-inf"))
+        row_max = tl.max(s, 1)
+        seen = row_max > float("-inf")
+        row_max = tl.where(seen, row_max, 0.0)
+        lam = row_max + tl.log(tl.sum(tl.exp(s - row_max[:, None]), 1)) - margin
+        lam_min = tl.minimum(lam_min, tl.min(tl.where(seen, lam, float("inf")), 0))
+        norms = tl.sqrt(tl.sum(q.to(tl.float32) * q.to(tl.float32), 1))
+        poisoned += tl.sum((norms != norms).to(tl.int32))
+        q_max = tl.maximum(q_max, tl.max(norms, 0))
+    c_first = tl.load(DG + (m * PLAN_M + OFF) * stride_dgt)
+    below = (m * PLAN_M + OFF) // PLAN_N  # key tiles strictly below the tile's first position
+    count = 0
+    for n0 in range(0, below, SEARCH):
+        n = n0 + tl.arange(0, SEARCH)
+        ok = n < below
+        k_max = tl.load(KMAX + (b * (H // GROUP) + kvh).to(tl.int64) * NUM_KT + n, mask=ok, other=0.0)
+        decayed = tl.load(DKEYS + bh.to(tl.int64) * NUM_KT + n, mask=ok, other=0.0)
+        g = (q_max * k_max).to(tl.float64) * sm_scale + c_first + decayed - lam_min.to(tl.float64)
+        count += tl.sum(((g <= log_eps) & ok).to(tl.int32), 0)
+    tl.store(OUT + bh.to(tl.int64) * NUM_QT + m, tl.where(poisoned > 0, 0, count))
 
 
 @triton.jit
