@@ -84,3 +84,37 @@ def test_eviction_needs_forget_gate_and_qk_norm():
         tiny("fox-llama").acp_eviction_cache(max_length=64)
     with pytest.raises(NotImplementedError, match="cannot be cropped"):
         tiny("fox-pro").acp_eviction_cache(max_length=64).crop(-1)
+
+
+def _cli_tokens(capsys, argv) -> list[list[int]]:
+    """``foxacp generate`` (exit 0) and the token ids it printed, one list per sample."""
+    from foxacp.cli import main
+
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    return [[int(t) for t in line.split(",")] for line in out.splitlines() if line and line[0].isdigit()
+            and "," in line], out
+
+
+def test_cli_generate_acp_evict_matches_the_full_cache(tmp_path, capsys):
+    adversarial_gates(tiny("fox-pro")).save_pretrained(tmp_path)
+    prompt = ",".join(str(i) for i in torch.randint(1, VOCAB, (70,), generator=torch.Generator().manual_seed(0)).tolist())
+    argv = ["generate", str(tmp_path), "--prompt-ids", prompt, "--max-new-tokens", "12", "--device", "cpu"]
+    want, _ = _cli_tokens(capsys, argv)
+    got, out = _cli_tokens(capsys, [*argv, "--acp-evict"])
+    assert got == want and len(got) == 1 and len(got[0]) == 82
+    kept = float(out.split("acp-evict: kept ")[1].split()[0])
+    assert 0 < kept < 1 and "MiB" in out  # evicted after the prefill (>= evict_every=64)
+    # sampling several rows at once goes through the same cache
+    sampled = ["--num-samples", "2", "--temperature", "0.8", "--seed", "3"]
+    assert _cli_tokens(capsys, [*argv, *sampled, "--acp-evict"])[0] == _cli_tokens(capsys, [*argv, *sampled])[0]
+
+
+@pytest.mark.parametrize("extra", [["transformer-pro-tiny"], ["fox-llama-tiny"], ["fox-pro-tiny", "--acp"]])
+def test_cli_generate_acp_evict_refuses_what_it_cannot_serve(extra, capsys):
+    from foxacp.cli import main
+
+    argv = ["generate", extra[0], "--prompt-ids", "1,2,3", "--max-new-tokens", "2", "--device", "cpu", "--acp-evict"]
+    assert main([*argv, *extra[1:]]) == 2
+    err = capsys.readouterr().err
+    assert "--acp-evict" in err and "Traceback" not in err

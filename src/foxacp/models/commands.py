@@ -32,6 +32,9 @@ def register(subparsers) -> None:
     gen.add_argument("--acp", action="store_true", help="prefill with ACP on (FoX models)")
     gen.add_argument("--acp-decode", action="store_true",
                      help="with --acp: prune the single-token decoding steps too (config.acp_decode)")
+    gen.add_argument("--acp-evict", action="store_true",
+                     help="decode with ACP KV-cache eviction: drop the keys ACP prunes for every later query "
+                          "(FoX with QK-norm; threshold for prompt + --max-new-tokens positions)")
     gen.set_defaults(func=_generate)
 
     conv = subparsers.add_parser("convert")
@@ -129,6 +132,8 @@ def _generate(args) -> int:
             kind = getattr(model.config, "architecture", model.config.model_type)
             raise ValueError(f"--acp needs a FoX model (forget gate), this is {kind}")
         model.set_acp(True, decode=args.acp_decode)
+    if args.acp_evict:
+        _check_evict(model, args)
     model = model.to(device).eval()
     tokenizer = None
     if args.prompt_ids is not None:
@@ -149,6 +154,12 @@ def _generate(args) -> int:
                   pad_token_id=model.config.eos_token_id if model.config.eos_token_id is not None else 0)
     if sampling:
         kwargs.update(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p)
+    cache = None
+    if args.acp_evict:
+        from .modeling import CACHE_NAME  # the generate() keyword of the installed transformers
+
+        cache = model.acp_eviction_cache(max_length=len(ids) + args.max_new_tokens)
+        kwargs[CACHE_NAME] = cache
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
@@ -162,7 +173,31 @@ def _generate(args) -> int:
         print("---")
     n_new = out.shape[1] - len(ids)
     print(f"{n_new * out.shape[0]} tokens in {seconds:.2f}s ({n_new * out.shape[0] / max(seconds, 1e-9):.1f} tok/s)")
+    if cache is not None:
+        print(_eviction_summary(cache))
     return 0
+
+
+def _check_evict(model, args) -> None:
+    """``--acp-evict``: refuse models that cannot evict and options the evicting cache cannot serve."""
+    config = model.config
+    if not (hasattr(model, "acp_eviction_cache") and getattr(config, "uses_forget_gate", False)
+            and getattr(config, "use_qk_norm", False)):
+        kind = getattr(config, "architecture", config.model_type)
+        raise ValueError(f"--acp-evict needs a FoX model with QK-norm (forget gate and a threshold fixed by the "
+                         f"weights), this is {kind} with use_qk_norm={getattr(config, 'use_qk_norm', None)}")
+    if args.acp:
+        raise ValueError("--acp-evict cannot be combined with --acp: the evicting cache attends densely over the "
+                         "keys it keeps (ACP's pruning is what it drops for good)")
+
+
+def _eviction_summary(cache) -> str:
+    """Keys kept by the evicting layers (fraction of the cached positions) and the cache's memory."""
+    kept = [n for layer in cache.layers if hasattr(layer, "kept") for n in layer.kept()]
+    positions = cache.get_seq_length()
+    fraction = sum(kept) / (len(kept) * positions) if kept and positions else 1.0
+    return (f"acp-evict: kept {fraction:.3f} of the keys ({positions} positions, {len(kept)} kv heads of the forgetting-attention layers), "
+            f"cache {cache.memory_bytes() / 2**20:.2f} MiB")
 
 
 def _convert(args) -> int:
