@@ -154,13 +154,39 @@ def test_eval_acp_parity_and_report(evaluation):
     for name in res["figures"].values():
         assert (out / name).stat().st_size > 1000, name
         assert f"({name})" in report
-    assert len(res["needle"]) == 4 and len(res["throughput"]) == 4
+    assert len(res["needle"]) == 4 and len(res["throughput"]) == 6  # ACP on/off + eviction, per model
     for grid in res["needle"].values():
         assert len(grid["accuracy"]) == 2 and len(grid["accuracy"][0]) == 3
     for t in res["throughput"]:
         assert t["prefill_tokens_per_s"] > 0 and t["decode_tokens_per_s"] > 0
     curve = next(iter(res["position"].values()))
     assert len(curve["smoothed"]) == SEQ_LEN
+
+
+def test_eval_throughput_reports_acp_eviction(evaluation):
+    """FoX Pro models get a decode row through the ACP eviction cache beside the full cache; a
+    direct call evicts (spread gates, evict_every=64 < the prompt) and keeps less memory."""
+    from foxacp.analysis.evaluation import can_evict, throughput
+    from foxacp.models import FoxForCausalLM, preset_config
+
+    out, res = evaluation
+    for name in ("ckpt", "hf"):
+        rows = {r["acp"]: r for r in res["throughput"] if r["model"] == name}
+        assert set(rows) == {"on", "off", "evict"} and rows["evict"]["label"] == f"{name} ACP evict"
+        assert rows["evict"]["cache"] == "evict" and rows["on"]["cache"] == "full"
+        assert rows["evict"]["decode_tokens_per_s"] > 0 and 0 < rows["evict"]["kept_key_fraction"] <= 1
+        assert 0 < rows["evict"]["cache_bytes"] <= rows["off"]["cache_bytes"]
+    assert f"| hf ACP evict | 64 |" in (out / "report.md").read_text()
+    model = FoxForCausalLM(preset_config("fox-pro-tiny", vocab_size=97, fgate_bias_init="spread",
+                                         fgate_min_decay=2.0, fgate_max_decay=16.0)).eval()
+    kwargs = dict(prompt_len=80, decode_tokens=2, batch=1, vocab=97, device="cpu", repeats=1)
+    full, evict = throughput(model, **kwargs), throughput(model, **kwargs, evict=True)
+    assert evict["cache"] == "evict" and evict["decode_tokens_per_s"] > 0
+    assert evict["kept_key_fraction"] < 1 and evict["cache_bytes"] < full["cache_bytes"]
+    llama = FoxForCausalLM(preset_config("fox-llama-tiny", vocab_size=97))
+    assert not can_evict(llama)
+    with pytest.raises(ValueError, match="QK-norm"):
+        throughput(llama, **kwargs, evict=True)
 
 
 @pytest.mark.parametrize("depth", [0.0, 0.3, 0.5, 1.0])

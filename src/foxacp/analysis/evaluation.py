@@ -10,7 +10,8 @@ Face (``model(input_ids).logits``, ``generate()``); FoX models also get the ACP-
   NAME is NNNN." inserted at depth ``d`` of ``L`` tokens of held-out text; the question at the
   end; exact match of the greedy answer's leading digits.
 - :func:`throughput`: prefill tokens/s (one forward over the prompt) and decode tokens/s (one
-  token per step from the cache), timed after a warm-up.
+  token per step from the cache), timed after a warm-up, with the cache's memory; for FoX models
+  with QK-norm also through the ACP eviction cache (:func:`can_evict`).
 - :func:`run_eval`: all of the above for a list of loaded models (what ``foxacp eval`` runs);
   :func:`foxacp.analysis.outputs.write_eval` writes its result as a report folder.
 """
@@ -180,21 +181,47 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def can_evict(model) -> bool:
+    """Whether ``model`` builds an ACP eviction cache (a foxacp FoX model with QK-norm)."""
+    config = model.config
+    return (hasattr(model, "acp_eviction_cache") and bool(getattr(config, "uses_forget_gate", False))
+            and bool(getattr(config, "use_qk_norm", False)))
+
+
+def _cache_bytes(cache) -> int | None:
+    """Bytes a decode cache holds: foxacp's ``memory_bytes()``, else the keys and values of a
+    Hugging Face cache's layers; None where neither is there."""
+    if hasattr(cache, "memory_bytes"):
+        return int(cache.memory_bytes())
+    tensors = [t for layer in getattr(cache, "layers", None) or () for t in (getattr(layer, "keys", None),
+                                                                               getattr(layer, "values", None))
+               if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors) if tensors else None
+
+
 @torch.no_grad()
 def throughput(model, *, prompt_len: int, decode_tokens: int, batch: int, vocab: int, device, repeats: int = 3,
-               seed: int = 0) -> dict:
+               seed: int = 0, evict: bool = False) -> dict:
     """Median prefill and decode speed over ``repeats`` runs (after one warm-up run).
 
     Prefill: one forward over ``batch x prompt_len`` random tokens (cache on, logits of the last
     position only). Decode: ``decode_tokens`` single-token forwards from that cache, greedy.
+    ``evict``: both go through ``model.acp_eviction_cache(prompt_len + decode_tokens)`` (ACP
+    KV-cache eviction, see :func:`can_evict`) instead of the model's own cache. ``cache_bytes``:
+    the cache's memory after the last run (None where it cannot be measured); with ``evict``
+    also ``kept_key_fraction``, the keys kept per kv head of the forgetting layers over the
+    cached positions.
     """
+    if evict and not can_evict(model):
+        raise ValueError("throughput(evict=True) needs a FoX model with QK-norm (ACP eviction)")
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, prompt_len), generator=gen).to(device)
     prefill_s, decode_s = [], []
     for run in range(repeats + 1):
+        given = model.acp_eviction_cache(prompt_len + decode_tokens) if evict else None
         _sync(device)
         t0 = time.perf_counter()
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, past_key_values=given, use_cache=True, logits_to_keep=1)
         _sync(device)
         t1 = time.perf_counter()
         cache = out.past_key_values
@@ -209,9 +236,15 @@ def throughput(model, *, prompt_len: int, decode_tokens: int, batch: int, vocab:
             prefill_s.append(t1 - t0)
             decode_s.append(t2 - t1)
     prefill, decode = float(np.median(prefill_s)), float(np.median(decode_s))
-    return {"prompt_len": prompt_len, "batch": batch, "decode_tokens": decode_tokens, "repeats": repeats,
-            "prefill_s": prefill, "decode_s": decode,
-            "prefill_tokens_per_s": batch * prompt_len / prefill, "decode_tokens_per_s": batch * decode_tokens / decode}
+    row = {"prompt_len": prompt_len, "batch": batch, "decode_tokens": decode_tokens, "repeats": repeats,
+           "prefill_s": prefill, "decode_s": decode,
+           "prefill_tokens_per_s": batch * prompt_len / prefill, "decode_tokens_per_s": batch * decode_tokens / decode,
+           "cache": "evict" if evict else "full", "cache_bytes": _cache_bytes(cache)}
+    if evict:
+        kept = [n for layer in cache.layers if hasattr(layer, "kept") for n in layer.kept()]
+        positions = cache.get_seq_length()
+        row["kept_key_fraction"] = sum(kept) / (len(kept) * positions) if kept and positions else 1.0
+    return row
 
 
 # ---- all of `foxacp eval` ---------------------------------------------------------------------
@@ -260,6 +293,13 @@ def run_eval(models, store, *, seq_len: int, num_seqs: int, val_fraction: float,
                 t = throughput(model, prompt_len=throughput_len or seq_len, decode_tokens=decode_tokens,
                                  batch=throughput_batch, vocab=model.config.vocab_size, device=device, repeats=repeats)
                 res["throughput"].append({"label": label, "model": loaded.name, "acp": acp, **t})
+        if "throughput" in tasks and can_evict(model):  # ACP KV-cache eviction beside the full cache
+            label = f"{loaded.name} ACP evict"
+            log(f"{label}: throughput")
+            t = throughput(model, prompt_len=throughput_len or seq_len, decode_tokens=decode_tokens,
+                           batch=throughput_batch, vocab=model.config.vocab_size, device=device, repeats=repeats,
+                           evict=True)
+            res["throughput"].append({"label": label, "model": loaded.name, "acp": "evict", **t})
         if loaded.is_fox and "on" in losses and "off" in losses:
             res["acp_parity"][loaded.name] = acp_parity(losses["on"], losses["off"], float(model.config.acp_log_eps))
         if loaded.is_fox:
