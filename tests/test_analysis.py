@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -124,6 +125,72 @@ def test_thresholds_bound_holds(analysis):
     for g in res["gates"]:
         assert g["mean_log_f"] < 0 and g["decay_length"] == pytest.approx(-1 / g["mean_log_f"])
         assert g["decay_length_p10"] <= g["decay_length_p50"] <= g["decay_length_p90"]
+
+
+def test_analyze_reports_both_rules(analysis):
+    """Both ACP rules side by side from the same forwards: the local rule keeps a subset of the paper
+    rule's tiles (overall, per layer, per head, per pattern) and the report shows both."""
+    out, res = analysis
+    assert res["settings"]["acp_rules"] == ["paper", "local"]
+    report = (out / "report.md").read_text()
+    for r in res["savings_vs_length"]:
+        assert 0 < r["local_kept_fraction"] <= r["kept_fraction"] + 1e-12
+        assert r["local_flops_saved_fraction"] >= r["flops_saved_fraction"] - 1e-12
+        assert r["local_flops_done"] <= r["flops_done"]
+        assert r["local_to_paper_kept"] <= 1 + 1e-12
+        assert r["local_kept_fraction"] == pytest.approx(r["local_to_paper_kept"] * r["kept_fraction"])
+        for layer in r["per_layer"]:
+            assert layer["local_kept_fraction"] <= layer["kept_fraction"] + 1e-12
+            assert layer["local_flops_saved_fraction"] >= layer["flops_saved_fraction"] - 1e-12
+        row = re.search(rf"^\| {r['length']} \| .*? \| [0-9.]+% \| ([0-9.]+) \| ([0-9.]+)% \| ([0-9.]+) \|", report, re.M)
+        assert row, r["length"]
+        assert float(row.group(1)) == pytest.approx(r["local_kept_fraction"], abs=6e-4)
+        assert float(row.group(2)) == pytest.approx(100 * r["local_flops_saved_fraction"], abs=0.06)
+        assert float(row.group(3)) == pytest.approx(r["local_to_paper_kept"], abs=6e-4)
+    longest = res["savings_vs_length"][-1]  # spread gates at 2x the training length: the local rule prunes more
+    assert longest["local_kept_fraction"] < longest["kept_fraction"]
+    at = next(r for r in res["savings_vs_length"] if r["length"] == SEQ_LEN)
+    heads = res["per_head"]
+    for h in heads:
+        assert h["local_kept_fraction"] <= h["kept_fraction"] + 1e-12
+        assert h["local_flops_saved"] >= h["flops_saved"] and h["local_saved_fraction"] >= h["saved_fraction"] - 1e-12
+    local_saved = sum(h["local_flops_saved"] for h in heads)
+    assert local_saved == pytest.approx(at["flops_dense"] - at["local_flops_done"])
+    assert res["per_head_summary"]["local_flops_saved_fraction"] == pytest.approx(at["local_flops_saved_fraction"])
+    for t, layer in zip(res["thresholds"], at["per_layer"]):
+        assert t["local_kept_fraction"] == pytest.approx(layer["local_kept_fraction"])
+    for p in res["patterns"]:
+        assert p["local_kept_tiles"] <= p["kept_tiles"] and p["local_pruned_tiles"] >= p["pruned_tiles"]
+        assert p["local_last_row_kept_span_tokens"] <= p["last_row_kept_span_tokens"]
+    arrays = np.load(out / "patterns.npz")
+    for p in res["patterns"]:
+        paper, local = arrays[f"tiles_{p['key']}"], arrays[f"local_tiles_{p['key']}"]
+        assert ((local == 2) <= (paper == 2)).all() and ((local > 0) == (paper > 0)).all()
+        assert int((local == 2).sum()) == p["local_kept_tiles"] and int((paper == 2).sum()) == p["kept_tiles"]
+    assert "kept fraction, local" in report and "local rule" in report
+
+
+def test_local_rule_run_keeps_paper_counts(run_dir, store_dir):
+    """The analysis runs under the local rule; the paper counts its stats carry are what a run under
+    the paper rule computes on the same window, and analyze_model puts the model's rule back."""
+    from foxacp.analysis.loading import heldout_windows, load_model, open_data
+    from foxacp.analysis.pruning import analyze_model
+
+    loaded = load_model(run_dir)
+    model = loaded.model.eval()
+    ids = heldout_windows(open_data(str(store_dir), loaded.tokenizer), 512, 1, 0.2).input_ids[:1]
+    model.collect_acp_stats(True)
+    counts = {}
+    with torch.no_grad():
+        for rule in ("paper", "local"):
+            model.set_acp(True, rule=rule)
+            model.model(input_ids=ids, use_cache=False)
+            counts[rule] = [(s.kept_tiles.tolist(), s.paper_kept_tiles.tolist()) for s in model.acp_stats()]
+    assert [p for _, p in counts["local"]] == [k for k, _ in counts["paper"]]
+    model.set_acp(False, rule="paper")
+    analyze_model(loaded, open_data(str(store_dir), loaded.tokenizer), seq_len=128, lengths=[128], num_seqs=1,
+                  val_fraction=0.2, log=lambda *_: None)
+    assert not model.config.acp and model.config.acp_rule == "paper"
 
 
 @pytest.fixture(scope="module")

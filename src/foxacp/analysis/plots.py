@@ -23,18 +23,28 @@ def save(fig, path: Path) -> str:
 
 # ---- analyze ---------------------------------------------------------------------------------
 def pattern_figure(pattern: dict, arrays: dict, out_dir: Path) -> str:
-    """Tile map (kept / pruned / above the diagonal) beside the decay ``c_i - c_j`` heat map."""
+    """Tile map (kept / pruned / above the diagonal; with the local rule's map, tiles only the paper
+    rule keeps in gold) beside the decay ``c_i - c_j`` heat map."""
     key = pattern["key"]
     tiles, decay, positions = arrays[f"tiles_{key}"], arrays[f"decay_{key}"], arrays[f"positions_{key}"]
+    local = arrays.get(f"local_tiles_{key}")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.6))
-    cmap = ListedColormap(["white", "lightcoral", "seagreen"])
     rows, cols = tiles.shape
-    ax1.imshow(tiles, cmap=cmap, vmin=0, vmax=2, interpolation="nearest",
+    # 0 above the diagonal, 1 pruned, 2 kept by the paper rule only, 3 kept (by both rules)
+    both = (tiles == 2) if local is None else (tiles == 2) & (local == 2)
+    shown = tiles.astype(np.int8) + both
+    cmap = ListedColormap(["white", "lightcoral", "gold", "seagreen"])
+    ax1.imshow(shown, cmap=cmap, vmin=0, vmax=3, interpolation="nearest",
                extent=(0, cols * pattern["block_n"], rows * pattern["block_m"], 0))
-    ax1.set(title=f"layer {pattern['layer']} head {pattern['head']}: tiles kept {pattern['kept_fraction']:.1%}",
-            xlabel=f"key position (tiles of {pattern['block_n']})", ylabel=f"query position (tiles of {pattern['block_m']})")
-    handles = [matplotlib.patches.Patch(color=c, label=n)
-               for c, n in (("seagreen", "kept"), ("lightcoral", "pruned"), ("white", "above diagonal"))]
+    title = f"layer {pattern['layer']} head {pattern['head']}: tiles kept {pattern['kept_fraction']:.1%}"
+    if local is not None and "local_kept_fraction" in pattern:
+        title += f" paper, {pattern['local_kept_fraction']:.1%} local"
+    ax1.set(title=title, xlabel=f"key position (tiles of {pattern['block_n']})",
+            ylabel=f"query position (tiles of {pattern['block_m']})")
+    legend = [("seagreen", "kept"), ("lightcoral", "pruned"), ("white", "above diagonal")]
+    if local is not None:
+        legend[1:1] = [("gold", "pruned by the local rule only")]
+    handles = [matplotlib.patches.Patch(color=c, label=n) for c, n in legend]
     ax1.legend(handles=handles, loc="upper right", fontsize=7, framealpha=0.9, edgecolor="gray")
     delta = pattern["threshold"]
     floor = min(1.5 * delta, np.nanmin(decay) if np.isfinite(np.nanmin(decay)) else delta)
@@ -49,12 +59,17 @@ def pattern_figure(pattern: dict, arrays: dict, out_dir: Path) -> str:
 
 
 def head_savings_figures(per_head: list[dict], out_dir: Path) -> tuple[str, str]:
+    """Per-head savings: bars (paper rule) sorted, with the local rule's as black dots; histogram."""
     ranked = sorted(per_head, key=lambda r: r["saved_fraction"], reverse=True)
+    has_local = all("local_saved_fraction" in r for r in per_head)
     fig, ax = plt.subplots(figsize=(max(6, 0.09 * len(ranked) + 2), 4))
     ax.bar(range(len(ranked)), [r["saved_fraction"] for r in ranked],
            color=[CLASS_COLORS[r["class"]] for r in ranked], width=1.0 if len(ranked) > 40 else 0.8)
-    ax.set(xlabel="heads, sorted", ylabel="attention FLOPs pruned", ylim=(0, 1.02),
-           title="Per-head FLOP savings (orange: local, blue: global)")
+    if has_local:
+        ax.plot(range(len(ranked)), [r["local_saved_fraction"] for r in ranked], "k.", ms=4)
+    ax.set(xlabel="heads, sorted", ylabel="attention FLOPs pruned", ylim=(0, 1.02))
+    ax.set_title("Per-head FLOP savings (orange: local heads, blue: global)"
+                 + ("\nbars: paper rule, black dots: local rule" if has_local else ""), fontsize=10)
     if len(ranked) <= 48:
         ax.set_xticks(range(len(ranked)), [f"{r['layer']}.{r['head']}" for r in ranked], rotation=90, fontsize=6)
     bars = save(fig, out_dir / "head_savings_sorted.png")
@@ -65,27 +80,45 @@ def head_savings_figures(per_head: list[dict], out_dir: Path) -> tuple[str, str]
         values = [r["saved_fraction"] for r in per_head if r["class"] == cls]
         if values:
             ax.hist(values, bins=bins, color=color, alpha=0.7, label=f"{cls} ({len(values)})")
+    if has_local:
+        ax.hist([r["local_saved_fraction"] for r in per_head], bins=bins, histtype="step", color="k", lw=1.5,
+                label="local rule, all heads")
     ax.set(xlabel="fraction of the head's attention FLOPs pruned", ylabel="heads", title="Per-head savings")
     ax.legend()
     return bars, save(fig, out_dir / "head_savings_hist.png")
 
 
 def savings_vs_length_figure(by_length: list[dict], train_len: int | None, out_dir: Path) -> str:
+    """Kept fraction and FLOPs saved vs L, all layers (thick) and per layer (thin): the paper rule
+    solid, the local rule (when reported) dashed."""
     lengths = [r["length"] for r in by_length]
+    has_local = all("local_kept_fraction" in r for r in by_length)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     n_layers = len(by_length[0]["per_layer"])
     for i in range(n_layers):
-        ax1.plot(lengths, [r["per_layer"][i]["kept_fraction"] for r in by_length], lw=0.8, alpha=0.6)
+        line, = ax1.plot(lengths, [r["per_layer"][i]["kept_fraction"] for r in by_length], lw=0.8, alpha=0.6)
         ax2.plot(lengths, [r["per_layer"][i]["flops_saved_fraction"] for r in by_length], lw=0.8, alpha=0.6,
-                 label=f"layer {i}" if n_layers <= 12 else None)
-    ax1.plot(lengths, [r["kept_fraction"] for r in by_length], "k-o", lw=2, label="all layers")
-    ax2.plot(lengths, [r["flops_saved_fraction"] for r in by_length], "k-o", lw=2, label="all layers")
+                 color=line.get_color(), label=f"layer {i}" if n_layers <= 12 else None)
+        if has_local:
+            ax1.plot(lengths, [r["per_layer"][i]["local_kept_fraction"] for r in by_length], lw=0.8, alpha=0.6,
+                     ls="--", color=line.get_color())
+            ax2.plot(lengths, [r["per_layer"][i]["local_flops_saved_fraction"] for r in by_length], lw=0.8,
+                     alpha=0.6, ls="--", color=line.get_color())
+    paper = "all layers, paper rule" if has_local else "all layers"
+    ax1.plot(lengths, [r["kept_fraction"] for r in by_length], "k-o", lw=2, label=paper)
+    ax2.plot(lengths, [r["flops_saved_fraction"] for r in by_length], "k-o", lw=2, label=paper)
+    if has_local:
+        ax1.plot(lengths, [r["local_kept_fraction"] for r in by_length], "--s", color="tab:red", lw=2,
+                 label="all layers, local rule")
+        ax2.plot(lengths, [r["local_flops_saved_fraction"] for r in by_length], "--s", color="tab:red", lw=2,
+                 label="all layers, local rule")
+        ax1.legend(fontsize=7)
     for ax, label in ((ax1, "kept tile fraction"), (ax2, "attention FLOPs saved")):
         ax.set_xscale("log", base=2)
         ax.set(xlabel="context length L", ylabel=label, ylim=(0, 1.02))
         if train_len:
             ax.axvline(train_len, color="gray", ls="--", lw=1)
-    ax1.set_title("Kept fraction vs context (dashed: training length)")
+    ax1.set_title("Kept fraction vs context (gray: training length)")
     ax2.set_title("FLOPs saved vs context")
     ax2.legend(fontsize=6, ncol=2)
     return save(fig, out_dir / "savings_vs_length.png")
@@ -118,6 +151,8 @@ def threshold_figure(thresholds: list[dict], out_dir: Path) -> str:
     ax1.legend(fontsize=7)
     ax2.plot(layers, [t["kept_fraction"] for t in thresholds], "o-", label="kept (threshold used)")
     ax2.plot(layers, [t["kept_fraction_tight_bound"] for t in thresholds], "^-", label="kept (U = actual max logit)")
+    if all("local_kept_fraction" in t for t in thresholds):
+        ax2.plot(layers, [t["local_kept_fraction"] for t in thresholds], "s--", label="kept (local rule)")
     ax2.set(xlabel="layer", ylabel="kept tile fraction", ylim=(0, 1.02), title="Kept fraction: bound vs tight bound")
     ax2.legend(fontsize=7)
     return save(fig, out_dir / "thresholds.png")

@@ -26,10 +26,16 @@ def analysis_markdown(res: dict, figures: dict) -> str:
         "",
         "## Summary",
         "",
-        f"- attention FLOPs saved at L={s['seq_len']}: {pct(at['flops_saved_fraction'])} "
-        f"(kept tile fraction {at['kept_fraction']:.3f})",
-        f"- attention FLOPs saved at L={longest['length']}: {pct(longest['flops_saved_fraction'])} "
-        f"(kept tile fraction {longest['kept_fraction']:.3f})",
+        "Two ACP rules on the same forwards: the paper's (arXiv 2504.06949) and the data-aware local rule "
+        "(`acp_rule=\"local\"`, ops/acp.py), which keeps a subset of the paper rule's tiles under the same "
+        "eps guarantee. Numbers without a rule named are the paper rule's.",
+        "",
+        f"- attention FLOPs saved at L={s['seq_len']}: {pct(at['flops_saved_fraction'])} paper rule, "
+        f"{pct(at['local_flops_saved_fraction'])} local rule (kept tile fraction {at['kept_fraction']:.3f} paper, "
+        f"{at['local_kept_fraction']:.3f} local)",
+        f"- attention FLOPs saved at L={longest['length']}: {pct(longest['flops_saved_fraction'])} paper rule, "
+        f"{pct(longest['local_flops_saved_fraction'])} local rule (kept tile fraction {longest['kept_fraction']:.3f} "
+        f"paper, {longest['local_kept_fraction']:.3f} local; local / paper {longest['local_to_paper_kept']:.3f})",
         f"- top 10% of heads ({hs['top10_heads']} of {hs['heads']}) provide {pct(hs['top10_share_of_savings'])} "
         f"of the saved FLOPs",
         f"- heads: {hs['classes']['local']['heads']} local, {hs['classes']['global']['heads']} global "
@@ -39,15 +45,18 @@ def analysis_markdown(res: dict, figures: dict) -> str:
         "## Pruning patterns",
         "",
         f"Tile maps on the first held-out window at L={s['seq_len']} (green kept, red pruned, white above the "
-        "diagonal) beside the decay c_i - c_j (red line: the threshold delta; tiles whose largest decay is below "
-        "it are skipped). Arrays: `patterns.npz`.",
+        "diagonal; gold: kept by the paper rule, pruned by the local rule) beside the decay c_i - c_j (red line: "
+        "the paper rule's threshold delta; tiles whose largest decay is below it are skipped). Arrays: "
+        "`patterns.npz`.",
         "",
-        "| layer | head | kept tiles | pruned tiles | kept fraction | threshold | keys kept by the last query tile |",
-        "|---|---|---|---|---|---|---|",
+        "| layer | head | kept tiles | pruned tiles | kept fraction | kept fraction, local | threshold "
+        "| keys kept by the last query tile | same, local |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for p in res["patterns"]:
         lines.append(f"| {p['layer']} | {p['head']} | {p['kept_tiles']} | {p['pruned_tiles']} | {p['kept_fraction']:.3f} "
-                     f"| {p['threshold']:.2f} | {p['last_row_kept_span_tokens']} |")
+                     f"| {p['local_kept_fraction']:.3f} | {p['threshold']:.2f} | {p['last_row_kept_span_tokens']} "
+                     f"| {p['local_last_row_kept_span_tokens']} |")
     lines.append("")
     lines += ["![pattern](" + figures["pattern_" + p["key"]] + ")" for p in res["patterns"]]
     lines += [
@@ -55,7 +64,10 @@ def analysis_markdown(res: dict, figures: dict) -> str:
         "## FLOP savings per head",
         "",
         f"Over all {hs['heads']} heads at L={s['seq_len']}: saved {hs['flops_saved']:.4g} of {hs['flops_dense']:.4g} "
-        f"dense attention FLOPs = {pct(hs['flops_saved_fraction'])} (the per-head savings summed).",
+        f"dense attention FLOPs = {pct(hs['flops_saved_fraction'])} (the per-head savings summed); the local rule "
+        f"saved {hs['local_flops_saved']:.4g} = {pct(hs['local_flops_saved_fraction'])} (median head "
+        f"{pct(hs['local_median_head_saved_fraction'])}). Head classes and figures: paper rule (black dots in the "
+        "sorted figure: local rule).",
         "",
         f"![sorted]({figures['head_savings_sorted']}) ![hist]({figures['head_savings_hist']})",
         "",
@@ -65,23 +77,28 @@ def analysis_markdown(res: dict, figures: dict) -> str:
     for cls, c in hs["classes"].items():
         mean = "-" if c["mean_saved_fraction"] is None else pct(c["mean_saved_fraction"])
         lines.append(f"| {cls} | {c['heads']} | {mean} | {pct(c['share_of_savings'])} |")
-    lines += ["", "| layer | head | saved fraction | decay length | pruning distance | class |", "|---|---|---|---|---|---|"]
+    lines += ["", "| layer | head | saved fraction | saved fraction, local | decay length | pruning distance | class |",
+              "|---|---|---|---|---|---|---|"]
     for r in sorted(res["per_head"], key=lambda r: -r["saved_fraction"]):
-        lines.append(f"| {r['layer']} | {r['head']} | {r['saved_fraction']:.3f} | {r['decay_length']:.1f} | "
-                     f"{r['pruning_distance']:.0f} | {r['class']} |")
+        lines.append(f"| {r['layer']} | {r['head']} | {r['saved_fraction']:.3f} | {r['local_saved_fraction']:.3f} | "
+                     f"{r['decay_length']:.1f} | {r['pruning_distance']:.0f} | {r['class']} |")
     lines += [
         "",
         "## Savings vs context length",
         "",
         f"![length]({figures['savings_vs_length']})",
         "",
-        "| L | beyond training length | windows | data | kept fraction | FLOPs saved | per-layer FLOPs saved |",
-        "|---|---|---|---|---|---|---|",
+        "| L | beyond training length | windows | data | kept fraction | FLOPs saved | kept fraction, local "
+        "| FLOPs saved, local | local / paper kept | per-layer FLOPs saved | per-layer FLOPs saved, local |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["savings_vs_length"]:
         per_layer = ", ".join(f"{x['flops_saved_fraction']:.2f}" for x in r["per_layer"])
+        per_layer_local = ", ".join(f"{x['local_flops_saved_fraction']:.2f}" for x in r["per_layer"])
         lines.append(f"| {r['length']} | {'yes' if r['beyond_training_length'] else 'no'} | {r['windows']} | {r['data']} "
-                     f"| {r['kept_fraction']:.3f} | {pct(r['flops_saved_fraction'])} | {per_layer} |")
+                     f"| {r['kept_fraction']:.3f} | {pct(r['flops_saved_fraction'])} | {r['local_kept_fraction']:.3f} "
+                     f"| {pct(r['local_flops_saved_fraction'])} | {r['local_to_paper_kept']:.3f} | {per_layer} "
+                     f"| {per_layer_local} |")
     lines += [
         "",
         "## Forget-gate statistics",
@@ -104,19 +121,20 @@ def analysis_markdown(res: dict, figures: dict) -> str:
         "",
         f"delta = -(2U + ln L) + ln eps at L={s['seq_len']}. U is the bound on |logit| the threshold assumes; the "
         "largest actual |logit| is over causal pairs of the analysed windows. 'delta slack' = 2 (U - actual): how "
-        "much lower delta is than the tightest valid one; the last column is the kept fraction that tight bound "
-        "would give.",
+        "much lower delta is than the tightest valid one; 'kept with tight bound' is the kept fraction that tight "
+        "bound would give under the paper rule; the last column is what the local rule keeps.",
         "",
         f"![thresholds]({figures['thresholds']})",
         "",
         "| layer | delta (min..max over heads) | U (max) | max q.k/sqrt(D) bound | largest actual logit | U / actual (min) "
-        "| kept | kept with tight bound |",
-        "|---|---|---|---|---|---|---|---|",
+        "| kept | kept with tight bound | kept, local rule |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for t in res["thresholds"]:
         lines.append(f"| {t['layer']} | {min(t['delta']):.2f}..{max(t['delta']):.2f} | {max(t['bound_U']):.2f} | "
                      f"{max(t['cauchy_schwarz_bound']):.2f} | {max(t['max_abs_logit']):.2f} | "
-                     f"{min(t['bound_over_actual']):.2f} | {t['kept_fraction']:.3f} | {t['kept_fraction_tight_bound']:.3f} |")
+                     f"{min(t['bound_over_actual']):.2f} | {t['kept_fraction']:.3f} | {t['kept_fraction_tight_bound']:.3f} "
+                     f"| {t['local_kept_fraction']:.3f} |")
     lines += ["", "All numbers: `analysis.json`."]
     return "\n".join(lines) + "\n"
 
