@@ -243,7 +243,7 @@ def test_eval_throughput_reports_acp_eviction(evaluation):
         assert rows["evict"]["cache"] == "evict" and rows["on"]["cache"] == "full"
         assert rows["evict"]["decode_tokens_per_s"] > 0 and 0 < rows["evict"]["kept_key_fraction"] <= 1
         assert 0 < rows["evict"]["cache_bytes"] <= rows["off"]["cache_bytes"]
-    assert f"| hf ACP evict | 64 |" in (out / "report.md").read_text()
+    assert "| hf ACP evict | 64 |" in (out / "report.md").read_text()
     model = FoxForCausalLM(preset_config("fox-pro-tiny", vocab_size=97, fgate_bias_init="spread",
                                          fgate_min_decay=2.0, fgate_max_decay=16.0)).eval()
     kwargs = dict(prompt_len=80, decode_tokens=2, batch=1, vocab=97, device="cpu", repeats=1)

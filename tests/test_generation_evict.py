@@ -98,7 +98,7 @@ def _cli_tokens(capsys, argv) -> list[list[int]]:
 
 def test_cli_generate_acp_evict_matches_the_full_cache(tmp_path, capsys):
     adversarial_gates(tiny("fox-pro")).save_pretrained(tmp_path)
-    prompt = ",".join(str(i) for i in torch.randint(1, VOCAB, (70,), generator=torch.Generator().manual_seed(0)).tolist())
+    prompt = ",".join(map(str, torch.randint(1, VOCAB, (70,), generator=torch.Generator().manual_seed(0)).tolist()))
     argv = ["generate", str(tmp_path), "--prompt-ids", prompt, "--max-new-tokens", "12", "--device", "cpu"]
     want, _ = _cli_tokens(capsys, argv)
     got, out = _cli_tokens(capsys, [*argv, "--acp-evict"])

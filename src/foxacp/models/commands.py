@@ -196,8 +196,8 @@ def _eviction_summary(cache) -> str:
     kept = [n for layer in cache.layers if hasattr(layer, "kept") for n in layer.kept()]
     positions = cache.get_seq_length()
     fraction = sum(kept) / (len(kept) * positions) if kept and positions else 1.0
-    return (f"acp-evict: kept {fraction:.3f} of the keys ({positions} positions, {len(kept)} kv heads of the forgetting-attention layers), "
-            f"cache {cache.memory_bytes() / 2**20:.2f} MiB")
+    return (f"acp-evict: kept {fraction:.3f} of the keys ({positions} positions, {len(kept)} kv heads of the "
+            f"forgetting-attention layers), cache {cache.memory_bytes() / 2**20:.2f} MiB")
 
 
 def _convert(args) -> int:
