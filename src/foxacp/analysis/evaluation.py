@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..models.modeling import CACHE_NAME  # the cache keyword of the installed transformers (4.x / 5.x)
+
 NAMES = ("Alice", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Greta", "Hiroshi", "Ines", "Jonas", "Kavya",
          "Liam", "Marta", "Nadia", "Oscar", "Priya", "Quentin", "Rosa", "Stefan", "Tomas", "Ulla", "Viktor",
          "Wanda", "Yusuf", "Zofia")
@@ -221,14 +223,14 @@ def throughput(model, *, prompt_len: int, decode_tokens: int, batch: int, vocab:
         given = model.acp_eviction_cache(prompt_len + decode_tokens) if evict else None
         _sync(device)
         t0 = time.perf_counter()
-        out = model(input_ids=ids, past_key_values=given, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, **{CACHE_NAME: given}, use_cache=True, logits_to_keep=1)
         _sync(device)
         t1 = time.perf_counter()
-        cache = out.past_key_values
+        cache = getattr(out, CACHE_NAME)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         for _ in range(decode_tokens):
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(input_ids=nxt, **{CACHE_NAME: cache}, use_cache=True)
+            cache = getattr(out, CACHE_NAME)
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         _sync(device)
         t2 = time.perf_counter()
