@@ -48,7 +48,7 @@ consumed by the forward, saved for the backward and reported by :class:`AcpStats
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import torch
@@ -197,10 +197,6 @@ class TilePlan:
         return self.spec.seqlen_k
 
     @property
-    def rule(self) -> str | None:
-        return self.spec.rule if self.acp_kv_begin is not None else None
-
-    @property
     def num_q_tiles(self) -> int:
         return -(-self.seqlen_q // self.block_m)
 
@@ -316,13 +312,10 @@ def paper_ranges(spec: MaskSpec, block_m: int, block_n: int) -> tuple[torch.Tens
 
 
 def tile_bounds(spec: MaskSpec, block_m: int, block_n: int) -> TilePlan:
-    """The paper rule's :class:`TilePlan` of ``spec`` for ``block_m x block_n`` tiles."""
+    """The paper rule's :class:`TilePlan` of ``spec`` for ``block_m x block_n`` tiles (no data needed)."""
     if block_m < 1 or block_n < 1:
         raise ValueError(f"tile sizes must be >= 1, got block_m={block_m}, block_n={block_n}")
-    if not spec.has_acp:
-        return TilePlan(spec, block_m, block_n)
-    acp_kv, acp_q = paper_ranges(spec, block_m, block_n)
-    return TilePlan(spec, block_m, block_n, acp_kv, acp_q, acp_kv)
+    return plan_tiles(replace(spec, rule="paper"), block_m, block_n)
 
 
 def plan_tiles(spec: MaskSpec, block_m: int, block_n: int, *, q: torch.Tensor | None = None,

@@ -8,8 +8,8 @@ Layers (kernels live in :mod:`foxacp.ops.triton_kernels`):
   views of ``(B, T, H, D)`` tensors; nothing is copied unless the last dim is strided);
 * ``torch.library`` custom ops ``foxacp::fox_attn_fwd`` / ``foxacp::fox_attn_bwd`` with fake
   implementations and autograd, so ``torch.compile`` traces through them;
-* the backend interface of :mod:`foxacp.ops.backends`: ``attend``, ``default_tiles``,
-  ``unavailable_reason``.
+* the backend interface of :mod:`foxacp.ops.backends`: ``plan``, ``attend``, ``required_tiles``,
+  ``unavailable_reason`` (``default_tiles``: the plan tiles of a head dim).
 
 ACP: ``plan`` builds the call's :class:`~foxacp.ops.acp.TilePlan` once, on the forward tiles
 ``default_tiles(head_dim)``: the paper rule's ranges come from one tiny parallel pre-pass over the
