@@ -49,6 +49,17 @@ DOCS = "docs.npy"
 TOKENIZER_COPY = "tokenizer.json"
 
 
+
+def read_json_object(path: Path, error: type[Exception] = ValueError) -> dict:
+    """The JSON object in ``path``; ``error`` naming the file when it is not valid JSON or not an object."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 when every id fits, else uint32."""
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
@@ -75,12 +86,7 @@ def read_manifest(path: Path) -> dict:
     if not manifest_path.is_file():
         raise StoreError(f"{path} is not a complete token store (no {MANIFEST}); "
                          "prepare it with `foxacp data prepare`")
-    try:
-        m = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise StoreError(f"{manifest_path}: unreadable manifest ({err})") from None
-    if not isinstance(m, dict):
-        raise StoreError(f"{manifest_path}: expected a JSON object, got {type(m).__name__}")
+    m = read_json_object(manifest_path, StoreError)
     if m.get("format") != FORMAT or m.get("version") != VERSION:
         raise StoreError(f"{manifest_path}: not a {FORMAT} v{VERSION} store "
                          f"(format={m.get('format')!r}, version={m.get('version')!r})")

@@ -126,7 +126,25 @@ class LayerCache:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-class FoxCache(Cache):
+class _LayerCaches(Cache):
+    """A ``transformers.Cache`` whose layers foxacp's attention fills itself: indexing and
+    iteration give the per-layer caches; ``Cache.update`` is not the way in."""
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, layer_idx: int):
+        return self.layers[layer_idx]
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def update(self, *args, **kwargs):
+        raise TypeError(f"{type(self).__name__} is filled by FoxForCausalLM's attention layers, "
+                        "not through Cache.update")
+
+
+class FoxCache(_LayerCaches):
     """Decode cache of a :class:`~foxacp.models.FoxForCausalLM`, a ``transformers.Cache``.
 
     ``crop(-n)`` removes the newest ``n`` positions (at most ``max_crop``) and ``crop(n)`` with
@@ -142,19 +160,6 @@ class FoxCache(Cache):
 
     def _new_layers(self) -> list[LayerCache]:
         return [LayerCache(self.max_crop) for _ in range(self.num_layers)]
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
-    def __getitem__(self, layer_idx: int) -> LayerCache:
-        return self.layers[layer_idx]
-
-    def __iter__(self):
-        return iter(self.layers)
-
-    def update(self, *args, **kwargs):
-        raise TypeError("FoxCache is filled by FoxForCausalLM's attention layers (LayerCache.append), "
-                        "not through Cache.update")
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Cached positions (including left padding), as Hugging Face's caches report it."""
@@ -422,7 +427,7 @@ class StaticLayerCache:
                 if t is not None]
 
 
-class StaticFoxCache(Cache):
+class StaticFoxCache(_LayerCaches):
     """Preallocated decoding cache of ``max_length`` positions for a batch of ``batch_size``.
 
     The prompt is prefilled through a :class:`FoxCache` and copied in (:meth:`load`); every later
@@ -451,18 +456,6 @@ class StaticFoxCache(Cache):
         return self.seq_start.shape[0]
 
     max_batch_size = batch_size  # the name in transformers 4
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
-    def __getitem__(self, layer_idx: int) -> StaticLayerCache:
-        return self.layers[layer_idx]
-
-    def __iter__(self):
-        return iter(self.layers)
-
-    def update(self, *args, **kwargs):
-        raise TypeError("StaticFoxCache is filled by FoxForCausalLM's attention layers, not through Cache.update")
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens

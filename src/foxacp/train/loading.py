@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..data.store import read_json_object
+
 TRAINING_META = "foxacp_training.json"
 _META_KEYS = ("step", "tokens", "tokenizer", "config")
 
@@ -46,12 +48,7 @@ def read_training_meta(folder: str | Path) -> dict:
     path = Path(folder) / TRAINING_META
     if not path.is_file():
         return {}
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(meta).__name__}")
+    meta = read_json_object(path)
     return meta
 
 
