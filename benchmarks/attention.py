@@ -1,7 +1,8 @@
 """Forgetting-attention speed on one GPU, every contender timed in the same run.
 
 Contenders: torch SDPA causal (no gate: the speed of light for the shape), foxacp triton dense,
-foxacp triton with ``adaptive_threshold="auto"``, FlexAttention with the gate as ``score_mod``
+foxacp triton with ``adaptive_threshold="auto"`` (paper and local rule), ``backend="hopper"`` dense and
+ACP where it runs (sm90+), FlexAttention with the gate as ``score_mod``
 (dense causal and with an ACP ``BlockMask`` built from the tile plan; also plain causal Flex with
 no gate, i.e. PyTorch's own Triton FA2 template), fla's
 ``parallel_forgetting_attn`` when importable. q and k are RMS-normalised (as QK-norm does).
@@ -81,17 +82,33 @@ def plan_arrays(decay_global, delta, seqlen, head_dim):
 def op_forward(qc, kc, vc, decay, scale, *, plan=(None, None)):
     """The Triton forward custom op alone (no API preamble), plain causal; ACP on ``plan``'s arrays
     (:func:`plan_arrays`). (B, H, T, D) inputs; returns ``(out, lse)``. The one place that calls the op."""
-    from foxacp.ops.triton_attention import fox_attn_fwd
+    from foxacp.ops.triton_attention import default_tiles, fox_attn_fwd
 
-    return fox_attn_fwd(qc, kc, vc, decay, acp_kv=plan[0], acp_q=plan[1], key_lo=None, key_hi=None, sm_scale=scale)
+    plan_m, plan_n = default_tiles(qc.shape[-1])
+    return fox_attn_fwd(qc, kc, vc, decay, acp_kv=plan[0], acp_q=plan[1], key_lo=None, key_hi=None, sm_scale=scale,
+                        plan_m=plan_m, plan_n=plan_n)
 
 
 def op_backward(dout, qc, kc, vc, decay, out, lse, scale, *, plan=(None, None)):
     """The Triton backward custom op alone, for :func:`op_forward`'s ``out, lse``."""
-    from foxacp.ops.triton_attention import fox_attn_bwd
+    from foxacp.ops.triton_attention import default_tiles, fox_attn_bwd
 
+    plan_m, plan_n = default_tiles(qc.shape[-1])
     return fox_attn_bwd(dout, qc, kc, vc, decay, acp_kv=plan[0], acp_q=plan[1], key_lo=None, key_hi=None,
-                        out=out, lse=lse, sm_scale=scale)
+                        out=out, lse=lse, sm_scale=scale, plan_m=plan_m, plan_n=plan_n)
+
+
+def hopper_ready(q) -> bool:
+    """Whether ``backend="hopper"`` serves ``q`` here (Gluon importable, sm90+, bf16/fp16, D 64/128)."""
+    from foxacp.ops import backends
+
+    try:
+        reason = backends.load("hopper").unavailable_reason(q)
+    except ValueError as err:
+        reason = str(err)
+    if reason is not None:
+        print(f"hopper skipped: {reason}", file=sys.stderr)
+    return reason is None
 
 
 def bench(fn, backward: bool, grads=None):
@@ -389,6 +406,13 @@ def main(argv=None):
             _, stats = forgetting_attention(q, k, v, log_f, backend="triton", adaptive_threshold="auto",
                                             acp_rule="local", return_stats=True)
             kept = {"fox acp": stats.paper_kept_fraction, "fox acp local": stats.kept_fraction}
+            if hopper_ready(qh):
+                contenders["hopper dense"] = lambda: forgetting_attention(*leaves, backend="hopper")
+                contenders["hopper acp"] = lambda: forgetting_attention(*leaves, backend="hopper",
+                                                                        adaptive_threshold="auto")
+                _, stats = forgetting_attention(q, k, v, log_f, backend="hopper", adaptive_threshold="auto",
+                                                return_stats=True)
+                kept["hopper acp"] = stats.kept_fraction
             if parallel_forgetting_attn is not None:
                 contenders["fla"] = lambda: parallel_forgetting_attn(*leaves[:3], leaves[3], scale=1 / math.sqrt(D))
             # Flex only where it fits: (B,H,T,T)-sized buffers at T=16k (OOM on 80 GB), 185 ms measured at D=128
@@ -428,8 +452,8 @@ def main(argv=None):
 
 def print_table(rows):
     print("\n| shape (B,H,Hkv,T,D) | gate | mode | SDPA ms | fox dense | fox dense no-TMA | fox ACP (kept) "
-          "| fox ACP local (kept) | flex causal (no gate) | flex dense | flex ACP |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| fox ACP local (kept) | hopper dense | hopper ACP (kept) | flex causal (no gate) | flex dense | flex ACP |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     keyed = {}
     for r in rows:
         keyed.setdefault((r["B"], r["H"], r["Hkv"], r["T"], r["D"], r["gate"], r["mode"]), {})[r["contender"]] = r
@@ -444,7 +468,7 @@ def print_table(rows):
             return "-" if r is None else f"{r['ms']:.2f} (x{r['vs_sdpa']:.2f}, {r['kept']:.2f})"
         print(f"| {tuple(shape)} | {gate} | {mode} | {sdpa['ms'] if sdpa else float('nan'):.2f} | "
               f"{cell('fox dense')} | {cell('fox dense no-tma')} | {acp_cell('fox acp')} | {acp_cell('fox acp local')} "
-              f"| {cell('flex causal')} | {cell('flex dense')} | {cell('flex acp')} |")
+              f"| {cell('hopper dense')} | {acp_cell('hopper acp')} | {cell('flex causal')} | {cell('flex dense')} | {cell('flex acp')} |")
 
 
 if __name__ == "__main__":

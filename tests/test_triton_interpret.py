@@ -205,7 +205,7 @@ def test_custom_op_opcheck(ta):
     decay = log_f.to(DEVICE).transpose(1, 2).cumsum(-1).requires_grad_(True)
     delta = torch.full((1, 2), -3.0, device=DEVICE)
     acp_kv, acp_q = ta.acp_tiles(decay.detach().double(), delta, 20, *ta.default_tiles(16))
-    args = (q, k, v, decay, acp_kv, acp_q, None, None, 0.25)
+    args = (q, k, v, decay, acp_kv, acp_q, None, None, 0.25, *ta.default_tiles(16))
     torch.library.opcheck(torch.ops.foxacp.fox_attn_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 

@@ -57,10 +57,10 @@ def make(B, Tq, H, D, *, Tk=None, Hkv=None, dtype=torch.bfloat16, tau=None, seed
     return q, k, v, torch.nn.functional.logsigmoid(logit).float()
 
 
-def compare(ta, inputs, dtype, **kwargs):
+def compare(ta, inputs, dtype, backend="triton", **kwargs):
     poison_cache()
-    got = run_backend("triton", inputs, **kwargs)
-    want = run_backend("reference", inputs, acp_plan=got.plan, **kwargs)  # exactly the Triton call's tiles
+    got = run_backend(backend, inputs, **kwargs)
+    want = run_backend("reference", inputs, acp_plan=got.plan, **kwargs)  # exactly the fused call's tiles
     errs = errors(got, want)
     for name, t in [("out", got[0]), *zip(["dq", "dk", "dv", "dlog_fgate"], got[1])]:
         assert torch.isfinite(t).all(), f"{name} has NaN/inf (unwritten or overflow)"

@@ -18,6 +18,7 @@ _MODULES = {
     "reference": "foxacp.ops.reference",
     "torch": "foxacp.ops.blockwise",
     "triton": "foxacp.ops.triton_attention",
+    "hopper": "foxacp.ops.hopper_attention",
 }
 BACKEND_NAMES = ("auto", *_MODULES)  # the one list (configs and the CLI read it)
 
@@ -35,6 +36,8 @@ def _import(name: str):
     # import statements, not importlib: torch.compile runs these while tracing (no graph break)
     if name == "triton":
         from . import triton_attention as module
+    elif name == "hopper":
+        from . import hopper_attention as module
     elif name == "torch":
         from . import blockwise as module
     else:

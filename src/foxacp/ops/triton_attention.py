@@ -190,7 +190,7 @@ def _(decay_global, delta, seqlen_q, plan_m, plan_n):
             decay_global.new_empty((B, H, -(-Tk // plan_n)), dtype=torch.int32))
 
 
-def _forward(q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, sm_scale: float):
+def _forward(q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, sm_scale: float, plan_m: int, plan_n: int):
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     cfg = tile_config(D)
@@ -218,9 +218,9 @@ def _forward(q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, sm_scale: float):
         lambda kv: [q, k, v, decay, acp_kv, lo, out, lse, acc_part, ml_part, *kv,
                     *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *decay.stride(),
                     key_lo.stride(0) if varlen else 0, *out.stride()[:3],
-                    H, H // Hkv, Tq, Tk, Tk - Tq, triton.cdiv(Tq, cfg.block_m), sm_scale * kernels.LOG2E],
+                    H, H // Hkv, Tq, Tk, Tk - Tq, triton.cdiv(Tq, plan_m), sm_scale * kernels.LOG2E],
         (k, v), block_n, d_pad, d_pad == 128 or _interpreting(),  # where it pays; CI tests it
-        HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n, PLAN_M=cfg.block_m, PLAN_N=cfg.block_n,
+        HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n, PLAN_M=plan_m, PLAN_N=plan_n,
         NUM_SPLITS=splits, IS_VARLEN=varlen, HAS_ACP=has_acp, EVEN_D=D == d_pad, HEADS_PER_GROUP=HEADS_PER_GROUP,
         num_warps=warps, num_stages=stages,
     )
@@ -232,7 +232,8 @@ def _forward(q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, sm_scale: float):
     return out, lse
 
 
-def _backward(dout, q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, out, lse, sm_scale: float):
+def _backward(dout, q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, out, lse, sm_scale: float, plan_m: int,
+              plan_n: int):
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     group = H // Hkv
@@ -249,7 +250,7 @@ def _backward(dout, q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, out, lse, sm_
         acp_kv = acp_q = di
     lo = key_lo if varlen else decay
     hi = key_hi if varlen else decay
-    common = dict(HEAD_DIM=D, D_PAD=d_pad, PLAN_M=cfg.block_m, PLAN_N=cfg.block_n, IS_VARLEN=varlen, HAS_ACP=has_acp, EVEN_D=D == d_pad, num_warps=cfg.bwd_warps,
+    common = dict(HEAD_DIM=D, D_PAD=d_pad, PLAN_M=plan_m, PLAN_N=plan_n, IS_VARLEN=varlen, HAS_ACP=has_acp, EVEN_D=D == d_pad, num_warps=cfg.bwd_warps,
                   num_stages=_stages(cfg.bwd_stages, q.dtype, D))
     input_strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *decay.stride(),
                      key_lo.stride(0) if varlen else 0)
@@ -257,7 +258,7 @@ def _backward(dout, q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, out, lse, sm_
     kernels.bwd_dq_kernel[(triton.cdiv(Tq, cfg.m2), B * H)](
         q, k, v, decay, acp_kv, lo, out, dout, lse, di, dq, dc,
         *input_strides, *out.stride()[:3], *dout.stride()[:3], *dq.stride()[:3], *dc.stride(),
-        H, group, Tq, Tk, Tk - Tq, triton.cdiv(Tq, cfg.block_m), sm_scale, sm_scale * kernels.LOG2E,
+        H, group, Tq, Tk, Tk - Tq, triton.cdiv(Tq, plan_m), sm_scale, sm_scale * kernels.LOG2E,
         BLOCK_M=cfg.m2, BLOCK_N=cfg.n2, **common,
     )
     if group > 1:  # one program per query head: float32 partials, summed over the group below
@@ -267,7 +268,7 @@ def _backward(dout, q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, out, lse, sm_
     kernels.bwd_dkdv_kernel[(triton.cdiv(Tk, cfg.n1), B * H)](
         q, k, v, decay, acp_q, lo, hi, dout, lse, di, dk_part, dv_part, dc,
         *input_strides, *dout.stride()[:3], *dk_part.stride()[:3], *dv_part.stride()[:3], *dc.stride(),
-        H, group, Tq, Tk, Tk - Tq, triton.cdiv(Tk, cfg.block_n), sm_scale, sm_scale * kernels.LOG2E,
+        H, group, Tq, Tk, Tk - Tq, triton.cdiv(Tk, plan_n), sm_scale, sm_scale * kernels.LOG2E,
         BLOCK_M=cfg.m1, BLOCK_N=cfg.n1, **common,
     )
     if group > 1:
@@ -285,15 +286,17 @@ def _backward(dout, q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, out, lse, sm_
 @torch.library.custom_op("foxacp::fox_attn_fwd", mutates_args=())
 def fox_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor,
                  acp_kv: Optional[torch.Tensor], acp_q: Optional[torch.Tensor], key_lo: Optional[torch.Tensor],
-                 key_hi: Optional[torch.Tensor], sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                 key_hi: Optional[torch.Tensor], sm_scale: float, plan_m: int,
+                 plan_n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward: ``(out (B, H, Tq, D) in q's dtype, lse (B, H, Tq) float32 in log2 units)``.
     ``acp_kv``/``acp_q``: the plan's :attr:`~foxacp.ops.acp.TilePlan.acp_kv_begin` /
-    ``acp_q_end`` (None: dense); the forward reads the first, the backward both."""
-    return _forward(q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, sm_scale)
+    ``acp_q_end`` (None: dense) on ``plan_m x plan_n`` tiles, which the kernels' blocks divide;
+    the forward reads the first, the backward both."""
+    return _forward(q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, sm_scale, plan_m, plan_n)
 
 
 @fox_attn_fwd.register_fake
-def _(q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, sm_scale):
+def _(q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, sm_scale, plan_m, plan_n):
     B, H, Tq, D = q.shape
     out = q.new_empty((B, Tq, H, D)).transpose(1, 2)
     return out, q.new_empty((B, H, Tq), dtype=torch.float32)
@@ -303,32 +306,36 @@ def _(q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, sm_scale):
 def fox_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor,
                  acp_kv: Optional[torch.Tensor], acp_q: Optional[torch.Tensor], key_lo: Optional[torch.Tensor],
                  key_hi: Optional[torch.Tensor], out: torch.Tensor,
-                 lse: torch.Tensor, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward: ``(dq, dk, dv, d decay)``; d decay is float32 (key- and query-side terms, see kernels)."""
-    return _backward(dout, q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, out, lse, sm_scale)
+                 lse: torch.Tensor, sm_scale: float, plan_m: int,
+                 plan_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward: ``(dq, dk, dv, d decay)``; d decay is float32 (key- and query-side terms, see kernels).
+    ``out``/``lse`` may come from any forward with the same conventions (the Hopper backend's too)."""
+    return _backward(dout, q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, out, lse, sm_scale, plan_m, plan_n)
 
 
 @fox_attn_bwd.register_fake
-def _(dout, q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, out, lse, sm_scale):
+def _(dout, q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, out, lse, sm_scale, plan_m, plan_n):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             torch.empty_like(decay, dtype=torch.float32))
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, sm_scale = inputs
+def save_for_backward(ctx, inputs, output):
+    """Autograd context of a forward op with inputs ``(q, k, v, decay, acp_kv, acp_q, key_lo,
+    key_hi, sm_scale, plan_m, plan_n)`` and outputs ``(out, lse)`` (this module's and the Hopper one's)."""
+    q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, sm_scale, plan_m, plan_n = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, out, lse)
-    ctx.sm_scale = sm_scale
+    ctx.launch = (sm_scale, plan_m, plan_n)
 
 
-def _backward_rule(ctx, dout, dlse):
+def backward_rule(ctx, dout, dlse):
+    """Gradients of the inputs listed in :func:`save_for_backward` (the fused backward kernels)."""
     q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, out, lse = ctx.saved_tensors
-    dq, dk, dv, dc = fox_attn_bwd(dout, q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, out, lse,
-                                  ctx.sm_scale)
-    return dq, dk, dv, dc, None, None, None, None, None
+    dq, dk, dv, dc = fox_attn_bwd(dout, q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, out, lse, *ctx.launch)
+    return dq, dk, dv, dc, None, None, None, None, None, None, None
 
 
-fox_attn_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
+fox_attn_fwd.register_autograd(backward_rule, setup_context=save_for_backward)
 
 
 # ----------------------------------------------------------------------------- ACP data threshold
@@ -382,10 +389,10 @@ def required_tiles(head_dim: int) -> tuple[int, int]:
     return default_tiles(head_dim)
 
 
-def plan(spec: MaskSpec, q, k, sm_scale: float) -> TilePlan:
-    """The call's tile plan: the paper rule from the pre-pass, the local rule's data bound on top
-    (its query side from one kernel that reads q and k once)."""
-    bm, bn = default_tiles(q.shape[-1])
+def plan(spec: MaskSpec, q, k, sm_scale: float, tiles: Optional[tuple[int, int]] = None) -> TilePlan:
+    """The call's tile plan on ``tiles`` (default: :func:`default_tiles`): the paper rule from the
+    pre-pass, the local rule's data bound on top (its query side from one kernel that reads q and k once)."""
+    bm, bn = tiles or default_tiles(q.shape[-1])
     if not spec.has_acp:
         return TilePlan(spec, bm, bn)
     paper = acp_tiles(spec.decay, spec.delta, spec.seqlen_q, bm, bn)
@@ -452,16 +459,26 @@ def _check_offsets_fit_int32(q, k, v) -> None:
                          "split the sequence or the heads across calls, or use backend='torch'")
 
 
-def attend(q, k, v, decay, *, sm_scale: float, spec: MaskSpec, plan: TilePlan):
+def launch_args(q, k, v, decay, sm_scale: float, spec: MaskSpec, plan: TilePlan) -> tuple:
+    """The forward ops' arguments for a call: checked sizes, unit-stride head dims, the plan's arrays."""
     _check_offsets_fit_int32(q, k, v)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     key_lo = None if spec.key_lo is None else spec.key_lo.contiguous()
     key_hi = None if spec.key_hi is None else spec.key_hi.contiguous()
-    args = (q, k, v, decay, plan.acp_kv_begin, plan.acp_q_end, key_lo, key_hi, float(sm_scale))
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, decay))):
-        out, _ = fox_attn_fwd(*args)
-    else:  # inference: the custom op's dispatch costs ~50 us of host time per call (a decoding step's
-        out, _ = _forward(*args)  # budget) and buys nothing without autograd or torch.compile
+    return (q, k, v, decay, plan.acp_kv_begin, plan.acp_q_end, key_lo, key_hi, float(sm_scale), plan.block_m,
+            plan.block_n)
+
+
+def needs_autograd(*tensors) -> bool:
+    """Whether the forward must go through its custom op: under torch.compile or with gradients.
+    Inference calls the launcher directly: the op's dispatch costs ~50 us of host time per call (a
+    decoding step's budget) and buys nothing without autograd or torch.compile."""
+    return torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def attend(q, k, v, decay, *, sm_scale: float, spec: MaskSpec, plan: TilePlan):
+    args = launch_args(q, k, v, decay, sm_scale, spec, plan)
+    out, _ = fox_attn_fwd(*args) if needs_autograd(q, k, v, decay) else _forward(*args)
     return out
 
 

@@ -1,0 +1,239 @@
+"""Gluon (Triton's explicit dialect) forward kernel for forgetting attention on Hopper (sm90+).
+
+Same function and conventions as ``triton_kernels.fwd_kernel`` (read its module docstring): query
+row ``r`` sits at key position ``p = r + OFF`` and sees keys ``lo[p] <= j <= p``; scores are kept
+in log2 units without the row term, ``s_rj = qk_scale * q_r . k_j - (c_j - c_ref) * log2(e)``,
+and the row term ``(c_p - c_ref) * log2(e)`` is added to the stored lse, so the Triton backward
+reads this kernel's ``(out, lse)`` unchanged.
+
+What Gluon lets us write that Triton 3.6 could not (docs/kernel-notes.md, attempt 13):
+
+* K and V blocks stream through the bulk-copy engine (TMA, 4-D descriptors over the ``(B, H, T, D)``
+  views: zero fill outside T, no masks) into a ``STAGES``-deep ring, each stage completing on its
+  own mbarrier, issued ``STAGES - 1`` blocks ahead;
+* FlashAttention-3's intra-warpgroup overlap: in step ``j`` the QK^T of block ``j`` and the PV of
+  block ``j - 1`` are both in flight (asynchronous warpgroup MMAs) while nothing waits; the softmax
+  of block ``j`` runs while PV ``j - 1`` is still on the tensor cores;
+* the decay vector ``c_j`` of a block rides with K through the bulk-copy engine (a padded float32
+  copy of the decays, 16-byte rows) and is read from shared memory once per block.
+
+Each warp owns 16 query rows (one or two warpgroups per program); a CTA barrier before each refill
+keeps a warpgroup from overwriting a stage another one is still reading. ACP: the plan tiles are this
+kernel's ``BLOCK_M x BLOCK_N`` blocks; each program reads its first kept key block (one int).
+"""
+
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+from .triton_kernels import LOG2E
+
+_LOG2E = gl.constexpr(LOG2E)
+
+
+@gluon.jit
+def _longest_first(pid, num_blocks, num_heads, HEADS_PER_GROUP: gl.constexpr):
+    """``(query block, head)`` of program ``pid``: the Triton forward's launch order
+    (``triton_kernels._longest_first``: groups of heads, longest causal blocks first)."""
+    group = pid // (HEADS_PER_GROUP * num_blocks)
+    r = pid - group * HEADS_PER_GROUP * num_blocks
+    width = gl.minimum(HEADS_PER_GROUP, num_heads - group * HEADS_PER_GROUP)
+    block = r // width
+    return num_blocks - 1 - block, group * HEADS_PER_GROUP + r - block * width
+
+
+@gluon.jit
+def _issue_kv(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, j, col_lo, b, h, hk,
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """Start the bulk copies of key block ``j`` (columns ``col_lo + j * BLOCK_N``) into ring stage
+    ``j % STAGES``: K and the block's decays on the stage's K barrier, V on its V barrier."""
+    s = j % STAGES
+    col = col_lo + j * BLOCK_N
+    mbarrier.expect(k_bars.index(s), k_desc.block_type.nbytes + c_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(c_desc, [b, h, col], k_bars.index(s), c_smem.index(s))
+    tma.async_copy_global_to_shared(k_desc, [b, hk, col, 0], k_bars.index(s), k_smem.index(s))
+    mbarrier.expect(v_bars.index(s), v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(v_desc, [b, hk, col, 0], v_bars.index(s), v_smem.index(s))
+
+
+@gluon.jit
+def _scores(s, c_stage, col, c_ref, pos_q, lo_q, masked, qk_scale,
+            BLOCK_N: gl.constexpr, IS_VARLEN: gl.constexpr, col_layout: gl.constexpr):
+    """Block scores in log2 units from ``s = q . k`` (no row term), masked where the block needs it;
+    the block's decays come from its ring stage (zero filled past the padded Tk)."""
+    cols = col + gl.arange(0, BLOCK_N, layout=col_layout)
+    ck = (c_stage.reshape([BLOCK_N]).load(col_layout) - c_ref) * _LOG2E
+    s = s * qk_scale - ck[None, :]
+    if masked:
+        visible = cols[None, :] <= pos_q[:, None]
+        if IS_VARLEN:
+            visible = visible & (cols[None, :] >= lo_q[:, None])
+        s = gl.where(visible, s, float("-inf"))
+    return s
+
+
+@gluon.jit
+def fwd_kernel(q_desc, k_desc, v_desc, c_desc, C, ACP_KV, LO, OUT, LSE,
+               stride_cb, stride_ch, stride_lob, stride_ob, stride_oh, stride_ot,
+               H, GROUP, Tq, OFF, NUM_QT, qk_scale,
+               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+               IS_VARLEN: gl.constexpr, HAS_ACP: gl.constexpr, HEADS_PER_GROUP: gl.constexpr,
+               num_warps: gl.constexpr):
+    """One program per (query block, batch*head). ``C`` is the float32 decay ``(B, H, Tk)`` padded to
+    whole key blocks with unit stride along positions (``c_desc`` describes the same tensor);
+    ``OUT``'s head dim is contiguous."""
+    gl.static_assert(STAGES >= 3, "a stage is refilled two blocks after its use: the ring needs 3 stages")
+    num_blocks = gl.cdiv(Tq, BLOCK_M)
+    pid_m, bh = _longest_first(gl.program_id(0), num_blocks, gl.num_programs(0) // num_blocks, HEADS_PER_GROUP)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    r0 = pid_m * BLOCK_M
+    C += b.to(gl.int64) * stride_cb + h * stride_ch
+    LO += b * stride_lob
+
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    gl.static_assert(BLOCK_M == 16 * num_warps, "one 16-row MMA slice per warp")
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
+
+    # key columns of this block: [col_lo, col_hi) in whole blocks; masks only on [col_lo, full_start)
+    # (some row's lo is inside) and [full_end, col_hi) (the causal edge)
+    p_first = r0 + OFF
+    p_last = gl.minimum(r0 + BLOCK_M, Tq) - 1 + OFF
+    col_hi = p_last + 1
+    if IS_VARLEN:
+        col_lo = gl.load(LO + p_first)
+        lo_max = gl.load(LO + p_last)
+    else:
+        col_lo = p_first * 0
+        lo_max = p_first * 0
+    if HAS_ACP:
+        col_lo = gl.maximum(col_lo, gl.load(ACP_KV + bh * NUM_QT + pid_m) * BLOCK_N)
+    col_lo = col_lo // BLOCK_N * BLOCK_N
+    full_start = gl.minimum(gl.maximum((lo_max + BLOCK_N - 1) // BLOCK_N * BLOCK_N, col_lo), col_hi)
+    full_end = gl.maximum(gl.minimum(p_first + 1, col_hi) // BLOCK_N * BLOCK_N, full_start)
+    n_blocks = gl.cdiv(col_hi - col_lo, BLOCK_N)
+
+    # shared memory: q once, K/V rings with one barrier per stage and tensor
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [1, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
+    c_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, 1, BLOCK_N], c_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_bars.index(i), count=1)
+        mbarrier.init(v_bars.index(i), count=1)
+
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [b, h, r0, 0], q_bar, q_smem)
+    for first in gl.static_range(STAGES - 1):
+        if first < n_blocks:
+            _issue_kv(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, first, col_lo, b, h, hk,
+                      BLOCK_N, STAGES)
+
+    rows = r0 + gl.arange(0, BLOCK_M, layout=row_s)
+    pos_q = rows + OFF
+    c_ref = gl.load(C + p_first)
+    if IS_VARLEN:
+        lo_q = gl.load(LO + pos_q, mask=rows < Tq, other=0)
+    else:
+        lo_q = rows * 0
+
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
+    l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+    zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+    q = q_smem.reshape([BLOCK_M, HEAD_DIM])
+    mbarrier.wait(q_bar, phase=0)
+
+    if n_blocks > 0:
+        # block 0: scores and probabilities (nothing to overlap with yet)
+        mbarrier.wait(k_bars.index(0), phase=0)
+        kt = k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+        s = warpgroup_mma(q, kt, zero_s, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=[s])
+        masked = (col_lo < full_start) | (col_lo >= full_end)
+        s = _scores(s, c_smem.index(0), col_lo, c_ref, pos_q, lo_q, masked, qk_scale, BLOCK_N, IS_VARLEN, col_s)
+        m_i = gl.max(s, 1)
+        m_use = gl.where(m_i == float("-inf"), 0.0, m_i)
+        p = gl.exp2(s - m_use[:, None])
+        l_i = gl.sum(p, 1)
+        for j in range(1, n_blocks):
+            # refill the stage of block j - 2 with block j + STAGES - 2: its last reader, PV of block
+            # j - 2, finished in step j - 1 in both warpgroups (the barrier); block j - 1's V is still due
+            gl.thread_barrier()
+            nxt = j + STAGES - 2
+            if nxt < n_blocks:
+                _issue_kv(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, nxt, col_lo, b, h, hk,
+                          BLOCK_N, STAGES)
+            st = j % STAGES
+            ph = (j // STAGES) & 1
+            prev = (j - 1) % STAGES
+            prev_ph = ((j - 1) // STAGES) & 1
+            mbarrier.wait(k_bars.index(st), phase=ph)
+            kt = k_smem.index(st).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+            s = warpgroup_mma(q, kt, zero_s, use_acc=False, is_async=True)
+            # PV of block j - 1 joins it on the tensor cores
+            mbarrier.wait(v_bars.index(prev), phase=prev_ph)
+            p_op = gl.convert_layout(p.to(q_desc.dtype), p_layout)
+            acc = warpgroup_mma(p_op, v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=[s])
+            col = col_lo + j * BLOCK_N
+            masked = (col < full_start) | (col >= full_end)
+            s = _scores(s, c_smem.index(st), col, c_ref, pos_q, lo_q, masked, qk_scale, BLOCK_N, IS_VARLEN, col_s)
+            m_new = gl.maximum(m_i, gl.max(s, 1))
+            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+            p = gl.exp2(s - m_use[:, None])
+            alpha = gl.exp2(m_i - m_use)
+            l_i = l_i * alpha + gl.sum(p, 1)
+            m_i = m_new
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        last = (n_blocks - 1) % STAGES
+        mbarrier.wait(v_bars.index(last), phase=((n_blocks - 1) // STAGES) & 1)
+        p_op = gl.convert_layout(p.to(q_desc.dtype), p_layout)
+        acc = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+
+    mbarrier.invalidate(q_bar)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(k_bars.index(i))
+        mbarrier.invalidate(v_bars.index(i))
+
+    # normalise, store; lse in log2 units with the row term, +inf where a row saw no key
+    seen = l_i > 0.0
+    l_safe = gl.where(seen, l_i, 1.0)
+    out = acc / gl.convert_layout(l_safe, row_o)[:, None]
+    rows_o = r0 + gl.arange(0, BLOCK_M, layout=row_o)
+    offs_d = gl.arange(0, HEAD_DIM, layout=col_o)
+    o_ptrs = OUT + b.to(gl.int64) * stride_ob + h * stride_oh + rows_o[:, None] * stride_ot + offs_d[None, :]
+    gl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=(rows_o < Tq)[:, None])
+    cq = (gl.load(C + pos_q, mask=rows < Tq, other=0.0) - c_ref) * _LOG2E
+    lse = gl.where(seen, m_i + cq + gl.log2(l_safe), float("inf"))
+    gl.store(LSE + bh.to(gl.int64) * Tq + rows, lse, mask=rows < Tq)
+
+
+def tiles(head_dim: int) -> tuple[int, int]:
+    """``(BLOCK_M, BLOCK_N)`` of the kernel at a head dim (also the ACP plan tiles).
+
+    Measured on an H200 (docs/kernel-notes.md, attempt 21), forward time against Triton's: D=64 one
+    warpgroup on 64x64 blocks 1.00x (128x128 on two warpgroups 1.15x, 64x128 1.36x); D=128 two
+    warpgroups on 128x128 blocks 0.91x (128x64 1.01x, 64x64 1.25x).
+    """
+    return (64, 64) if head_dim <= 64 else (128, 128)
+
+
+def launch_config(head_dim: int) -> dict:
+    """Ring depth and warps: one 16-row MMA slice per warp; 3 stages at D=128 (shared memory)."""
+    return dict(STAGES=4, num_warps=4) if head_dim <= 64 else dict(STAGES=3, num_warps=8)
