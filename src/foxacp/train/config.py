@@ -59,7 +59,7 @@ class ModelSection(_Section):
 @dataclass
 class DataSection(_Section):
     key: ClassVar[str] = "data"
-    source: str = "shakespeare"  # built-in corpus ("shakespeare", "python-code"), a token-store dir or a LongCrawl64 zarr
+    source: str = "shakespeare"  # built-in corpus ("shakespeare", "python-code", "python-packages"), a token-store dir or a LongCrawl64 zarr
     tokenizer: str = "gpt2"  # used when a built-in corpus is prepared
     seq_len: int = 512  # training context L
     mode: str = "document"  # "document": windows inside one doc; "packed": docs joined by EOT
