@@ -115,7 +115,7 @@ def test_time_budget_plans_the_schedule(store_dir, tmp_path, monkeypatch):
     plan = next(r["schedule"] for r in logged if "schedule" in r)
     assert plan["step_time_s"] == 10.0 and 3 < plan["planned_steps"] < 100
     assert plan["total_tokens"] == 512 * plan["planned_steps"] and plan["warmup_tokens"] == plan["total_tokens"] // 10
-    assert len(records) == plan["planned_steps"] and records[-1]["lr"] < 0.01 * 0.003  # the last step before 0
+    assert len(records) == plan["planned_steps"] and records[-1]["lr"] < 0.05 * 0.003  # the step before 0
     assert json.loads((checkpoint.latest(out) / "trainer.json").read_text())["schedule"] == plan
     shutil.rmtree(checkpoint.latest(out))
     resumed = Trainer(load_config(None, overrides(store_dir, out, run__time_budget_s=150)), resume=True)
