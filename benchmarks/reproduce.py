@@ -526,7 +526,7 @@ def differences(s: dict) -> list[str]:
                    f"{pct(c['share_of_documents_longer_than_context'])} of documents longer than {c['context']:,} "
                    "tokens) instead of LongCrawl64 (natural-language web text); code has different long-range "
                    "structure, so how many heads turn local may differ."
-                   + (f" The run saw the training windows {t["epochs"]:.2f} times." if (t := s.get("train")) else ""))
+                   + (f" The run saw the training windows {t['epochs']:.2f} times." if (t := s.get("train")) else ""))
     out.append(f"- Hardware: {s['device']}; the paper's throughput numbers come from its own GPUs and kernels.")
     if th := s.get("throughput"):
         out.append(f"- Throughput is timed on {th['device']} without FSDP, after training, on the trained weights; "
