@@ -15,6 +15,8 @@ batches (the loader splits each global batch by rank). Three parts:
 3. scaling: for each ``--scaling-presets`` at ``--scaling-context``, tokens/s on 1 and N GPUs
    (median over the steps after ``--warmup`` steps) and the efficiency tok/s(N) / (N tok/s(1)).
 
+``benchmarks/reproduce.py`` (issue 14's end-to-end run) reuses these parts.
+
 Writes ``<out>/summary.json``, ``<out>/report.md`` and ``<out>/loss_curves.png`` and prints the tables. ``--device cpu``
 runs the same thing with gloo processes (for checking this script without GPUs).
 """
@@ -25,6 +27,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -75,8 +78,12 @@ class Launcher:
 
     def __init__(self, common: list[str], device: str, log_dir: Path):
         self.common, self.device, self.log_dir = common, device, log_dir
+        self.seconds = 0.0  # wall time of the last run, start-up included
 
-    def train(self, name: str, gpus: int, out_dir: Path, overrides: list[str], resume: bool = False) -> list[dict]:
+    def train(self, name: str, gpus: int, out_dir: Path, overrides: list[str], resume: bool = False,
+              timeout_s: float | None = None) -> list[dict]:
+        """The run's step records. Past ``timeout_s`` the run gets SIGTERM (the trainer checkpoints
+        and stops) and what it logged is returned; any other failure raises SystemExit."""
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "4"))
         if self.device == "cuda":
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(gpus))
@@ -86,12 +93,20 @@ class Launcher:
         print(f"[{name}] {' '.join(cmd[2:])}", flush=True)
         log = self.log_dir / f"{name}.log"
         start = time.perf_counter()
+        stopped = False
         with open(log, "w") as handle:
-            done = subprocess.run(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT)
-        print(f"[{name}] exit {done.returncode} after {time.perf_counter() - start:.0f} s", flush=True)
-        if done.returncode != 0:
+            proc = subprocess.Popen(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT)
+            try:
+                code = proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                print(f"[{name}] past its {timeout_s:.0f} s: SIGTERM", flush=True)
+                proc.send_signal(signal.SIGTERM)
+                code, stopped = proc.wait(), True
+        self.seconds = time.perf_counter() - start
+        print(f"[{name}] exit {code} after {self.seconds:.0f} s", flush=True)
+        if code != 0 and not stopped:
             print(log.read_text()[-4000:], flush=True)
-            raise SystemExit(f"[{name}] failed with exit code {done.returncode}; log {log}")
+            raise SystemExit(f"[{name}] failed with exit code {code}; log {log}")
         return read_metrics(out_dir)
 
 
@@ -124,32 +139,38 @@ def run_parity(launch: Launcher, gpus: int, preset: str, context: int, steps: in
             "curves": {"1gpu": one, f"{gpus}gpu": many, f"resumed_{gpus}to1": down, f"resumed_1to{gpus}": up}}
 
 
-def run_noise_floor(launch: Launcher, preset: str, context: int, steps: int, micro_batch: int, out: Path) -> dict:
-    """Two 1-GPU runs that differ only in gradient-accumulation order (micro-batch m vs m/2, or 1 vs
-    2): how far bf16 summation order alone moves the loss curve, the yardstick for 1 vs N GPUs."""
+def run_noise_floor(launch: Launcher, preset: str, context: int, steps: int, micro_batch: int, out: Path,
+                    gpus: int = 1) -> dict:
+    """Two runs on ``gpus`` that differ only in gradient-accumulation order (micro-batch m vs m/2, or
+    1 vs 2): how far bf16 summation order alone moves the loss curve, the yardstick for 1 vs N GPUs."""
     runs = {}
     for micro in (micro_batch, micro_batch // 2 if micro_batch >= 2 else 2):
-        name = f"noise_1gpu_micro{micro}"
-        runs[micro] = losses_by_step(launch.train(name, 1, out / name, run_overrides(preset, context, steps, micro)))
+        name = f"noise_{gpus}gpu_micro{micro}"
+        runs[micro] = losses_by_step(launch.train(name, gpus, out / name, run_overrides(preset, context, steps, micro)))
     (a, b) = runs.values()
-    return {"preset": preset, "context": context, "steps": steps, "micro_batches": list(runs),
+    return {"preset": preset, "context": context, "steps": steps, "gpus": gpus, "micro_batches": list(runs),
             "gap": max_loss_gap(a, b), "curves": {f"micro{m}": c for m, c in runs.items()}}
 
 
-def run_scaling(launch: Launcher, gpus: int, preset: str, context: int, steps: int, micro_batch: int, warmup: int,
-                out: Path) -> dict:
+def run_scaling(launch: Launcher, counts: list[int], preset: str, context: int, steps: int, micro_batch: int,
+                warmup: int, out: Path, checkpoint_step: int | None = None) -> dict:
+    """Median tokens/s on each of ``counts`` GPUs (the first is the baseline, same global batch);
+    ``checkpoint_step``: the run on the most GPUs also checkpoints at that step."""
     overrides = run_overrides(preset, context, steps, micro_batch)
     rates = {}
-    for n in (1, gpus):
+    for n in counts:
+        extra = [f"run.ckpt_every={checkpoint_step}", "run.keep_last=4"] if checkpoint_step and n == max(counts) else []
         name = f"scaling_{preset}_{n}gpu"
-        rates[n] = median_tokens_per_s(launch.train(name, n, out / name, overrides), warmup)
-    return {"preset": preset, "context": context, "gpus": gpus, "tokens_per_s_1gpu": rates[1],
-            "tokens_per_s_ngpu": rates[gpus], "speedup": rates[gpus] / rates[1],
-            "efficiency": rates[gpus] / (gpus * rates[1])}
+        rates[n] = median_tokens_per_s(launch.train(name, n, out / name, overrides + extra), warmup)
+    base = counts[0]
+    return {"preset": preset, "context": context, "gpus": counts, "steps": steps,
+            "tokens_per_s": {str(n): r for n, r in rates.items()},
+            "speedup": {str(n): r / rates[base] for n, r in rates.items()},
+            "efficiency": {str(n): r * base / (n * rates[base]) for n, r in rates.items()}}
 
 
 def report(summary: dict) -> str:
-    p, g = summary["parity"], summary["gpus"]
+    p = summary["parity"]
     lines = [f"# Multi-GPU FSDP2 check ({summary['device_name']})", "",
              f"Global batch {summary['global_tokens']} tokens, seed {summary['seed']}, ACP on, "
              f"compile {summary['compile']}.", "",
@@ -163,12 +184,18 @@ def report(summary: dict) -> str:
     for label, d in comparisons.items():
         lines.append(f"| {label} | {d['steps'][0]}-{d['steps'][1]} | {d['max_abs_diff']:.4f} ({d['at_step']}) "
                      f"| {d['final']['a']:.4f} / {d['final']['b']:.4f} |")
-    lines += ["", f"## Scaling at L={summary['scaling'][0]['context'] if summary['scaling'] else '-'}", "",
-              f"| preset | 1 GPU tok/s | {g} GPUs tok/s | speed-up | efficiency |", "|---|---|---|---|---|"]
-    for s in summary["scaling"]:
-        lines.append(f"| {s['preset']} | {s['tokens_per_s_1gpu']:,.0f} | {s['tokens_per_s_ngpu']:,.0f} "
-                     f"| {s['speedup']:.2f}x | {s['efficiency']:.1%} |")
+    lines += ["", f"## Scaling at L={summary['scaling'][0]['context'] if summary['scaling'] else '-'}", ""]
+    lines += scaling_table(summary["scaling"])
     return "\n".join(lines) + "\n"
+
+
+def scaling_table(scaling: list[dict]) -> list[str]:
+    """Markdown rows: per preset and GPU count, tokens/s, speed-up and efficiency."""
+    lines = ["| preset | GPUs | tokens/s | speed-up | efficiency |", "|---|---|---|---|---|"]
+    for s in scaling:
+        for n, rate in s["tokens_per_s"].items():
+            lines.append(f"| {s['preset']} | {n} | {rate:,.0f} | {s['speedup'][n]:.2f}x | {s['efficiency'][n]:.1%} |")
+    return lines
 
 
 def plot_curves(parity: dict, path: Path) -> None:
@@ -240,7 +267,7 @@ def main(argv=None) -> None:
         return
     parity = run_parity(launch, args.gpus, args.parity_preset, args.parity_context, args.parity_steps,
                         micro(args.parity_context), args.out)
-    scaling = [run_scaling(launch, args.gpus, preset, args.scaling_context, args.scaling_steps,
+    scaling = [run_scaling(launch, [1, args.gpus], preset, args.scaling_context, args.scaling_steps,
                            micro(args.scaling_context), args.warmup, args.out)
                for preset in args.scaling_presets]
     summary = {"device_name": device_name, "gpus": args.gpus, "global_tokens": args.global_tokens,

@@ -525,6 +525,21 @@ def test_python_code_corpus(tmp_path, monkeypatch):
     assert store.tokenizer().decode(store.doc(0)) == files[0].read_text(errors="replace")
 
 
+
+def test_python_packages_corpus(tmp_path, monkeypatch):
+    """One document per top-level package: its files in path order, each after a header line."""
+    monkeypatch.setenv("FOXACP_CACHE", str(tmp_path / "cache"))
+    packages = builtin.python_packages(max_bytes=300_000)
+    files = [f for _, fs in packages for f in fs]
+    assert files == builtin.python_source_files()[:len(files)]  # the same files, grouped
+    assert sum(f.stat().st_size for f in files[:-len(packages[-1][1])]) < 300_000  # whole packages
+    store = builtin.prepare_builtin("python-packages", "bytes", max_bytes=300_000, progress=False)
+    assert store.n_docs == len(packages) and store.manifest["metadata"]["files"] == len(files)
+    root, first = packages[0]
+    text = store.tokenizer().decode(store.doc(0))
+    assert text.startswith(f"# file: {first[0].relative_to(root)}\n")
+    assert text.count("# file: ") >= len(first)
+
 # -- CLI ----------------------------------------------------------------------------------------
 
 

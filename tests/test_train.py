@@ -5,6 +5,7 @@ import json
 import math
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -98,6 +99,30 @@ def test_resume_is_exact(store_dir, tmp_path):
     train(store_dir, split, resume=True, run__max_steps=6)
     assert losses(straight) == losses(split)  # bitwise
 
+
+
+def test_time_budget_plans_the_schedule(store_dir, tmp_path, monkeypatch):
+    """After the probe steps the cosine is fitted to the budget (warmup scaled alike), logged,
+    checkpointed and kept on resume; the cosine ends at the planned last step."""
+    import foxacp.train.trainer as trainer_module
+
+    clock = iter(range(0, 10**6, 10))  # every perf_counter() call advances 10 s
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: float(next(clock)))
+    out = tmp_path / "budget"
+    records = train(store_dir, out, run__time_budget_s=150, run__budget_probe_steps=3, optim__total_tokens=512 * 100,
+                    optim__warmup_tokens=512 * 10, run__ckpt_every=2)
+    logged = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    plan = next(r["schedule"] for r in logged if "schedule" in r)
+    assert plan["step_time_s"] == 10.0 and 3 < plan["planned_steps"] < 100
+    assert plan["total_tokens"] == 512 * plan["planned_steps"] and plan["warmup_tokens"] == plan["total_tokens"] // 10
+    assert len(records) == plan["planned_steps"] and records[-1]["lr"] < 0.05 * 0.003  # the step before 0
+    assert json.loads((checkpoint.latest(out) / "trainer.json").read_text())["schedule"] == plan
+    shutil.rmtree(checkpoint.latest(out))
+    resumed = Trainer(load_config(None, overrides(store_dir, out, run__time_budget_s=150)), resume=True)
+    resumed.close()
+    assert 3 < resumed.step < plan["planned_steps"] and resumed.schedule == plan and resumed.total_steps == plan["planned_steps"]
+    with pytest.raises(ValueError, match="run.time_budget_s"):
+        load_config(None, ["run.time_budget_s=0"])
 
 def test_metrics_report_acp_flops(store_dir, tmp_path):
     records = train(store_dir, tmp_path, run__max_steps=2, model__overrides__fgate_bias_init="zero",
@@ -244,5 +269,5 @@ def test_multi_gpu_benchmark_runs_on_cpu(store_dir, tmp_path):
     for gap in comparisons.values():  # float32 on CPU: the same numbers up to summation order
         assert gap["max_abs_diff"] < 1e-3, comparisons
     assert comparisons["2->1 GPU resumed vs 2 GPUs"]["steps"] == [3, 4]
-    assert summary["scaling"][0]["tokens_per_s_1gpu"] > 0
+    assert summary["scaling"][0]["tokens_per_s"]["1"] > 0 and summary["scaling"][0]["efficiency"]["1"] == 1.0
     assert (out / "report.md").exists() and (out / "loss_curves.png").exists()

@@ -24,8 +24,8 @@ from .tokenizer import GPT2_EOT_ID, Tokenizer, get_tokenizer, train_tokenizer
 def open_store(source: str | os.PathLike, *, tokenizer: str | os.PathLike = "gpt2", **builtin_kwargs):
     """A document store from a name or a path.
 
-    ``source``: a built-in corpus name (``"shakespeare"``, ``"python-code"``: prepared on first
-    use with ``tokenizer``; ``builtin_kwargs`` go to :func:`prepare_builtin`), a token-store
+    ``source``: a built-in corpus name (``"shakespeare"``, ``"python-code"``, ``"python-packages"``:
+    prepared on first use with ``tokenizer``; ``builtin_kwargs`` go to :func:`prepare_builtin`), a token-store
     folder, or a LongCrawl64 zarr array (``path.zarr`` or ``path.zarr:ARRAY`` for a group).
     """
     text = str(source)

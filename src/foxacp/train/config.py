@@ -59,7 +59,7 @@ class ModelSection(_Section):
 @dataclass
 class DataSection(_Section):
     key: ClassVar[str] = "data"
-    source: str = "shakespeare"  # built-in corpus ("shakespeare", "python-code"), a token-store dir or a LongCrawl64 zarr
+    source: str = "shakespeare"  # built-in corpus ("shakespeare", "python-code", "python-packages"), a token-store dir or a LongCrawl64 zarr
     tokenizer: str = "gpt2"  # used when a built-in corpus is prepared
     seq_len: int = 512  # training context L
     mode: str = "document"  # "document": windows inside one doc; "packed": docs joined by EOT
@@ -114,6 +114,8 @@ class RunSection(_Section):
     out_dir: str = "runs/default"  # checkpoints, metrics.jsonl, TensorBoard events
     seed: int = 0
     max_steps: int | None = None  # stop early (None: run until optim.total_tokens)
+    time_budget_s: float | None = None  # wall clock (setup and compile included) to fit the schedule in; see Trainer
+    budget_probe_steps: int = 5  # steps timed before the budget plan (the first, compiling, is left out)
     device: str = "auto"  # "auto" (cuda when present), "cpu", "cuda"
     precision: str = "auto"  # "bf16" autocast, "fp32"; auto = bf16 on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile each block
@@ -132,6 +134,11 @@ class RunSection(_Section):
     def check(self) -> None:
         _check(self.max_steps is None or self.max_steps >= 1,
                f"run.max_steps must be >= 1 or null (null: run until optim.total_tokens), got {self.max_steps}")
+        _check(self.time_budget_s is None or self.time_budget_s > 0,
+               f"run.time_budget_s must be > 0 or null (null: train until optim.total_tokens), got {self.time_budget_s}")
+        _check(self.budget_probe_steps >= 2,
+               f"run.budget_probe_steps must be >= 2 (the first step is left out of the timing), "
+               f"got {self.budget_probe_steps}")
         _check(self.device in ("auto", "cpu", "cuda"), f"run.device must be auto, cpu or cuda, got {self.device!r}")
         _check(self.precision in ("auto", "bf16", "fp32"),
                f"run.precision must be auto, bf16 or fp32, got {self.precision!r}")

@@ -6,6 +6,14 @@
 One process on CPU or one GPU, or many under ``torchrun`` (FSDP2); the code path is the same.
 A step draws ``global_tokens`` tokens (``micro_batch`` sequences per forward, accumulated),
 clips the gradient norm, sets the learning rate from the tokens seen, and steps AdamW.
+
+With ``run.time_budget_s`` the schedule is planned for the wall clock: the first
+``run.budget_probe_steps`` steps run on the configured schedule (its warmup, so their learning
+rate is at most the plan's); then rank 0 takes the median step time of those steps but the first
+(compilation) and sets ``optim.total_tokens`` to the steps that fit in what is left of the budget
+(never more than configured), scaling ``optim.warmup_tokens`` by the same factor, so the cosine
+reaches its end when the budget does. Every rank gets the same plan; it is logged
+(``{"step", "schedule"}`` in metrics.jsonl) and checkpointed, so a resumed run keeps it.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import json
 import math
 import random
 import signal
+import statistics
 import time
 from pathlib import Path
 
@@ -35,6 +44,7 @@ class TrainingDiverged(RuntimeError):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, resume: bool = False):
+        self.started = time.perf_counter()  # the budget of run.time_budget_s counts from here
         self.cfg = cfg
         self.info = distributed.init(cfg.run.device)
         self.out_dir = Path(cfg.run.out_dir)
@@ -61,6 +71,7 @@ class Trainer:
                                              bf16=self.bf16)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.step, self.tokens = 0, 0
+        self.schedule: dict | None = None  # the budget plan, once made (or resumed)
         self.metrics = MetricLogger(self.out_dir, enabled=self.info.is_main, tensorboard=cfg.run.tensorboard,
                                     wandb_project=cfg.run.wandb_project, resume=resume, config=cfg.to_dict())
         self._stop_signal: int | None = None
@@ -93,6 +104,8 @@ class Trainer:
         state = checkpoint.load(found, self.model, self.optimizer, verify_files=False)
         self.step, self.tokens = state["step"], state["tokens"]
         self.train_data.load_state_dict(state["loader"])
+        if state.get("schedule") is not None:
+            self._set_schedule(state["schedule"])
         self.metrics.rewind(self.step)
         if self.info.is_main:
             for line in reasons:
@@ -126,7 +139,7 @@ class Trainer:
         state = {"tokens": self.tokens, "loader": self.train_data.state_dict(), "config": self.cfg.to_dict(),
                  "world_size": self.info.world_size, "vocab_size": self.store.vocab_size,
                  "bos_token_id": self.store.bos_id, "eos_token_id": self.store.eot_id,
-                 "tokenizer": getattr(self.store, "tokenizer_name", None)}
+                 "tokenizer": getattr(self.store, "tokenizer_name", None), "schedule": self.schedule}
         return checkpoint.save(self.out_dir, self.step, self.model, self.optimizer, state, self.cfg.run.keep_last,
                                self.cfg.run.keep_every)
 
@@ -154,6 +167,8 @@ class Trainer:
                 self.tokens += self.cfg.batch.global_tokens
                 record = self._step_record(loss, grad_norm, lr, time.perf_counter() - start)
                 records.append(record)
+                if self.cfg.run.time_budget_s and self.schedule is None and len(records) == self.cfg.run.budget_probe_steps:
+                    self._plan_schedule([r["step_time_s"] for r in records[1:]])
                 if self.step % self.cfg.run.log_every == 0 or self.step == self.total_steps:
                     self.metrics.log(record)
                 mfu = "-" if record["mfu"] is None else f"{record['mfu']:.1%}"
@@ -176,6 +191,27 @@ class Trainer:
         if self.info.is_main:
             print(f"done: step {self.step}, validation loss {val:.4f}, checkpoint {path}", flush=True)
         return records
+
+    def _plan_schedule(self, step_times: list[float]) -> None:
+        """Fit the schedule to what is left of ``run.time_budget_s`` (see the module docstring)."""
+        optim, per_step = self.cfg.optim, self.cfg.batch.global_tokens
+
+        def plan() -> dict:
+            step_s = statistics.median(step_times)
+            left = self.cfg.run.time_budget_s - (time.perf_counter() - self.started)
+            steps = min(self.step + max(int(left // step_s), 0), math.ceil(optim.total_tokens / per_step))
+            total = max(steps, self.step) * per_step
+            return {"total_tokens": total, "warmup_tokens": round(optim.warmup_tokens * total / optim.total_tokens),
+                    "planned_steps": total // per_step, "step_time_s": step_s, "budget_left_s": left}
+
+        self._set_schedule(distributed.from_main(plan))
+        self.metrics.log({"step": self.step, "schedule": self.schedule})
+        if self.info.is_main:
+            print(f"schedule planned for run.time_budget_s={self.cfg.run.time_budget_s:g}: {self.schedule}", flush=True)
+
+    def _set_schedule(self, schedule: dict) -> None:
+        self.schedule = schedule
+        self.cfg.optim.total_tokens, self.cfg.optim.warmup_tokens = schedule["total_tokens"], schedule["warmup_tokens"]
 
     def train_step(self, micro_batches: list[dict]) -> tuple[float, float]:
         """Forward/backward over the micro-batches, clip, optimizer step. Returns (loss, grad norm).
