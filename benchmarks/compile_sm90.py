@@ -1,5 +1,8 @@
 """Compile the attention kernels for sm_90 (Hopper) on any machine, no GPU needed.
 
+Also the Hopper backend's Gluon forward (``gluon fwd_kernel`` lines) where Triton's Gluon dialect
+loads: dense, ACP and packed sequences at each head dim the backend covers.
+
     python benchmarks/compile_sm90.py --head-dims 64 128 [--stages 2]
 
 For each head dim, kernel (forward, dK/dV, dQ, the GQA group sum), TMA on/off and ACP on/off it
@@ -88,6 +91,48 @@ def compile_one(fn, constants: dict, warps: int, stages: int, label: str, gqa: b
     print(f"ok   {label}: {resource_usage(kernel.asm['cubin'])} smem {kernel.metadata.shared}", flush=True)
 
 
+def compile_gluon(head_dim: int) -> None:
+    """The Gluon forward of ``backend="hopper"`` at ``head_dim``: dense, ACP, ACP with packed sequences."""
+    from foxacp.ops import hopper_attention
+
+    if hopper_attention.kernels is None or head_dim not in hopper_attention.HEAD_DIMS:
+        print(f"skip gluon D={head_dim}: not covered here", flush=True)
+        return
+    import torch
+    from triton.backends.compiler import BaseBackend
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import native_specialize_impl
+
+    HK = hopper_attention.kernels
+    block_m, block_n = HK.tiles(head_dim)
+    launch = HK.launch_config(head_dim)
+
+    def descriptor_type(tensor, block):
+        desc = hopper_attention._descriptor(tensor, block) if tensor.dim() == 4 else hopper_attention.TensorDescriptor(
+            tensor, list(tensor.shape), list(tensor.stride()), [1, 1, block],
+            hopper_attention.gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3))
+        return native_specialize_impl(BaseBackend, desc, False, True, True)[0]
+
+    x = torch.empty(2, 4, 256, head_dim, dtype=torch.bfloat16)
+    c = torch.empty(2, 4, 256, dtype=torch.float32)
+    types = {"q_desc": descriptor_type(x, block_m), "k_desc": descriptor_type(x, block_n),
+             "v_desc": descriptor_type(x, block_n), "c_desc": descriptor_type(c, block_n),
+             "C": "*fp32", "LSE": "*fp32", "ACP_KV": "*i32", "LO": "*i32", "OUT": "*bf16", "qk_scale": "fp32"}
+    for acp, varlen in ((False, False), (True, False), (True, True)):
+        constants = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, IS_VARLEN=varlen, HAS_ACP=acp,
+                         HEADS_PER_GROUP=HEADS_PER_GROUP, **launch)
+        sig = {name: "constexpr" if name in constants else types.get(name, "i32") for name in HK.fwd_kernel.arg_names}
+        label = f"D={head_dim} gluon fwd_kernel {block_m}x{block_n} w{launch['num_warps']} acp={acp:d} varlen={varlen:d}"
+        try:
+            kernel = triton.compile(GluonASTSource(HK.fwd_kernel, sig, constants), target=GPUTarget("cuda", 90, 32),
+                                    options={"num_warps": launch["num_warps"]})
+        except Exception as err:  # noqa: BLE001 - report any compile failure and go on
+            first = next((line for line in str(err).splitlines() if "error" in line.lower()), type(err).__name__)
+            print(f"FAIL {label}: {type(err).__name__}: {first[:120]}", flush=True)
+            continue
+        print(f"ok   {label}: {resource_usage(kernel.asm['cubin'])} smem {kernel.metadata.shared}", flush=True)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
@@ -118,6 +163,7 @@ def main(argv=None) -> None:
                                                    PLAN_N=cfg.block_n, SEARCH=_search_block(), IS_VARLEN=varlen,
                                                    PRECISION="tf32"), 4, 1,
                         f"D={head_dim} local_first_kernel varlen={varlen:d}")
+        compile_gluon(head_dim)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,55 @@
+"""backend="hopper" without a GPU: the dispatch, its errors and the fallbacks (CPU CI).
+
+The kernels themselves are checked on a device (tests/gpu/test_hopper_gpu.py) and compiled for
+sm_90 here (tests/test_triton_compile.py)."""
+
+import pytest
+import torch
+
+from foxacp import forgetting_attention
+from foxacp.ops import backends
+
+
+def inputs(T=16, D=64, dtype=torch.bfloat16):
+    q, k, v = (torch.randn(1, T, 2, D, dtype=dtype) for _ in range(3))
+    return q, k, v, torch.nn.functional.logsigmoid(torch.randn(1, T, 2) + 3)
+
+
+def test_listed_backend():
+    assert "hopper" in backends.BACKEND_NAMES
+
+
+def test_hopper_on_cpu_is_a_clear_error():
+    with pytest.raises(ValueError, match="backend 'hopper' is unavailable for this call: .*sm90"):
+        forgetting_attention(*inputs(), backend="hopper")
+
+
+@pytest.mark.parametrize("dtype, D, why", [(torch.float32, 64, "dtype"), (torch.bfloat16, 96, "head dim 96")])
+def test_unsupported_inputs_named(dtype, D, why):
+    reason = backends.load("hopper").unavailable_reason(inputs(D=D, dtype=dtype)[0].transpose(1, 2))
+    assert reason is not None and why in reason
+
+
+def test_without_gluon_the_reason_says_so(monkeypatch):
+    module = backends.load("hopper")
+    monkeypatch.setattr(module, "kernels", None)
+    monkeypatch.setattr(module, "_IMPORT_ERROR", "ImportError: no gluon", raising=False)
+    assert "Gluon" in module.unavailable_reason(inputs()[0])
+
+
+def test_auto_never_picks_hopper_on_cpu():
+    q = inputs()[0].transpose(1, 2)
+    assert backends.resolve("auto", q, 64).__name__ == "foxacp.ops.blockwise"
+
+
+def test_plan_tiles():
+    """The plan is on the Gluon kernel's blocks where it runs and on Triton's elsewhere (decode and
+    other head dims run the Triton forward on the same plan: its blocks divide these tiles)."""
+    hopper = backends.load("hopper")
+    triton_backend = backends.load("triton")
+    for D in hopper.HEAD_DIMS:
+        bm, bn = hopper.required_tiles(D)
+        cfg = triton_backend.tile_config(D)
+        assert bm % cfg.m1 == 0 and bm % cfg.m2 == 0 and bn % cfg.n1 == 0 and bn % cfg.n2 == 0
+        assert bm % 64 == 0 and bn % cfg.block_n == 0  # decoding blocks (<= 64 rows) and Triton's key blocks
+    assert hopper.required_tiles(32) == triton_backend.default_tiles(32)
