@@ -45,7 +45,7 @@ def decode(model, cache, ids, steps: int, record_queries=False):
 def test_evicted_keys_carry_at_most_eps_of_the_attention():
     model = adversarial_gates(tiny("fox-pro"))
     ids = torch.randint(1, VOCAB, (2, 90))
-    evicting = model.acp_eviction_cache(max_length=90, log_eps=LOG_EPS, evict_every=1)
+    evicting = model.acp_eviction_cache(max_length=90, log_eps=LOG_EPS, evict_every=1, page_size=1)
     full = FoxCache(model.config.num_hidden_layers)
     got, _ = decode(model, evicting, ids, steps=30)
     want, queries = decode(model, full, ids, steps=30, record_queries=True)
