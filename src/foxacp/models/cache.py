@@ -291,7 +291,7 @@ class EvictingLayerCache(LayerCache):
         past = self.length
         c, _ = cumulative_decay(log_f.transpose(1, 2), ctx.layout, initial=self.last_decay)
         c = c.transpose(1, 2)  # [B, T, H]
-        self.last_decay = c[:, -1]
+        self.last_decay = c[:, -1].clone()  # not a view that keeps the whole call's c alive
         stored = c if ctx.padding is None else c.masked_fill(ctx.padding[:, :, None], math.inf)
         self._append(key, value, stored)
         if past == 0:
