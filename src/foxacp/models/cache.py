@@ -261,8 +261,8 @@ class EvictingLayerCache(LayerCache):
     and positions there are). Eviction reads which pages to drop (one sync per layer every
     ``evict_every`` positions): the new pool size is a shape, which the host must know.
 
-    Memory: the pool grows to ``need + max(Hkv, need // 8)`` pages when full and shrinks to that
-    after an eviction leaves it over twice that headroom, so it stays within about 1/8 (and a
+    Memory: the pool grows to ``need + max(Hkv, need // 16)`` pages when full and shrinks to that
+    after an eviction leaves it over twice that headroom, so it stays within about 1/16 (and a
     page per head) of the pages in use; a head stores at most ``P - 1`` pruned keys beyond what
     per-position eviction would keep.
     """
@@ -351,7 +351,7 @@ class EvictingLayerCache(LayerCache):
 
     def _spare(self, pages: int) -> int:
         """Headroom of a pool holding ``pages``: room for the pages of a few steps' growth."""
-        return max(self.num_kv_heads, pages // 8)
+        return max(self.num_kv_heads, pages // 16)
 
     def _resize(self, need: int) -> None:
         """Reallocate the pool for ``need`` pages and some headroom, keeping the pages in use."""
