@@ -252,11 +252,20 @@ def run_evict(args, device, dtype) -> dict:
             row.update({f"{name}_{key}": value for key, value in run.items()})
             row[f"{name}_cache_bytes"] = cache.memory_bytes()
             if name == "evict":
-                kept = [k for layer in cache.layers if isinstance(layer, EvictingLayerCache) for k in layer.kept()]
+                layers = [layer for layer in cache.layers if isinstance(layer, EvictingLayerCache)]
+                kept = [k for layer in layers for k in layer.kept()]
                 positions = cache.get_seq_length()
                 row["kept_key_fraction"] = sum(kept) / (len(kept) * positions) if kept else 1.0
-                row["page_size"] = next((layer.page_size for layer in cache.layers
-                                         if isinstance(layer, EvictingLayerCache)), None)
+                row["page_size"] = layers[0].page_size if layers else None
+                # the pools against the bytes of exactly the kept positions' keys, values and c
+                pool = sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values,
+                                                                                      layer.decays))
+                exact = 0
+                for layer in layers:
+                    _, batch, _, head_dim = layer.keys.shape
+                    per_position = 2 * head_dim * layer.keys.element_size() + layer.decays.shape[2] * 4
+                    exact += sum(layer.kept()) * batch * per_position
+                row["evict_pool_over_kept"] = pool / exact if exact else None
             del cache
             if device.type == "cuda":
                 torch.cuda.empty_cache()
