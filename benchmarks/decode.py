@@ -214,7 +214,8 @@ def teacher_forced(model, cache, prompt, steps, seconds: float, device, check_ev
     start = time.perf_counter()
     while len(logits) < steps.shape[1] and (not logits or time.perf_counter() - start < seconds):
         for t in range(len(logits), min(len(logits) + check_every, steps.shape[1])):
-            logits.append(model(input_ids=steps[:, t:t + 1], past_key_values=cache, use_cache=True).logits[:, -1].float())
+            out = model(input_ids=steps[:, t:t + 1], past_key_values=cache, use_cache=True)
+            logits.append(out.logits[:, -1].float())
         sync(device)
     result = {"prefill_s": prefill_s, "steps": len(logits), "tokens_per_s": len(logits) / (time.perf_counter() - start)}
     if device.type == "cuda":

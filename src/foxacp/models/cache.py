@@ -36,10 +36,10 @@ DEFAULT_MAX_CROP = 256  # positions crop() can remove; assisted decoding drafts 
 
 def eviction_page_size(max_length: int) -> int:
     """Positions per page of an evicting cache for contexts up to ``max_length``: the power of two
-    nearest above ``max_length / 512``, within [16, 256]. Pages must be long enough that a step's
+    nearest above ``max_length / 512``, within [4, 256]. Pages must be long enough that a step's
     batched matmuls stay few (about 512 pages per head at most) and short next to the windows of
     all but the fastest-forgetting heads (a head stores under one page beyond its window)."""
-    return min(256, max(16, 1 << max(0, math.ceil(math.log2(max(max_length, 1) / 512)))))
+    return min(256, max(4, 1 << max(0, math.ceil(math.log2(max(max_length, 1) / 512)))))
 
 
 class RecentRows:
@@ -261,10 +261,10 @@ class EvictingLayerCache(LayerCache):
     and positions there are). Eviction reads which pages to drop (one sync per layer every
     ``evict_every`` positions): the new pool size is a shape, which the host must know.
 
-    Memory: the pool grows to ``need + max(Hkv, need // 16)`` pages when full and shrinks to that
-    after an eviction leaves it over twice that headroom, so it stays within about 1/16 (and a
-    page per head) of the pages in use; a head stores at most ``P - 1`` pruned keys beyond what
-    per-position eviction would keep.
+    Memory: the pool grows to ``need + need // 16`` pages when full and shrinks to that after an
+    eviction leaves it over twice that headroom, so it stays within 1/8 (1/16 after a growth) of
+    the pages in use; a head stores under one page of pruned keys beyond what per-position
+    eviction would keep, and under one page of slots not written yet.
     """
 
     owns_attention = True  # ForgettingAttentionLayer calls attend()
@@ -287,7 +287,11 @@ class EvictingLayerCache(LayerCache):
 
     def attend(self, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, log_f: torch.Tensor, ctx) -> torch.Tensor:
         """Append this call's positions and attend: q ``(B, T, H, D)``, key/value ``(B, T, Hkv, D)``,
-        log_f ``(B, T, H)``; returns ``(B, T, H, D)``. Evicts when due."""
+        log_f ``(B, T, H)``; returns ``(B, T, H, D)``. Evicts when due.
+
+        Feed the prompt in one call: a later call of ``T > 1`` positions (a chunk) scores every new
+        query against every stored slot at once (memory ``~ T x`` the stored keys).
+        """
         past = self.length
         c, _ = cumulative_decay(log_f.transpose(1, 2), ctx.layout, initial=self.last_decay)
         c = c.transpose(1, 2)  # [B, T, H]
@@ -325,7 +329,8 @@ class EvictingLayerCache(LayerCache):
             blocks = -(-rest // P)
             pad = blocks * P - rest
 
-            def pages(x: torch.Tensor, fill_value: float) -> torch.Tensor:  # [B, rest, Hkv, ...] -> [blocks*Hkv, B, P, ...]
+            def pages(x: torch.Tensor, fill_value: float) -> torch.Tensor:
+                """[B, rest, Hkv, E] -> [blocks * Hkv, B, P, E], the tail padded with ``fill_value``."""
                 x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad), value=fill_value)
                 x = x.view(B, blocks, P, Hkv, -1).permute(1, 3, 0, 2, 4)
                 return x.reshape(blocks * Hkv, B, P, x.shape[-1])
@@ -349,9 +354,10 @@ class EvictingLayerCache(LayerCache):
         self.page_pos = torch.cat([self.page_pos, positions])
         self.pages = n + m
 
-    def _spare(self, pages: int) -> int:
-        """Headroom of a pool holding ``pages``: room for the pages of a few steps' growth."""
-        return max(self.num_kv_heads, pages // 16)
+    @staticmethod
+    def _spare(pages: int) -> int:
+        """Headroom of a pool holding ``pages``: a pool that grows is copied once per 1/16 of growth."""
+        return pages // 16
 
     def _resize(self, need: int) -> None:
         """Reallocate the pool for ``need`` pages and some headroom, keeping the pages in use."""
