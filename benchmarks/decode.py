@@ -14,11 +14,13 @@ run. ``tokens_per_s`` counts every sequence
 of the batch. ``--hf-static`` adds HF's Llama with its static cache (generate() then compiles the
 decoding step with CUDA graphs).
 
-``evict``: for each ``--contexts`` length, the same prompt and the same ``--tokens`` teacher-forced
-single-token steps with the full :class:`FoxCache` and with ACP eviction
-(``model.acp_eviction_cache``): cache bytes after the steps, decoding tokens/s, kept-key
-fraction and the largest logit difference. ``--checkpoint`` loads a trained model instead of
-random weights with spread gates.
+``evict``: for each ``--contexts`` length, the same prompt (one prefill call) and the same
+teacher-forced single-token steps with the full :class:`FoxCache` and with ACP eviction
+(``model.acp_eviction_cache``), each decoding for ``--seconds`` (at most ``--tokens`` steps):
+cache bytes after the steps (what is allocated), prefill seconds, decoding tokens/s, the peak
+memory while decoding (CUDA), the kept-key fraction and the largest logit difference over the
+steps both ran. A short warm-up compiles the kernels first. ``--checkpoint`` loads a trained model
+instead of random weights with spread gates.
 
 ``acp``: builds the preset, fills the cache with a ``--prompt``-token prefill, then times
 ``--tokens`` greedy single-token steps (median of ``--repeats``) with ACP off, on in the prefill
@@ -196,15 +198,29 @@ def run_generate(args, device, dtype) -> dict:
     return {"preset": args.preset, "tokens": args.tokens, "rows": rows}
 
 
-def teacher_forced(model, cache, prompt, steps, device) -> tuple[list[torch.Tensor], float]:
-    """Logits of each of ``steps`` given tokens after a ``prompt`` prefill, and seconds per step."""
-    model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+def teacher_forced(model, cache, prompt, steps, seconds: float, device, check_every: int = 8) -> dict:
+    """Prefill ``prompt`` into ``cache``, then feed the given ``steps`` tokens one per call until
+    ``seconds`` have passed (looked at every ``check_every`` steps, after a device sync) or all are
+    fed. The logits of each step fed, the prefill seconds and the decoding steps per second; on
+    CUDA also the peak memory while decoding (the cache, the weights and a step's temporaries)."""
     sync(device)
     start = time.perf_counter()
-    logits = [model(input_ids=steps[:, t:t + 1], past_key_values=cache, use_cache=True).logits[:, -1].float()
-              for t in range(steps.shape[1])]
+    model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
     sync(device)
-    return logits, (time.perf_counter() - start) / steps.shape[1]
+    prefill_s = time.perf_counter() - start
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    logits = []
+    start = time.perf_counter()
+    while len(logits) < steps.shape[1] and (not logits or time.perf_counter() - start < seconds):
+        for t in range(len(logits), min(len(logits) + check_every, steps.shape[1])):
+            out = model(input_ids=steps[:, t:t + 1], past_key_values=cache, use_cache=True)
+            logits.append(out.logits[:, -1].float())
+        sync(device)
+    result = {"prefill_s": prefill_s, "steps": len(logits), "tokens_per_s": len(logits) / (time.perf_counter() - start)}
+    if device.type == "cuda":
+        result["decode_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+    return {"logits": logits, **result}
 
 
 def run_evict(args, device, dtype) -> dict:
@@ -214,27 +230,58 @@ def run_evict(args, device, dtype) -> dict:
         model = FoxForCausalLM.from_pretrained(args.checkpoint, dtype=dtype).to(device).eval()
     else:
         model = FoxForCausalLM(preset_config(args.preset, fgate_bias_init="spread")).to(device, dtype).eval()
+    vocab = model.config.vocab_size
+
+    def caches(length: int):
+        return (("full", lambda: FoxCache(model.config.num_hidden_layers)),
+                ("evict", lambda: model.acp_eviction_cache(length + args.tokens, log_eps=args.log_eps,
+                                                           evict_every=args.evict_every, page_size=args.page_size)))
+
+    warm = min(1024, min(args.contexts))  # kernels compile here, outside every timing
+    for _, new_cache in caches(warm):
+        teacher_forced(model, new_cache(), torch.randint(1, vocab, (1, warm), device=device),
+                       torch.randint(1, vocab, (1, 24), device=device), float("inf"), device)
     rows = []
     for length in args.contexts:
-        prompt = torch.randint(1, model.config.vocab_size, (1, length), device=device)
-        steps = torch.randint(1, model.config.vocab_size, (1, args.tokens), device=device)
-        full = FoxCache(model.config.num_hidden_layers)
-        evicting = model.acp_eviction_cache(length + args.tokens, log_eps=args.log_eps)
-        want, full_s = teacher_forced(model, full, prompt, steps, device)
-        full_bytes = full.memory_bytes()
-        del full
-        got, evict_s = teacher_forced(model, evicting, prompt, steps, device)
-        kept = [k for layer in evicting.layers if isinstance(layer, EvictingLayerCache) for k in layer.kept()]
-        row = {"context": length, "full_cache_bytes": full_bytes, "evict_cache_bytes": evicting.memory_bytes(),
-               "full_tokens_per_s": 1 / full_s, "evict_tokens_per_s": 1 / evict_s,
-               "kept_key_fraction": sum(kept) / (len(kept) * (length + args.tokens)) if kept else 1.0,
-               "max_logit_diff": max(float((g - w).abs().max()) for g, w in zip(got, want))}
+        prompt = torch.randint(1, vocab, (1, length), device=device)
+        steps = torch.randint(1, vocab, (1, args.tokens), device=device)
+        row, logits = {"context": length}, {}
+        for name, new_cache in caches(length):
+            cache = new_cache()
+            run = teacher_forced(model, cache, prompt, steps, args.seconds, device)
+            logits[name] = run.pop("logits")
+            row.update({f"{name}_{key}": value for key, value in run.items()})
+            row[f"{name}_cache_bytes"] = cache.memory_bytes()
+            if name == "evict":
+                layers = [layer for layer in cache.layers if isinstance(layer, EvictingLayerCache)]
+                kept = [k for layer in layers for k in layer.kept()]
+                positions = cache.get_seq_length()
+                row["kept_key_fraction"] = sum(kept) / (len(kept) * positions) if kept else 1.0
+                row["page_size"] = layers[0].page_size if layers else None
+                # the pools against the bytes of exactly the kept positions' keys, values and c
+                pool = sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values,
+                                                                                      layer.decays))
+                exact = 0
+                for layer in layers:
+                    _, batch, _, head_dim = layer.keys.shape
+                    per_position = 2 * head_dim * layer.keys.element_size() + layer.decays.shape[2] * 4
+                    exact += sum(layer.kept()) * batch * per_position
+                row["evict_pool_over_kept"] = pool / exact if exact else None
+            del cache
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        compared = min(len(logits["full"]), len(logits["evict"]))
+        row["compared_steps"] = compared
+        row["max_logit_diff"] = max(float((g - w).abs().max()) for g, w in zip(logits["evict"][:compared],
+                                                                                logits["full"][:compared]))
         rows.append(row)
         mib = (row["full_cache_bytes"] / 2**20, row["evict_cache_bytes"] / 2**20)
         print(f"context {length:>7}: cache {mib[0]:9.1f} -> {mib[1]:9.1f} MiB (kept {row['kept_key_fraction']:.3f}), "
-              f"{row['full_tokens_per_s']:7.1f} -> {row['evict_tokens_per_s']:7.1f} "
-              f"tokens/s, max |logit diff| {row['max_logit_diff']:.2e}", flush=True)
-    return {"preset": args.checkpoint or args.preset, "tokens": args.tokens, "log_eps": args.log_eps, "rows": rows}
+              f"{row['full_tokens_per_s']:7.1f} -> {row['evict_tokens_per_s']:7.1f} tokens/s "
+              f"({row['full_steps']} / {row['evict_steps']} steps), max |logit diff| {row['max_logit_diff']:.2e}",
+              flush=True)
+    return {"preset": args.checkpoint or args.preset, "max_tokens": args.tokens, "seconds_per_run": args.seconds,
+            "log_eps": args.log_eps, "evict_every": args.evict_every, "dtype": str(dtype), "rows": rows}
 
 
 def run_acp(args, device, dtype) -> dict:
@@ -285,8 +332,12 @@ def main(argv=None) -> None:
     acp.set_defaults(run=run_acp)
     evict = modes.add_parser("evict", help="ACP KV-cache eviction against the full cache")
     evict.add_argument("--contexts", type=int, nargs="+", default=[16384, 65536, 131072])
-    evict.add_argument("--tokens", type=int, default=64)
+    evict.add_argument("--tokens", type=int, default=512, help="most decoding steps per run")
+    evict.add_argument("--seconds", type=float, default=15.0,
+                       help="decoding time per run (each context runs the full and the evicting cache)")
     evict.add_argument("--log-eps", type=float, default=-10.0)
+    evict.add_argument("--evict-every", type=int, default=64)
+    evict.add_argument("--page-size", type=int, default=None, help="default: eviction_page_size(context)")
     evict.add_argument("--checkpoint", default=None, help="a saved model folder (default: random weights)")
     evict.set_defaults(run=run_evict)
     for sub in (gen, acp, evict):

@@ -210,3 +210,44 @@ def test_fox_cache_is_a_transformers_cache():
     cache = FoxCache(2)
     out = model(ids, cache=cache, use_cache=True)  # transformers >= 5.24's name works on every version
     assert cache.get_seq_length() == 5 and getattr(out, CACHE_NAME) is cache
+
+
+def test_cache_decay_continues_the_one_shot_decay():
+    """The gate cumsum a cache continues step by step (``initial`` = its last value) is the one
+    :func:`foxacp.ops.cumulative_decay` takes over the whole sequence at once, left padding included."""
+    from foxacp.ops import cumulative_decay
+    from foxacp.ops.layout import SequenceLayout
+
+    gates = torch.nn.functional.logsigmoid(torch.randn(2, 3, 40) + 2)
+    seq_start = torch.tensor([0, 7])
+    whole, _ = cumulative_decay(gates, SequenceLayout.left_padded(seq_start, 40))
+    parts = [cumulative_decay(gates[..., :25], SequenceLayout.left_padded(seq_start, 25))[0]]
+    for t in range(25, 40):
+        parts.append(cumulative_decay(gates[..., t:t + 1], SequenceLayout.left_padded(seq_start, t + 1),
+                                      initial=parts[-1][..., -1])[0])
+    torch.testing.assert_close(torch.cat(parts, dim=-1), whole, rtol=0, atol=1e-5)
+    assert torch.equal(whole[1, :, :7], torch.zeros(3, 7))  # padding does not decay
+
+    model = tiny("fox-pro")
+    prompt, mask = left_padded([torch.randint(1, VOCAB, (n,)) for n in (30, 23)])
+    one_shot, stepped = FoxCache(model.config.num_hidden_layers), FoxCache(model.config.num_hidden_layers)
+    with torch.no_grad():
+        model(prompt, attention_mask=mask, past_key_values=one_shot, use_cache=True)
+        model(prompt[:, :20], attention_mask=mask[:, :20], past_key_values=stepped, use_cache=True)
+        for t in range(20, 30):
+            model(prompt[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=stepped, use_cache=True)
+    for a, b in zip(one_shot.layers, stepped.layers):
+        torch.testing.assert_close(b.decay, a.decay, rtol=0, atol=1e-5)
+
+
+def test_cumulative_decay_rejects_what_it_cannot_continue():
+    from foxacp.ops import cumulative_decay
+    from foxacp.ops.layout import SequenceLayout
+
+    gates = torch.zeros(1, 2, 5)
+    with pytest.raises(ValueError, match="initial must have shape"):
+        cumulative_decay(gates, initial=torch.zeros(2))
+    with pytest.raises(ValueError, match="packed layout"):
+        cumulative_decay(gates, SequenceLayout.packed(torch.tensor([0, 2, 5]), 5), initial=torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="more than the layout"):
+        cumulative_decay(gates, SequenceLayout.causal(1, 3))

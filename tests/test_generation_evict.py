@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from foxacp.models import EvictingFoxCache, FoxCache
+from foxacp.models import EvictingFoxCache, FoxCache, FoxForCausalLM, preset_config
 from foxacp.models.attention import ForgettingAttentionLayer
 from foxacp.models.modeling import CACHE_NAME
 from foxacp.ops import threshold_from_qk_norm
@@ -45,7 +45,7 @@ def decode(model, cache, ids, steps: int, record_queries=False):
 def test_evicted_keys_carry_at_most_eps_of_the_attention():
     model = adversarial_gates(tiny("fox-pro"))
     ids = torch.randint(1, VOCAB, (2, 90))
-    evicting = model.acp_eviction_cache(max_length=90, log_eps=LOG_EPS, evict_every=1)
+    evicting = model.acp_eviction_cache(max_length=90, log_eps=LOG_EPS, evict_every=1, page_size=1)
     full = FoxCache(model.config.num_hidden_layers)
     got, _ = decode(model, evicting, ids, steps=30)
     want, queries = decode(model, full, ids, steps=30, record_queries=True)
@@ -118,3 +118,100 @@ def test_cli_generate_acp_evict_refuses_what_it_cannot_serve(extra, capsys):
     assert main([*argv, *extra[1:]]) == 2
     err = capsys.readouterr().err
     assert "--acp-evict" in err and "Traceback" not in err
+
+
+def _stepwise_logits(model, cache, ids, mask, prompt: int, chunk: int = 1) -> torch.Tensor:
+    """Logits of every position after ``prompt``, fed ``chunk`` tokens per call after the prompt."""
+    out = []
+    with torch.no_grad():
+        model(ids[:, :prompt], attention_mask=mask[:, :prompt], past_key_values=cache, use_cache=True)
+        for t in range(prompt, ids.shape[1], chunk):
+            end = min(t + chunk, ids.shape[1])
+            out.append(model(ids[:, t:end], attention_mask=mask[:, :end], past_key_values=cache,
+                             use_cache=True).logits)
+    return torch.cat(out, dim=1)
+
+
+# kv heads: one for all four query heads, GQA groups of 2, one per query head; chunk: tokens per call after the prompt
+@pytest.mark.parametrize("kv_heads,page_size,chunk", [(1, 4, 1), (2, 16, 1), (2, 8, 5), (4, 4, 1), (4, 8, 5)])
+def test_eviction_across_compactions_stays_within_the_bound(kv_heads, page_size, chunk):
+    """Three left-padded rows, pages dropped and moved over many evictions, single tokens or chunks
+    after the prompt: every logit within the bound of the full cache's; the kv head holding the
+    never-forgetting query head keeps every position, the others keep a short window."""
+    model = adversarial_gates(FoxForCausalLM(preset_config("fox-pro-tiny", vocab_size=VOCAB, bos_token_id=0,
+                                                           eos_token_id=None, num_key_value_heads=kv_heads)).eval())
+    ids, mask = left_padded([torch.randint(1, VOCAB, (n,)) for n in (120, 111, 100)])
+    evicting = model.acp_eviction_cache(max_length=120, log_eps=LOG_EPS, evict_every=8, page_size=page_size)
+    got = _stepwise_logits(model, evicting, ids, mask, prompt=40, chunk=chunk)
+    full = FoxCache(model.config.num_hidden_layers)
+    want = _stepwise_logits(model, full, ids, mask, prompt=40)
+    assert (got - want).abs().max() < 1e-3
+    for layer in evicting.layers:
+        assert layer.start[0] == 0 and layer.kept()[0] == 120
+        if kv_heads > 1:
+            assert all(kept < 40 for kept in layer.kept()[1:])
+        # memory: the pool as allocated, within its headroom of the pages in use
+        pools = [layer.keys, layer.values, layer.decays]
+        assert layer.memory_bytes() >= sum(t.untyped_storage().nbytes() for t in pools)
+        assert layer.keys.shape[0] <= layer.pages + 2 * (layer.pages // 16)
+    if kv_heads > 1:  # (one kv head holds the never-forgetting query head: it keeps everything)
+        assert evicting.memory_bytes() < full.memory_bytes()
+
+
+def test_decoding_step_attends_all_heads_at_once_without_host_syncs(monkeypatch):
+    """A decoding step of an evicting layer is two batched matmuls whatever the number of heads,
+    reaches no other attention and reads nothing back to the host (eviction steps aside)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from foxacp.models import cache as cache_module
+
+    calls = {"bmm": 0, "forgetting_attention": 0, "host": []}
+    bmm, attend = cache_module._bmm_float32, cache_module.EvictingLayerCache.attend
+
+    class HostReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default):
+                calls["host"].append(func)
+            return func(*args, **(kwargs or {}))
+
+    def counted_bmm(a, b):
+        calls["bmm"] += 1
+        return bmm(a, b)
+
+    def watched_attend(self, *args):
+        with HostReads():
+            return attend(self, *args)
+
+    model = adversarial_gates(FoxForCausalLM(preset_config("fox-pro-tiny", vocab_size=VOCAB, bos_token_id=0,
+                                                           eos_token_id=None)).eval())  # 4 kv heads
+    cache = model.acp_eviction_cache(max_length=200, evict_every=1000, page_size=8)
+    ids = torch.randint(1, VOCAB, (2, 60))
+    with torch.no_grad():
+        model(ids[:, :50], past_key_values=cache, use_cache=True)
+        for layer in cache.layers:  # several pages, some dropped, before the counted steps
+            layer.evict()
+        monkeypatch.setattr(cache_module, "_bmm_float32", counted_bmm)
+        monkeypatch.setattr(cache_module, "forgetting_attention",
+                            lambda *a, **k: calls.__setitem__("forgetting_attention", 1))
+        monkeypatch.setattr(cache_module.EvictingLayerCache, "attend", watched_attend)
+        for t in range(50, 60):
+            model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+    layers = len(cache.layers)
+    assert calls["bmm"] == 2 * layers * 10 and calls["forgetting_attention"] == 0
+    assert calls["host"] == []
+    assert all(layer.pages > layer.num_kv_heads for layer in cache.layers)
+
+
+def test_beam_search_with_eviction_equals_the_full_cache():
+    model = adversarial_gates(tiny("fox-pro"))
+    prompt = torch.randint(1, VOCAB, (2, 40))
+    kwargs = dict(max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0)
+    cache = model.acp_eviction_cache(max_length=48, evict_every=4, page_size=4)
+    assert torch.equal(model.generate(prompt, **{CACHE_NAME: cache}, **kwargs), model.generate(prompt, **kwargs))
+
+
+def test_eviction_cache_arguments_are_checked():
+    model = tiny("fox-pro")
+    for name in ("evict_every", "page_size"):
+        with pytest.raises(ValueError, match=name):
+            model.acp_eviction_cache(max_length=64, **{name: 0})

@@ -154,7 +154,7 @@ def _plan(ta, B, H, Tq, Tk, *, packed=None, seq_start=None, delta=None, rule="pa
     cu = None if packed is None else torch.tensor(packed, device=DEVICE)
     start = None if seq_start is None else torch.tensor(seq_start, device=DEVICE)
     layout = SequenceLayout.from_arguments(start, cu, B, Tq, Tk, torch.device(DEVICE))
-    _, decay_global = api._cumulative_decay(log_f, layout)
+    _, decay_global = api.cumulative_decay(log_f, layout)
     delta_t = None if delta is None else (delta * (1 + torch.rand(B, H))).float().to(DEVICE)
     spec = MaskSpec(B, H, Tq, Tk, layout.key_lo, layout.key_hi, None if delta is None else decay_global, delta_t,
                     rule)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import AcpStats, forgetting_attention, threshold_from_qk_norm
+from ..ops import AcpStats, cumulative_decay, forgetting_attention, threshold_from_qk_norm
 from ..ops.layout import SequenceLayout
 from .cache import LayerCache
 from .config import FoxConfig
@@ -147,13 +147,10 @@ class ForgettingAttentionLayer(_AttentionBase):
         if getattr(cache, "owns_attention", False):  # static decoding buffers, or an evicting cache
             return cache.attend(q, k, v, log_f, ctx)
         cumulative = cache is not None
-        if cumulative:
-            if ctx.padding is not None:
-                log_f = log_f.masked_fill(ctx.padding[:, :, None], 0.0)
-            c = torch.cumsum(log_f.double(), dim=1)
-            if cache.decay is not None:
-                c = c + cache.decay[:, -1:].double()
-            k, v, log_f = cache.append(k, v, c.float())
+        if cumulative:  # the cache keeps c, so the decay continues from its last position
+            initial = None if cache.decay is None else cache.decay[:, -1]
+            c, _ = cumulative_decay(log_f.transpose(1, 2), ctx.layout, initial=initial)
+            k, v, log_f = cache.append(k, v, c.transpose(1, 2))
         settings = self.config
         decoding = cache is not None and q.shape[1] <= ACP_DECODE_MAX_QUERIES
         threshold = None if decoding and not settings.acp_decode else self.acp_threshold(k.shape[1])

@@ -22,13 +22,24 @@ shapes (``generate(cache_implementation="static")``; captured as a CUDA graph on
 from __future__ import annotations
 
 import functools
+import math
 from collections import deque
 from typing import Callable
 
 import torch
 from transformers import Cache
 
+from ..ops import cumulative_decay, forgetting_attention
+
 DEFAULT_MAX_CROP = 256  # positions crop() can remove; assisted decoding drafts far fewer per step
+
+
+def eviction_page_size(max_length: int) -> int:
+    """Positions per page of an evicting cache for contexts up to ``max_length``: the power of two
+    nearest above ``max_length / 512``, within [4, 256]. Pages must be long enough that a step's
+    batched matmuls stay few (about 512 pages per head at most) and short next to the windows of
+    all but the fastest-forgetting heads (a head stores under one page beyond its window)."""
+    return min(256, max(4, 1 << max(0, math.ceil(math.log2(max(max_length, 1) / 512)))))
 
 
 class RecentRows:
@@ -228,81 +239,186 @@ class EvictingLayerCache(LayerCache):
 
     ACP prunes key ``j`` for query ``t`` when ``c_t - c_j < delta``. With QK-norm ``delta`` (per
     query head) depends only on the weights and the maximum context length, and ``c`` never
-    increases, so a key pruned for the newest query stays pruned for every later one. Keys,
-    values and ``c`` are kept per kv head (``(B, T_h, D)``, ``(B, T_h, G)``: heads forget at very
-    different rates), and every ``evict_every`` new positions each kv head drops the oldest keys
-    that all its query heads prune in every batch row. Attention runs per kv head over what is
-    kept (dense: what ACP would still prune there is kept and attended exactly).
+    increases, so a key pruned for the newest query stays pruned for every later one.
+
+    Heads forget at very different rates, so storage is paged per kv head: a page holds
+    ``page_size`` (``P``) consecutive positions, aligned to multiples of ``P``, of one kv head
+    (keys, values, and ``c`` of its ``G`` query heads), and the pages of all heads lie in one pool
+    in no particular order, with a page table (``page_head``, ``page_pos``). A decoding step writes
+    its position into each head's newest page and attends over all stored pages at once
+    (:func:`_paged_attention`: one batched matmul for the scores, one for the values, a softmax
+    per head across its pages). Slots not written yet, and left-padded ones, hold ``c = +inf``, so
+    their weight is exactly 0 without a mask. The prompt (a call into the empty cache) is attended
+    by :func:`foxacp.forgetting_attention` over its own keys, then stored.
+
+    Every ``evict_every`` new positions, a page is dropped when all its keys are pruned for the
+    newest query in every batch row and every query head of its kv head; pages of the pool's tail
+    move into the holes. Everything a head still stores is attended exactly, so the logits differ
+    from the full cache's by no more than the evicted attention mass, which the ACP bound keeps
+    below ``e^log_eps`` per query.
+
+    Host syncs: none in a step (the page table lives on the device; the host knows how many pages
+    and positions there are). Eviction reads which pages to drop (one sync per layer every
+    ``evict_every`` positions): the new pool size is a shape, which the host must know.
+
+    Memory: the pool grows to ``need + need // 16`` pages when full and shrinks to that after an
+    eviction leaves it over twice that headroom, so it stays within 1/8 (1/16 after a growth) of
+    the pages in use; a head stores under one page of pruned keys beyond what per-position
+    eviction would keep, and under one page of slots not written yet.
     """
 
     owns_attention = True  # ForgettingAttentionLayer calls attend()
 
-    def __init__(self, threshold: torch.Tensor, num_kv_heads: int, evict_every: int, max_crop: int):
+    def __init__(self, threshold: torch.Tensor, num_kv_heads: int, evict_every: int, max_crop: int,
+                 page_size: int):
         super().__init__(max_crop)
         self.threshold = threshold  # [H] delta per query head
-        self.evict_every = evict_every
-        self.keys: list[torch.Tensor] = []  # per kv head [B, T_h, D]
-        self.values: list[torch.Tensor] = []
-        self.decays: list[torch.Tensor] = []  # per kv head [B, T_h, G] float32
-        self.start = [0] * num_kv_heads  # position of each kv head's oldest kept key
+        self.num_kv_heads, self.evict_every, self.page_size = num_kv_heads, evict_every, page_size
+        self.keys: torch.Tensor | None = None  # pool [capacity, B, P, D] (page-major: a prefix is a view)
+        self.values: torch.Tensor | None = None  # [capacity, B, P, D]
+        self.decays: torch.Tensor | None = None  # [capacity, B, G, P] float32 c; +inf where never attended
+        self.page_head: torch.Tensor | None = None  # [pages] long: the kv head of each page
+        self.page_pos: torch.Tensor | None = None  # [pages] long: the position of each page's first slot
+        self.newest: torch.Tensor | None = None  # [Hkv] long: each head's newest page
+        self.last_decay: torch.Tensor | None = None  # [B, H] float32 c of the newest position
+        self.pages = 0  # pages in use: pool[:pages]
+        self.length = 0  # positions appended
         self.new_since_eviction = 0
 
     def attend(self, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, log_f: torch.Tensor, ctx) -> torch.Tensor:
-        """Append this call's positions, attend per kv head, evict when due. q ``(B, T, H, D)``."""
-        from ..ops import forgetting_attention  # ops sits below models; imported here to keep cache.py light
+        """Append this call's positions and attend: q ``(B, T, H, D)``, key/value ``(B, T, Hkv, D)``,
+        log_f ``(B, T, H)``; returns ``(B, T, H, D)``. Evicts when due.
 
-        B, T, H, D = q.shape
-        Hkv = key.shape[2]
-        G = H // Hkv
-        if ctx.padding is not None:  # padded positions do not decay
-            log_f = log_f.masked_fill(ctx.padding[:, :, None], 0.0)
-        c = torch.cumsum(log_f.double(), dim=1)
-        if self.decays:
-            c = c + torch.cat([decay[:, -1:] for decay in self.decays], dim=-1).double()
-        c = c.float().view(B, T, Hkv, G)
-        outputs = []
-        for h in range(Hkv):
-            self._append_head(h, key[:, :, h], value[:, :, h], c[:, :, h])
-            seq_start = None if ctx.seq_start is None else (ctx.seq_start - self.start[h]).clamp_min(0)
-            outputs.append(forgetting_attention(q[:, :, h * G:(h + 1) * G], self.keys[h][:, :, None],
-                                                self.values[h][:, :, None], self.decays[h], seq_start=seq_start,
-                                                cumulative_gate=True))
-        self.new_since_eviction += T
+        Feed the prompt in one call: a later call of ``T > 1`` positions (a chunk) scores every new
+        query against every stored slot at once (memory ``~ T x`` the stored keys).
+        """
+        past = self.length
+        c, _ = cumulative_decay(log_f.transpose(1, 2), ctx.layout, initial=self.last_decay)
+        c = c.transpose(1, 2)  # [B, T, H]
+        self.last_decay = c[:, -1].clone()  # not a view that keeps the whole call's c alive
+        stored = c if ctx.padding is None else c.masked_fill(ctx.padding[:, :, None], math.inf)
+        self._append(key, value, stored)
+        if past == 0:
+            out = forgetting_attention(q, key, value, c, layout=ctx.layout, cumulative_gate=True)
+        else:
+            visible = None
+            if q.shape[1] > 1:  # the new keys are seen causally by the new queries
+                slots = self.page_pos[:, None] + torch.arange(self.page_size, device=q.device)  # [pages, P]
+                queries = torch.arange(past, self.length, device=q.device)
+                visible = (slots[:, None, None, None, :] <= queries[None, None, :, None, None])
+            out = _paged_attention(q, c, self.keys[:self.pages], self.values[:self.pages], self.decays[:self.pages],
+                                   self.page_head, visible)
+        self.new_since_eviction += q.shape[1]
         if self.new_since_eviction >= self.evict_every:
             self.evict()
-        return torch.cat(outputs, dim=2)
+        return out
 
-    def _append_head(self, h: int, key: torch.Tensor, value: torch.Tensor, decay: torch.Tensor) -> None:
-        if len(self.keys) <= h:  # own copies: a view would keep the whole (B, T, Hkv, D) tensor alive
-            self.keys.append(key.contiguous())
-            self.values.append(value.contiguous())
-            self.decays.append(decay.contiguous())
-        else:
-            self.keys[h] = torch.cat([self.keys[h], key], dim=1)
-            self.values[h] = torch.cat([self.values[h], value], dim=1)
-            self.decays[h] = torch.cat([self.decays[h], decay], dim=1)
+    def _append(self, key: torch.Tensor, value: torch.Tensor, decay: torch.Tensor) -> None:
+        """Write positions ``length ..``: key/value ``(B, T, Hkv, D)``, decay ``(B, T, H)`` (+inf: never attended)."""
+        B, T, Hkv, D = key.shape
+        P, G = self.page_size, decay.shape[2] // Hkv
+        fill = self.length % P  # slots already written in each head's newest page
+        first = min(T, P - fill) if fill else 0
+        if first:  # the rest of the newest pages
+            at, slots = self.newest, slice(fill, fill + first)
+            self.keys[at, :, slots] = key[:, :first].permute(2, 0, 1, 3)
+            self.values[at, :, slots] = value[:, :first].permute(2, 0, 1, 3)
+            self.decays[at, :, :, slots] = decay[:, :first].view(B, first, Hkv, G).permute(2, 0, 3, 1)
+        if first < T:  # new pages: whole blocks of P positions, one page per (block, head)
+            rest = T - first
+            blocks = -(-rest // P)
+            pad = blocks * P - rest
+
+            def pages(x: torch.Tensor, fill_value: float) -> torch.Tensor:
+                """[B, rest, Hkv, E] -> [blocks * Hkv, B, P, E], the tail padded with ``fill_value``."""
+                x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad), value=fill_value)
+                x = x.view(B, blocks, P, Hkv, -1).permute(1, 3, 0, 2, 4)
+                return x.reshape(blocks * Hkv, B, P, x.shape[-1])
+
+            heads = torch.arange(Hkv, device=key.device).repeat(blocks)
+            positions = (self.length + first + P * torch.arange(blocks, device=key.device)).repeat_interleave(Hkv)
+            self._add_pages(pages(key[:, first:], 0.0), pages(value[:, first:], 0.0),
+                            pages(decay[:, first:].view(B, rest, Hkv, G), math.inf).transpose(2, 3), heads, positions)
+            self.newest = torch.arange(self.pages - Hkv, self.pages, device=key.device)
+        self.length += T
+
+    def _add_pages(self, keys, values, decays, heads, positions) -> None:
+        n, m = self.pages, keys.shape[0]
+        if self.keys is None:
+            self.keys, self.values, self.decays = keys[:0], values[:0], decays[:0]
+            self.page_head, self.page_pos = heads[:0], positions[:0]
+        if n + m > self.keys.shape[0]:
+            self._resize(n + m)
+        self.keys[n:n + m], self.values[n:n + m], self.decays[n:n + m] = keys, values, decays
+        self.page_head = torch.cat([self.page_head, heads])
+        self.page_pos = torch.cat([self.page_pos, positions])
+        self.pages = n + m
+
+    @staticmethod
+    def _spare(pages: int) -> int:
+        """Headroom of a pool holding ``pages``: a pool that grows is copied once per 1/16 of growth."""
+        return pages // 16
+
+    def _resize(self, need: int) -> None:
+        """Reallocate the pool for ``need`` pages and some headroom, keeping the pages in use."""
+        capacity = need + self._spare(need)
+
+        def moved(pool: torch.Tensor) -> torch.Tensor:
+            new = pool.new_empty((capacity, *pool.shape[1:]))  # slots past `pages` are never read
+            new[:self.pages] = pool[:self.pages]
+            return new
+
+        self.keys, self.values, self.decays = moved(self.keys), moved(self.values), moved(self.decays)
 
     def evict(self) -> None:
-        """Drop, per kv head, the oldest keys pruned for the newest query in every row and query head."""
-        G = self.threshold.shape[0] // len(self.keys)
-        for h, decay in enumerate(self.decays):
-            delta = self.threshold[h * G:(h + 1) * G].to(decay.device)
-            pruned = (decay[:, -1:] - decay < delta).sum(dim=1)  # [B, G]: a prefix, as c never increases
-            drop = int(pruned.min())
-            if drop:
-                self.keys[h] = self.keys[h][:, drop:].clone()
-                self.values[h] = self.values[h][:, drop:].clone()
-                self.decays[h] = self.decays[h][:, drop:].clone()
-                self.start[h] += drop
+        """Drop the pages whose keys are all pruned for the newest query in every row and query head."""
         self.new_since_eviction = 0
+        n, Hkv = self.pages, self.num_kv_heads
+        if n == 0:
+            return
+        B, H = self.last_decay.shape
+        G = H // Hkv
+        newest = self.last_decay.view(B, Hkv, G).transpose(0, 1).index_select(0, self.page_head)  # [n, B, G]
+        reach = (newest[..., None] - self.decays[:n]).amax(-1)  # [n, B, G]: largest c_t - c_j over the page
+        delta = self.threshold.to(reach.device).view(Hkv, G).index_select(0, self.page_head)[:, None, :]
+        gone = (reach < delta).flatten(1).all(1).nonzero().flatten().tolist()  # NaN keeps the page; host sync
+        if not gone:
+            return
+        keep = n - len(gone)
+        dropped = set(gone)
+        holes = [i for i in gone if i < keep]
+        movers = [i for i in range(keep, n) if i not in dropped]  # as many as holes
+        if holes:
+            to, src = (torch.tensor(i, device=self.page_head.device) for i in (holes, movers))
+            for name in ("keys", "values", "decays", "page_head", "page_pos"):
+                t = getattr(self, name)
+                t[to] = t[src]
+            remap = torch.arange(n, device=to.device)
+            remap[src] = to
+            self.newest = remap[self.newest]
+        self.page_head, self.page_pos = self.page_head[:keep].clone(), self.page_pos[:keep].clone()
+        self.pages = keep
+        if self.keys.shape[0] > keep + 2 * self._spare(keep):
+            self._resize(keep)
+
+    @property
+    def start(self) -> list[int]:
+        """Position of each kv head's oldest stored key (the first slot of its oldest page)."""
+        first = torch.full((self.num_kv_heads,), self.length, dtype=torch.long)
+        if self.pages:
+            first = first.to(self.page_pos.device).scatter_reduce_(0, self.page_head, self.page_pos, "amin")
+        return first.tolist()
 
     def kept(self) -> list[int]:
-        """Keys kept per kv head."""
-        return [k.shape[1] for k in self.keys]
+        """Positions stored per kv head (from its oldest page to the newest position)."""
+        return [self.length - s for s in self.start]
 
     def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        for stored in (self.keys, self.values, self.decays):
-            stored[:] = [fn(t) for t in stored]
+        for name in ("keys", "values", "decays"):  # page-major pools: batch is dim 1
+            if (pool := getattr(self, name)) is not None:
+                setattr(self, name, fn(pool.transpose(0, 1)).transpose(0, 1).contiguous())
+        if self.last_decay is not None:
+            self.last_decay = fn(self.last_decay)
         self.shift_keys.apply(fn)
         self.shift_values.apply(fn)
 
@@ -310,25 +426,70 @@ class EvictingLayerCache(LayerCache):
         raise NotImplementedError("an evicting cache cannot be cropped: keys were dropped for queries being removed")
 
     def memory_bytes(self) -> int:
-        tensors = [*self.keys, *self.values, *self.decays, *self.shift_keys.chunks, *self.shift_values.chunks]
+        """Bytes allocated: the whole pool (pages in use and headroom), the page table, the shift state."""
+        tensors = [t for t in (self.keys, self.values, self.decays, self.page_head, self.page_pos, self.newest,
+                               self.last_decay) if t is not None]
+        tensors += [*self.shift_keys.chunks, *self.shift_values.chunks]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _paged_attention(q: torch.Tensor, c: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, decays: torch.Tensor,
+                     page_head: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+    """Forgetting attention of queries ``q`` ``(B, T, H, D)`` with decays ``c`` ``(B, T, H)`` over
+    pages of keys: ``keys``, ``values`` ``(N, B, P, D)``, ``decays`` ``(N, B, G, P)`` float32, page
+    ``n`` belonging to kv head ``page_head[n]`` (query head ``h`` reads kv head ``h // G``)::
+
+        o_th = sum_j exp(s_tj) v_j / sum_j exp(s_tj),   s_tj = q_th . k_j / sqrt(D) + c_th - c_jh
+
+    over every slot ``j`` of the head's pages (and ``visible[n, 0, t, 0, j]`` where given). A slot
+    with ``c_jh = +inf`` weighs 0; a query that sees nothing gets 0. Scores and sums in float32;
+    one batched matmul each for scores and values, whatever the number of heads or pages.
+    """
+    B, T, H, D = q.shape
+    N, _, P, _ = keys.shape
+    G = decays.shape[2]
+    Hkv = H // G
+    # query rows of each page's head: [N, B, T, G, D], and their decays [N, B, T, G]
+    rows = q.view(B, T, Hkv, G, D).permute(2, 0, 1, 3, 4).index_select(0, page_head)
+    c_rows = c.view(B, T, Hkv, G).permute(2, 0, 1, 3).index_select(0, page_head)
+    scores = _bmm_float32(rows.view(N * B, T * G, D), keys.view(N * B, P, D).transpose(1, 2))
+    scores = scores.view(N, B, T, G, P) * D ** -0.5 + (c_rows[..., None] - decays[:, :, None])
+    if visible is not None:
+        scores = scores.masked_fill(~visible, -math.inf)
+    # softmax over all pages of a head: its largest score, then the sums of exp per head
+    page_max = scores.amax(-1)  # [N, B, T, G]
+    by_head = page_head.view(N, 1, 1, 1).expand_as(page_max)
+    head_max = scores.new_full((Hkv, B, T, G), -math.inf).scatter_reduce_(0, by_head, page_max, "amax")
+    head_max = head_max.clamp_min(torch.finfo(torch.float32).min)  # a query that sees nothing: exp(-inf) = 0
+    weights = torch.exp(scores - head_max.index_select(0, page_head)[..., None])  # [N, B, T, G, P]
+    total = scores.new_zeros((Hkv, B, T, G)).index_add_(0, page_head, weights.sum(-1))
+    out = _bmm_float32(weights.view(N * B, T * G, P).to(values.dtype), values.view(N * B, P, D))
+    out = scores.new_zeros((Hkv, B, T, G, D)).index_add_(0, page_head, out.view(N, B, T, G, D))
+    out = out / total.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+    return out.permute(1, 2, 0, 3, 4).reshape(B, T, H, D).to(q.dtype)
 
 
 class EvictingFoxCache(FoxCache):
     """A :class:`FoxCache` whose forgetting-attention layers evict ACP-pruned keys
     (:class:`EvictingLayerCache`; ``thresholds[i]`` is layer i's ``(H,)`` delta, None for a layer
-    that keeps everything). Built by :meth:`FoxForCausalLM.acp_eviction_cache`. Not croppable."""
+    that keeps everything). Built by :meth:`FoxForCausalLM.acp_eviction_cache`. Not croppable.
+
+    ``evict_every``: positions between evictions (each costs one host sync per layer);
+    ``page_size``: positions per page, the unit a head stores and drops (see :func:`eviction_page_size`).
+    """
 
     def __init__(self, thresholds: list[torch.Tensor | None], num_kv_heads: int, evict_every: int = 64,
-                 max_crop: int = DEFAULT_MAX_CROP):
-        if evict_every < 1:
-            raise ValueError(f"evict_every must be >= 1, got {evict_every}")
-        self.thresholds, self.num_kv_heads, self.evict_every = thresholds, num_kv_heads, evict_every
+                 max_crop: int = DEFAULT_MAX_CROP, page_size: int = 256):
+        for name, value in (("evict_every", evict_every), ("page_size", page_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        self.thresholds, self.num_kv_heads = thresholds, num_kv_heads
+        self.evict_every, self.page_size = evict_every, page_size
         super().__init__(len(thresholds), max_crop)
 
     def _new_layers(self) -> list[LayerCache]:
         return [LayerCache(self.max_crop) if t is None
-                else EvictingLayerCache(t, self.num_kv_heads, self.evict_every, self.max_crop)
+                else EvictingLayerCache(t, self.num_kv_heads, self.evict_every, self.max_crop, self.page_size)
                 for t in self.thresholds]
 
     @property

@@ -34,7 +34,7 @@ from transformers.generation import GenerationMode
 from ..ops import AcpStats, threshold_from_qk_norm
 from ..ops.layout import SequenceLayout
 from .attention import AttentionContext, ForgetGateProjection, ForgettingAttentionLayer, SoftmaxAttentionLayer
-from .cache import EvictingFoxCache, FoxCache, LayerCache, StaticFoxCache
+from .cache import EvictingFoxCache, FoxCache, LayerCache, StaticFoxCache, eviction_page_size
 from .config import FoxConfig
 from .layers import HeadRMSNorm, RMSNorm, SwiGLU
 from .loss import chunked_cross_entropy
@@ -481,13 +481,15 @@ class FoxForCausalLM(FoxPreTrainedModel, GenerationMixin):
         cache.end_step()
         return self.lm_head(hidden)[..., :self.config.vocab_size]
 
-    def acp_eviction_cache(self, max_length: int, log_eps: float | None = None,
-                           evict_every: int = 64) -> EvictingFoxCache:
+    def acp_eviction_cache(self, max_length: int, log_eps: float | None = None, evict_every: int = 64,
+                           page_size: int | None = None) -> EvictingFoxCache:
         """An empty cache that drops the keys ACP prunes for good (pass it to ``generate()`` as the
         cache). ``max_length``: the longest context it will hold (prompt + new tokens; the
         threshold, and so the bound, is for that length); ``log_eps``: the bound's ``ln eps``
-        (default ``config.acp_log_eps``). Needs forgetting attention with QK-norm (the threshold
-        then depends on the weights only)."""
+        (default ``config.acp_log_eps``); ``evict_every``, ``page_size`` (default
+        :func:`~foxacp.models.cache.eviction_page_size` of ``max_length``): see
+        :class:`~foxacp.models.cache.EvictingFoxCache`. Needs forgetting attention with QK-norm
+        (the threshold then depends on the weights only)."""
         if not (self.config.uses_forget_gate and self.config.use_qk_norm):
             raise ValueError(f"ACP eviction needs a forget gate and QK-norm; architecture "
                              f"{self.config.architecture!r} with use_qk_norm={self.config.use_qk_norm} has not both")
@@ -495,7 +497,8 @@ class FoxForCausalLM(FoxPreTrainedModel, GenerationMixin):
         thresholds = [threshold_from_qk_norm(layer.q_norm.weight, layer.k_norm.weight, layer.head_dim, max_length,
                                              log_eps) if isinstance(layer, ForgettingAttentionLayer) else None
                       for layer in self._fox_layers()]
-        return EvictingFoxCache(thresholds, self.config.num_key_value_heads, evict_every=evict_every)
+        return EvictingFoxCache(thresholds, self.config.num_key_value_heads, evict_every=evict_every,
+                                page_size=eviction_page_size(max_length) if page_size is None else page_size)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, mode_or_assistant, batch_size: int,
                                       max_cache_length: int, *args, **kwargs) -> None:

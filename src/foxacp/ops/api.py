@@ -1,4 +1,4 @@
-"""The public forgetting-attention call: input checks, layouts, gate cumsum, ACP, dispatch."""
+"""The public forgetting-attention call (input checks, layouts, ACP, dispatch) and the gate cumsum."""
 
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def forgetting_attention(
             raise ValueError("cumulative_gate=True cannot be combined with cu_seqlens")
         decay, decay_global = gate, (None if delta is None else gate.detach().double())
     else:
-        decay, decay_global = _cumulative_decay(gate, layout)
+        decay, decay_global = cumulative_decay(gate, layout)
     if delta is not None:
         _check_forget_gate(gate, cumulative_gate)
         # a NaN gate poisons the decay from there on: plan it as fully decayed, so rows before it
@@ -139,17 +139,38 @@ def _checked_plan(plan, impl, spec: MaskSpec, head_dim: int) -> TilePlan:
     return plan
 
 
-def _cumulative_decay(gate, layout: SequenceLayout):
-    """``c = cumsum(log f)`` as float32 (restarted per packed sequence) and as a global float64.
+def cumulative_decay(log_fgate: torch.Tensor, layout: SequenceLayout | None = None, *,
+                     initial: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cumulative log forget gate of ``log_fgate`` ``(B, H, T)``, summed over the last dim.
 
-    The float64 global sum is monotone across packed sequences (what the ACP search needs);
-    subtracting each sequence's starting value in float64 keeps the restart exact.
+    The gates cover the last ``T`` key positions of ``layout`` (all of them, or the new ones of a
+    decoding step whose earlier positions a cache holds; ``layout`` None: no padding, no packing)::
+
+        c_t = initial + sum_{s <= t} log f_s    (initial: ``(B, H)``, c of the position before; 0 if None)
+
+    Gates at left-padded positions count as 0, so padding never enters a visible decay; in a packed
+    layout ``c`` restarts at 0 at every sequence start. The sum runs in float64 (a float32 sum over
+    long contexts drifts) and is returned twice: as float32 ``c`` (what attention adds to its
+    scores) and as the global float64 sum, not restarted, which is monotone across packed sequences
+    (what the ACP search needs); the restart subtracts each sequence's start value in float64, so
+    it is exact.
     """
-    if layout.is_left_padded:  # gates inside the padding never enter a visible decay
-        padding = torch.arange(gate.shape[-1], device=gate.device)[None, None, :] < layout.key_lo[:, None, :]
-        gate = gate.masked_fill(padding, 0.0)
-    decay_global = torch.cumsum(gate, dim=-1, dtype=torch.float64)  # no separate float64 copy of gate
-    decay = decay_global - _value_before(decay_global, layout.key_lo) if layout.is_packed else decay_global
+    batch, heads, length = log_fgate.shape
+    past = 0 if layout is None else layout.seqlen - length
+    if past < 0:
+        raise ValueError(f"log_fgate covers {length} positions, more than the layout's {layout.seqlen}")
+    if initial is not None and tuple(initial.shape) != (batch, heads):
+        raise ValueError(f"initial must have shape (B, H) = {(batch, heads)}, got {tuple(initial.shape)}")
+    if layout is not None and layout.is_packed and (past or initial is not None):
+        raise ValueError("a packed layout (cu_seqlens) cannot continue a decay (initial, or a longer layout)")
+    if layout is not None and layout.is_left_padded:
+        positions = torch.arange(past, layout.seqlen, device=log_fgate.device)
+        log_fgate = log_fgate.masked_fill(positions[None, None, :] < layout.key_lo[:, None, past:], 0.0)
+    decay_global = torch.cumsum(log_fgate, dim=-1, dtype=torch.float64)  # no separate float64 copy of the gates
+    if initial is not None:
+        decay_global = decay_global + initial.double()[..., None]
+    packed = layout is not None and layout.is_packed
+    decay = decay_global - _value_before(decay_global, layout.key_lo) if packed else decay_global
     return decay.float(), decay_global.detach()
 
 
