@@ -130,10 +130,15 @@ def test_nothing_prunable_keeps_all(ta):
 @pytest.mark.parametrize("rule", ["paper", "local"])
 def test_torch_compile_fullgraph(ta, rule):
     """The custom ops (planner, forward, backward) trace without graph breaks."""
+    check_compile_fullgraph("triton", rule)
+
+
+def check_compile_fullgraph(backend: str, rule: str) -> None:
+    """``backend``'s ACP call compiled with fullgraph=True matches the eager call, loss and gradients."""
     q, k, v, log_f = make(2, 512, 4, 64, Hkv=2)
 
     def layer(q, k, v, log_f):
-        return forgetting_attention(q, k, v, log_f, backend="triton", adaptive_threshold="auto",
+        return forgetting_attention(q, k, v, log_f, backend=backend, adaptive_threshold="auto",
                                     acp_rule=rule).float().square().sum()
 
     compiled = torch.compile(layer, fullgraph=True)

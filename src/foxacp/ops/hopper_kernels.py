@@ -22,7 +22,6 @@ keeps a warpgroup from overwriting a stage another one is still reading. ACP: th
 kernel's ``BLOCK_M x BLOCK_N`` blocks; each program reads its first kept key block (one int).
 """
 
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
