@@ -104,8 +104,8 @@ def compile_gluon(head_dim: int) -> None:
     from triton.runtime.jit import native_specialize_impl
 
     HK = hopper_attention.kernels
-    block_m, block_n = HK.tiles(head_dim)
-    launch = HK.launch_config(head_dim)
+    block_m, block_n = hopper_attention.tiles(head_dim)
+    launch = hopper_attention.launch_config(head_dim)
 
     def descriptor_type(tensor, block):
         desc = hopper_attention._descriptor(tensor, block) if tensor.dim() == 4 else hopper_attention.TensorDescriptor(

@@ -20,13 +20,17 @@ def test_listed_backend():
 
 
 def test_hopper_on_cpu_is_a_clear_error():
-    with pytest.raises(ValueError, match="backend 'hopper' is unavailable for this call: .*sm90"):
+    """On CPU the error names the missing GPU, or first the missing Gluon dialect (Triton < 3.5)."""
+    with pytest.raises(ValueError, match="backend 'hopper' is unavailable for this call: .*(sm90|Gluon)"):
         forgetting_attention(*inputs(), backend="hopper")
 
 
 @pytest.mark.parametrize("dtype, D, why", [(torch.float32, 64, "dtype"), (torch.bfloat16, 96, "head dim 96")])
 def test_unsupported_inputs_named(dtype, D, why):
-    reason = backends.load("hopper").unavailable_reason(inputs(D=D, dtype=dtype)[0].transpose(1, 2))
+    module = backends.load("hopper")
+    if module.kernels is None:
+        pytest.skip("Triton's Gluon dialect does not load here: that is the reason given first")
+    reason = module.unavailable_reason(inputs(D=D, dtype=dtype)[0].transpose(1, 2))
     assert reason is not None and why in reason
 
 

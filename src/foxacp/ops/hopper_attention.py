@@ -9,7 +9,8 @@ kernel's tiles (:func:`required_tiles`); the Triton backward's blocks divide the
 Covered: bf16/fp16, head dims 64 and 128, GQA, packed sequences / left padding, Tq <= Tk, any T.
 Decoding calls (Tq <= ``DECODE_MAX_Q``) run the Triton flash-decoding forward on the same plan;
 inputs the bulk-copy engine cannot address (16-byte alignment) run the Triton forward too.
-Needs Triton's Gluon dialect (Triton >= 3.5) and an sm90+ GPU; elsewhere the backend says why.
+Needs Triton's Gluon dialect with warpgroup MMAs (tested with Triton 3.6; 3.4's has none) and an
+sm90+ GPU; elsewhere the backend says why and ``"auto"`` never picks it.
 """
 
 from typing import Optional
@@ -33,8 +34,23 @@ HEAD_DIMS = (64, 128)
 _GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
+def tiles(head_dim: int) -> tuple[int, int]:
+    """``(BLOCK_M, BLOCK_N)`` of the Gluon kernel at a covered head dim (also the ACP plan tiles).
+
+    Measured on an H200 (docs/kernel-notes.md, attempt 21), forward time against Triton's: D=64 one
+    warpgroup on 64x64 blocks 1.00x (128x128 on two warpgroups 1.15x, 64x128 1.36x); D=128 two
+    warpgroups on 128x128 blocks 0.91x (128x64 1.01x, 64x64 1.25x).
+    """
+    return (64, 64) if head_dim <= 64 else (128, 128)
+
+
+def launch_config(head_dim: int) -> dict:
+    """Ring depth and warps: one 16-row MMA slice per warp; 3 stages at D=128 (shared memory)."""
+    return dict(STAGES=4, num_warps=4) if head_dim <= 64 else dict(STAGES=3, num_warps=8)
+
+
 def required_tiles(head_dim: int) -> tuple[int, int]:
-    return kernels.tiles(head_dim) if head_dim in HEAD_DIMS else portable.default_tiles(head_dim)
+    return tiles(head_dim) if head_dim in HEAD_DIMS else portable.default_tiles(head_dim)
 
 
 def plan(spec: MaskSpec, q, k, sm_scale: float) -> TilePlan:
@@ -73,7 +89,7 @@ def _forward(q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, sm_scale: float, pla
     Hkv, Tk = k.shape[1], k.shape[2]
     if Tq <= portable.DECODE_MAX_Q or not all(_tma_ready(t) for t in (q, k, v)):
         return portable._forward(q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, sm_scale, plan_m, plan_n)
-    block_m, block_n = kernels.tiles(D)
+    block_m, block_n = tiles(D)
     assert (plan_m, plan_n) == (block_m, block_n), "the plan must be on this kernel's tiles"
     # the decays travel with K through the bulk-copy engine, which needs 16-byte row strides: a copy
     # padded to whole blocks (2 MB at (2, 16, 16k), a few microseconds)
@@ -90,7 +106,7 @@ def _forward(q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, sm_scale: float, pla
         decay.stride(0), decay.stride(1), key_lo.stride(0) if varlen else 0, *out.stride()[:3],
         H, H // Hkv, Tq, Tk - Tq, num_qt, sm_scale * kernels.LOG2E,
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, IS_VARLEN=varlen, HAS_ACP=acp_kv is not None,
-        HEADS_PER_GROUP=portable.HEADS_PER_GROUP, **kernels.launch_config(D),
+        HEADS_PER_GROUP=portable.HEADS_PER_GROUP, **launch_config(D),
     )
     return out, lse
 

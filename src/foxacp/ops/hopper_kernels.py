@@ -221,18 +221,3 @@ def fwd_kernel(q_desc, k_desc, v_desc, c_desc, C, ACP_KV, LO, OUT, LSE,
     cq = (gl.load(C + pos_q, mask=rows < Tq, other=0.0) - c_ref) * _LOG2E
     lse = gl.where(seen, m_i + cq + gl.log2(l_safe), float("inf"))
     gl.store(LSE + bh.to(gl.int64) * Tq + rows, lse, mask=rows < Tq)
-
-
-def tiles(head_dim: int) -> tuple[int, int]:
-    """``(BLOCK_M, BLOCK_N)`` of the kernel at a head dim (also the ACP plan tiles).
-
-    Measured on an H200 (docs/kernel-notes.md, attempt 21), forward time against Triton's: D=64 one
-    warpgroup on 64x64 blocks 1.00x (128x128 on two warpgroups 1.15x, 64x128 1.36x); D=128 two
-    warpgroups on 128x128 blocks 0.91x (128x64 1.01x, 64x64 1.25x).
-    """
-    return (64, 64) if head_dim <= 64 else (128, 128)
-
-
-def launch_config(head_dim: int) -> dict:
-    """Ring depth and warps: one 16-row MMA slice per warp; 3 stages at D=128 (shared memory)."""
-    return dict(STAGES=4, num_warps=4) if head_dim <= 64 else dict(STAGES=3, num_warps=8)
