@@ -26,9 +26,12 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
+from . import triton_kernels
 from .triton_kernels import LOG2E
 
 _LOG2E = gl.constexpr(LOG2E)
+# the Triton kernels' key range of a query block (one source of the ranges), compiled as Gluon
+_query_block_keys = gluon.jit(triton_kernels._query_block_keys.fn)
 
 
 @gluon.jit
@@ -106,16 +109,9 @@ def fwd_kernel(q_desc, k_desc, v_desc, c_desc, C, ACP_KV, LO, OUT, LSE,
     # key columns of this block: [col_lo, col_hi) in whole blocks; masks only on [col_lo, full_start)
     # (some row's lo is inside) and [full_end, col_hi) (the causal edge)
     p_first = r0 + OFF
-    p_last = gl.minimum(r0 + BLOCK_M, Tq) - 1 + OFF
-    col_hi = p_last + 1
-    if IS_VARLEN:
-        col_lo = gl.load(LO + p_first)
-        lo_max = gl.load(LO + p_last)
-    else:
-        col_lo = p_first * 0
-        lo_max = p_first * 0
-    if HAS_ACP:
-        col_lo = gl.maximum(col_lo, gl.load(ACP_KV + bh * NUM_QT + pid_m) * BLOCK_N)
+    acp_first = gl.load(ACP_KV + bh * NUM_QT + pid_m) if HAS_ACP else 0
+    col_lo, col_hi, lo_max = _query_block_keys(LO, acp_first, r0, Tq, OFF, BLOCK_M=BLOCK_M, PLAN_M=BLOCK_M,
+                                               PLAN_N=BLOCK_N, IS_VARLEN=IS_VARLEN, HAS_ACP=HAS_ACP)
     col_lo = col_lo // BLOCK_N * BLOCK_N
     full_start = gl.minimum(gl.maximum((lo_max + BLOCK_N - 1) // BLOCK_N * BLOCK_N, col_lo), col_hi)
     full_end = gl.maximum(gl.minimum(p_first + 1, col_hi) // BLOCK_N * BLOCK_N, full_start)
