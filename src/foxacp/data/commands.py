@@ -46,7 +46,7 @@ def register(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_train_tokenizer)
 
-    p = sub.add_parser("builtin", help="prepare a built-in corpus (shakespeare, python-code, python-packages) into the cache")
+    p = sub.add_parser("builtin", help=f"prepare a built-in corpus ({', '.join(BUILTIN_CORPORA)}) into the cache")
     p.add_argument("name", choices=list(BUILTIN_CORPORA))
     p.add_argument("--tokenizer", default="gpt2")
     p.add_argument("--out", default=None, help="folder (default: the cache, $FOXACP_CACHE)")
