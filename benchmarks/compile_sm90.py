@@ -1,7 +1,7 @@
 """Compile the attention kernels for sm_90 (Hopper) on any machine, no GPU needed.
 
-Also the Hopper backend's Gluon forward (``gluon fwd_kernel`` lines) where Triton's Gluon dialect
-loads: dense, ACP and packed sequences at each head dim the backend covers.
+Also the Hopper backend's Gluon kernels (``gluon fwd_kernel`` / ``gluon bwd_dkdv_kernel`` lines)
+where Triton's Gluon dialect loads: dense, ACP and packed sequences at each head dim it covers.
 
     python benchmarks/compile_sm90.py --head-dims 64 128 [--stages 2]
 
@@ -92,7 +92,8 @@ def compile_one(fn, constants: dict, warps: int, stages: int, label: str, gqa: b
 
 
 def compile_gluon(head_dim: int) -> None:
-    """The Gluon forward of ``backend="hopper"`` at ``head_dim``: dense, ACP, ACP with packed sequences."""
+    """The Gluon kernels of ``backend="hopper"`` at ``head_dim`` (forward, dK/dV): dense, ACP, ACP
+    with packed sequences."""
     from foxacp.ops import hopper_attention
 
     if hopper_attention.kernels is None or head_dim not in hopper_attention.HEAD_DIMS:
@@ -105,32 +106,42 @@ def compile_gluon(head_dim: int) -> None:
 
     HK = hopper_attention.kernels
     block_m, block_n = hopper_attention.tiles(head_dim)
-    launch = hopper_attention.launch_config(head_dim)
+    bwd = hopper_attention.BACKWARD_BLOCKS
 
     def descriptor_type(tensor, block):
-        desc = hopper_attention._descriptor(tensor, block) if tensor.dim() == 4 else hopper_attention.TensorDescriptor(
-            tensor, list(tensor.shape), list(tensor.stride()), [1, 1, block],
-            hopper_attention.gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3))
+        desc = hopper_attention._descriptor(tensor, block) if tensor.dim() == 4 else \
+            hopper_attention._float_rows(tensor, block)[1]
         return native_specialize_impl(BaseBackend, desc, False, True, True)[0]
 
     x = torch.empty(2, 4, 256, head_dim, dtype=torch.bfloat16)
     c = torch.empty(2, 4, 256, dtype=torch.float32)
-    types = {"q_desc": descriptor_type(x, block_m), "k_desc": descriptor_type(x, block_n),
-             "v_desc": descriptor_type(x, block_n), "c_desc": descriptor_type(c, block_n),
-             "C": "*fp32", "LSE": "*fp32", "ACP_KV": "*i32", "LO": "*i32", "OUT": "*bf16", "qk_scale": "fp32"}
-    for acp, varlen in ((False, False), (True, False), (True, True)):
-        constants = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, IS_VARLEN=varlen, HAS_ACP=acp,
-                         HEADS_PER_GROUP=HEADS_PER_GROUP, **launch)
-        sig = {name: "constexpr" if name in constants else types.get(name, "i32") for name in HK.fwd_kernel.arg_names}
-        label = f"D={head_dim} gluon fwd_kernel {block_m}x{block_n} w{launch['num_warps']} acp={acp:d} varlen={varlen:d}"
-        try:
-            kernel = triton.compile(GluonASTSource(HK.fwd_kernel, sig, constants), target=GPUTarget("cuda", 90, 32),
-                                    options={"num_warps": launch["num_warps"]})
-        except Exception as err:  # noqa: BLE001 - report any compile failure and go on
-            first = next((line for line in str(err).splitlines() if "error" in line.lower()), type(err).__name__)
-            print(f"FAIL {label}: {type(err).__name__}: {first[:120]}", flush=True)
-            continue
-        print(f"ok   {label}: {resource_usage(kernel.asm['cubin'])} smem {kernel.metadata.shared}", flush=True)
+    kernels = [  # (kernel, constants, descriptor argument types)
+        (HK.fwd_kernel, dict(BLOCK_M=block_m, BLOCK_N=block_n, HEADS_PER_GROUP=HEADS_PER_GROUP,
+                             **hopper_attention.launch_config(head_dim)),
+         {"q_desc": descriptor_type(x, block_m), "k_desc": descriptor_type(x, block_n),
+          "v_desc": descriptor_type(x, block_n), "c_desc": descriptor_type(c, block_n)}),
+        (HK.bwd_dkdv_kernel, dict(PLAN_M=block_m, PLAN_N=block_n, **bwd),
+         {"q_desc": descriptor_type(x, bwd["BLOCK_M"]), "do_desc": descriptor_type(x, bwd["BLOCK_M"]),
+          "k_desc": descriptor_type(x, bwd["BLOCK_N"]), "v_desc": descriptor_type(x, bwd["BLOCK_N"]),
+          **{name: descriptor_type(c, bwd["BLOCK_M"]) for name in ("lse_desc", "di_desc", "c_desc")}}),
+    ]
+    pointers = {"C": "*fp32", "LSE": "*fp32", "DC": "*fp32", "ACP_KV": "*i32", "ACP_Q": "*i32", "LO": "*i32",
+                "HI": "*i32", "OUT": "*bf16", "DK": "*bf16", "DV": "*bf16", "qk_scale": "fp32", "sm_scale": "fp32"}
+    for fn, launch, descriptors in kernels:
+        for acp, varlen in ((False, False), (True, False), (True, True)):
+            constants = dict(HEAD_DIM=head_dim, IS_VARLEN=varlen, HAS_ACP=acp, **launch)
+            types = {**pointers, **descriptors}
+            sig = {name: "constexpr" if name in constants else types.get(name, "i32") for name in fn.arg_names}
+            label = (f"D={head_dim} gluon {fn.__name__} {constants['BLOCK_M']}x{constants['BLOCK_N']} "
+                     f"w{constants['num_warps']} acp={acp:d} varlen={varlen:d}")
+            try:
+                kernel = triton.compile(GluonASTSource(fn, sig, constants), target=GPUTarget("cuda", 90, 32),
+                                        options={"num_warps": constants["num_warps"]})
+            except Exception as err:  # noqa: BLE001 - report any compile failure and go on
+                first = next((line for line in str(err).splitlines() if "error" in line.lower()), type(err).__name__)
+                print(f"FAIL {label}: {type(err).__name__}: {first[:120]}", flush=True)
+                continue
+            print(f"ok   {label}: {resource_usage(kernel.asm['cubin'])} smem {kernel.metadata.shared}", flush=True)
 
 
 def main(argv=None) -> None:

@@ -3,6 +3,8 @@
 The kernels themselves are checked on a device (tests/gpu/test_hopper_gpu.py) and compiled for
 sm_90 here (tests/test_triton_compile.py)."""
 
+import types
+
 import pytest
 import torch
 
@@ -44,6 +46,17 @@ def test_without_gluon_the_reason_says_so(monkeypatch):
 def test_auto_never_picks_hopper_on_cpu():
     q = inputs()[0].transpose(1, 2)
     assert backends.resolve("auto", q, 64).__name__ == "foxacp.ops.blockwise"
+
+
+@pytest.mark.parametrize("hopper_serves", [True, False])
+def test_auto_prefers_hopper_where_it_serves(monkeypatch, hopper_serves):
+    """On CUDA "auto" takes hopper where it serves the call, else triton (decided by the backends'
+    own ``unavailable_reason``; faked here, as this machine has no GPU)."""
+    triton_backend, hopper_backend = backends.load("triton"), backends.load("hopper")
+    monkeypatch.setattr(triton_backend, "unavailable_reason", lambda q: None)
+    monkeypatch.setattr(hopper_backend, "unavailable_reason", lambda q: None if hopper_serves else "not sm90")
+    q = types.SimpleNamespace(is_cuda=True)
+    assert backends.resolve("auto", q, 64) is (hopper_backend if hopper_serves else triton_backend)
 
 
 def test_plan_tiles():

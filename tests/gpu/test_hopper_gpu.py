@@ -1,4 +1,4 @@
-"""backend="hopper" (Gluon forward + Triton backward) on an sm90+ GPU: the Triton backend's case
+"""backend="hopper" (Gluon forward and dK/dV kernels, Triton dQ kernel) on an sm90+ GPU: the Triton backend's case
 matrix at head dims 64 and 128 against the float32 reference (output and every gradient, ACP on
 exactly the plan's tiles), 16k, poisoned outputs, torch.compile(fullgraph=True). Skipped elsewhere."""
 
@@ -19,6 +19,7 @@ EXTRA = {  # shapes that exercise the Hopper kernel's own edges: partial last bl
     "T-65-d128": (1, 65, None, 2, 1, 128, {}),
     "gqa-4-odd": (1, 3001, None, 8, 2, 128, {"adaptive_threshold": -5.0}),
     "tq<tk-d128": (1, 300, 1000, 4, 4, 128, {"adaptive_threshold": "auto"}),
+    "tq-65-long-keys": (2, 65, 5000, 4, 2, 64, {"seq_start": torch.tensor([100, 4000])}),  # just above decoding
 }
 
 
@@ -51,6 +52,11 @@ def test_hopper_plan_tiles(ta):
     q, k, v, log_f = make(1, 1024, 2, 64)
     _, stats = forgetting_attention(q, k, v, log_f, backend="hopper", adaptive_threshold="auto", return_stats=True)
     assert (stats.plan.block_m, stats.plan.block_n) == backends.load("hopper").required_tiles(64)
+
+
+def test_auto_picks_hopper(ta):
+    q = make(1, 256, 2, 64)[0].transpose(1, 2)
+    assert backends.resolve("auto", q, 64) is backends.load("hopper")
 
 
 def test_hopper_compile_fullgraph(ta):

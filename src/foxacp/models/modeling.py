@@ -179,7 +179,7 @@ class FoxPreTrainedModel(PreTrainedModel):
         self.config.update_acp(acp=enabled, acp_log_eps=log_eps, acp_decode=decode, acp_rule=rule)
 
     def set_attention_backend(self, backend: str) -> None:
-        """Use ``backend`` ("auto", "reference", "torch", "triton") for forgetting attention."""
+        """Use ``backend`` (one of ``foxacp.ops.backends.BACKEND_NAMES``) for forgetting attention."""
         self.config.update_acp(attention_backend=backend)
 
     def acp_thresholds(self, seq_len: int) -> list:

@@ -11,7 +11,7 @@ from . import backends
 from .acp import ACP_RULES, AcpStats, MaskSpec, TilePlan, threshold_from_data
 from .layout import SequenceLayout
 
-Backend = Literal["auto", "reference", "torch", "triton"]
+Backend = Literal["auto", "reference", "torch", "triton", "hopper"]
 
 
 def forgetting_attention(
@@ -70,7 +70,8 @@ def forgetting_attention(
             of another backend's call, to run the reference on exactly its tiles; the Triton
             backend takes only plans on its own tiles).
         backend: ``"reference"`` (dense PyTorch), ``"torch"`` (block-sparse PyTorch),
-            ``"triton"`` (GPU kernels) or ``"auto"`` (triton on CUDA when available, else torch).
+            ``"triton"`` (GPU kernels), ``"hopper"`` (sm90+: Gluon kernels) or ``"auto"`` (on CUDA
+            hopper where it serves the call, else triton when available; else torch).
         return_stats: also return :class:`~foxacp.ops.acp.AcpStats`.
         cumulative_gate: ``log_fgate`` already holds ``c = cumsum(log f)`` (non-increasing), as a
             decode cache keeps it; no cumsum is taken. Not with ``cu_seqlens``.

@@ -1,16 +1,19 @@
-"""``backend="hopper"``: forgetting attention with a Gluon forward for Hopper (sm90+) GPUs.
+"""``backend="hopper"``: forgetting attention with Gluon kernels for Hopper (sm90+) GPUs.
 
-One custom op, ``foxacp::hopper_attn_fwd``, owns the call: its forward is the Gluon kernel of
+Two custom ops own the call: ``foxacp::hopper_attn_fwd`` runs the Gluon forward of
 :mod:`foxacp.ops.hopper_kernels` (TMA K/V ring, asynchronous warpgroup MMAs with the next QK^T
-overlapping the softmax), its backward the Triton backward kernels (``foxacp::fox_attn_bwd``), which
-read the same ``(out, lse)`` conventions. ACP: the plan is built by the Triton pre-pass on this
-kernel's tiles (:func:`required_tiles`); the Triton backward's blocks divide them.
+overlapping the softmax) and ``foxacp::hopper_attn_bwd`` the backward: the Triton dQ kernel (which
+also writes Di and the query-side dc term), then the Gluon dK/dV kernel (TMA ring of q, dO and the
+row statistics, warpgroup MMAs on transposed tiles, the dS column sums for dlog_fgate in the same
+loop). Both read the Triton kernels' ``(out, lse)`` conventions. ACP: the plan is built by the
+Triton pre-pass on the forward's tiles (:func:`required_tiles`); every backward block divides them.
 
 Covered: bf16/fp16, head dims 64 and 128, GQA, packed sequences / left padding, Tq <= Tk, any T.
-Decoding calls (Tq <= ``DECODE_MAX_Q``) run the Triton flash-decoding forward on the same plan;
-inputs the bulk-copy engine cannot address (16-byte alignment) run the Triton forward too.
+Decoding calls (Tq <= ``DECODE_MAX_Q``) run the Triton flash-decoding forward and the Triton
+backward on the same plan; inputs the bulk-copy engine cannot address (16-byte alignment) run the
+Triton kernels too.
 Needs Triton's Gluon dialect with warpgroup MMAs (tested with Triton 3.6; 3.4's has none) and an
-sm90+ GPU; elsewhere the backend says why and ``"auto"`` never picks it.
+sm90+ GPU; ``"auto"`` picks it where it serves the call, elsewhere the backend says why.
 """
 
 from typing import Optional
@@ -49,6 +52,13 @@ def launch_config(head_dim: int) -> dict:
     return dict(STAGES=4, num_warps=4) if head_dim <= 64 else dict(STAGES=3, num_warps=8)
 
 
+# The dK/dV kernel's blocks (``BLOCK_N = 16 * num_warps`` keys, ``BLOCK_M`` query rows; both divide
+# the forward's tiles at D=64 and 128) and ring depth. Measured on an H200 (docs/kernel-notes.md,
+# attempt 22): one warpgroup on 64x64 blocks is the fastest at both head dims (D=128: 3.50 ms against
+# 4.25 for two warpgroups on 128 keys at (2, 8, 16k)); 2 and 3 stages tie; 32-row blocks are slower.
+BACKWARD_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, STAGES=2, num_warps=4)
+
+
 def required_tiles(head_dim: int) -> tuple[int, int]:
     return tiles(head_dim) if head_dim in HEAD_DIMS else portable.default_tiles(head_dim)
 
@@ -84,6 +94,15 @@ def _descriptor(t: torch.Tensor, block: int) -> "TensorDescriptor":
     return TensorDescriptor(t, list(t.shape), list(t.stride()), shape, layout)
 
 
+def _float_rows(t: torch.Tensor, block: int, fill: float = 0.0):
+    """``(copy, descriptor)`` of a float32 ``(B, H, T)`` tensor for ``[1, 1, block]`` bulk copies:
+    the copy is contiguous and padded with ``fill`` to whole blocks (16-byte rows, as TMA needs;
+    a few microseconds: 2 MB at (2, 16, 16k))."""
+    copy = torch.nn.functional.pad(t, (0, -t.shape[-1] % block), value=fill)
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
+    return copy, TensorDescriptor(copy, list(copy.shape), list(copy.stride()), [1, 1, block], layout)
+
+
 def _forward(q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, sm_scale: float, plan_m: int, plan_n: int):
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
@@ -91,11 +110,7 @@ def _forward(q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, sm_scale: float, pla
         return portable._forward(q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, sm_scale, plan_m, plan_n)
     block_m, block_n = tiles(D)
     assert (plan_m, plan_n) == (block_m, block_n), "the plan must be on this kernel's tiles"
-    # the decays travel with K through the bulk-copy engine, which needs 16-byte row strides: a copy
-    # padded to whole blocks (2 MB at (2, 16, 16k), a few microseconds)
-    decay = torch.nn.functional.pad(decay, (0, -Tk % block_n))
-    c_desc = TensorDescriptor(decay, list(decay.shape), list(decay.stride()), [1, 1, block_n],
-                              gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3))
+    decay, c_desc = _float_rows(decay, block_n)  # the decays travel with K through the bulk-copy engine
     out = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     varlen = key_lo is not None
@@ -126,7 +141,55 @@ def _(q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, sm_scale, plan_m, plan_n):
     return q.new_empty((B, Tq, H, D)).transpose(1, 2), q.new_empty((B, H, Tq), dtype=torch.float32)
 
 
-hopper_attn_fwd.register_autograd(portable.backward_rule, setup_context=portable.save_for_backward)
+def _backward(dout, q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, out, lse, sm_scale: float, plan_m: int,
+              plan_n: int):
+    if not _tma_ready(dout):
+        dout = dout.contiguous()
+    # decoding-size calls take the Triton backward, as their forward takes the Triton one: the Gluon
+    # dK/dV kernel hit an illegal instruction at Tq = 1 and 5 against 5-8k keys on an H200 (Tq = 63,
+    # 64 were exact; kernel-notes attempt 22, cause not found)
+    if q.shape[2] <= portable.DECODE_MAX_Q or not all(_tma_ready(t) for t in (q, k, v)):
+        return portable._backward(dout, q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, out, lse, sm_scale,
+                                  plan_m, plan_n)
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    cfg = BACKWARD_BLOCKS
+    assert plan_m % cfg["BLOCK_M"] == 0 and plan_n % cfg["BLOCK_N"] == 0, "the plan tiles must be whole blocks"
+    dq, di, dc = portable._dq_pass(dout, q, k, v, decay, acp_kv, key_lo, out, lse, sm_scale, plan_m, plan_n)
+    dk, dv, dk_part, dv_part = portable.key_gradients(q, k, v)
+    decay, c_desc = _float_rows(decay, cfg["BLOCK_M"])
+    _, lse_desc = _float_rows(lse, cfg["BLOCK_M"], fill=float("inf"))  # padded rows see nothing
+    _, di_desc = _float_rows(di, cfg["BLOCK_M"])
+    varlen = key_lo is not None
+    kernels.bwd_dkdv_kernel[(triton.cdiv(Tk, cfg["BLOCK_N"]), B * H)](
+        _descriptor(q, cfg["BLOCK_M"]), _descriptor(dout, cfg["BLOCK_M"]), _descriptor(k, cfg["BLOCK_N"]),
+        _descriptor(v, cfg["BLOCK_N"]), lse_desc, di_desc, c_desc, decay, acp_q if acp_q is not None else di,
+        key_lo if varlen else decay, key_hi if varlen else decay, dk_part, dv_part, dc,
+        decay.stride(0), decay.stride(1), key_lo.stride(0) if varlen else 0, *dk_part.stride()[:3],
+        *dv_part.stride()[:3], dc.stride(0), dc.stride(1),
+        H, H // Hkv, Tq, Tk, Tk - Tq, triton.cdiv(Tk, plan_n), sm_scale, sm_scale * kernels.LOG2E,
+        HEAD_DIM=D, PLAN_M=plan_m, PLAN_N=plan_n, IS_VARLEN=varlen, HAS_ACP=acp_q is not None, **cfg,
+    )
+    portable.sum_groups(dk, dv, dk_part, dv_part)
+    return dq, dk, dv, dc
+
+
+@torch.library.custom_op("foxacp::hopper_attn_bwd", mutates_args=())
+def hopper_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor,
+                    acp_kv: Optional[torch.Tensor], acp_q: Optional[torch.Tensor], key_lo: Optional[torch.Tensor],
+                    key_hi: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, sm_scale: float,
+                    plan_m: int, plan_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward with ``foxacp::fox_attn_bwd``'s arguments and outputs ``(dq, dk, dv, d decay)``."""
+    return _backward(dout, q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, out, lse, sm_scale, plan_m, plan_n)
+
+
+@hopper_attn_bwd.register_fake
+def _(dout, q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, out, lse, sm_scale, plan_m, plan_n):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty(decay.shape, dtype=torch.float32, device=decay.device))
+
+
+hopper_attn_fwd.register_autograd(portable.backward_rule(hopper_attn_bwd), setup_context=portable.save_for_backward)
 
 
 def attend(q, k, v, decay, *, sm_scale: float, spec: MaskSpec, plan: TilePlan):

@@ -1,4 +1,5 @@
-"""Gluon (Triton's explicit dialect) forward kernel for forgetting attention on Hopper (sm90+).
+"""Gluon (Triton's explicit dialect) kernels for forgetting attention on Hopper (sm90+): the
+forward and the backward's dK/dV kernel (its dQ kernel is Triton's; see ``bwd_dkdv_kernel``).
 
 Same function and conventions as ``triton_kernels.fwd_kernel`` (read its module docstring): query
 row ``r`` sits at key position ``p = r + OFF`` and sees keys ``lo[p] <= j <= p``; scores are kept
@@ -217,3 +218,157 @@ def fwd_kernel(q_desc, k_desc, v_desc, c_desc, C, ACP_KV, LO, OUT, LSE,
     cq = (gl.load(C + pos_q, mask=rows < Tq, other=0.0) - c_ref) * _LOG2E
     lse = gl.where(seen, m_i + cq + gl.log2(l_safe), float("inf"))
     gl.store(LSE + bh.to(gl.int64) * Tq + rows, lse, mask=rows < Tq)
+
+
+# ----------------------------------------------------------------------------- backward: dK, dV
+
+
+_key_block_queries = gluon.jit(triton_kernels._key_block_queries.fn)
+
+
+@gluon.jit
+def _issue_queries(q_desc, do_desc, lse_desc, di_desc, c_desc, q_smem, do_smem, lse_smem, di_smem, cq_smem,
+                   bars, i, row_lo, b, h, OFF, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+    """Start the bulk copies of query block ``i`` (rows ``row_lo + i * BLOCK_M``) into ring stage
+    ``i % STAGES``: q, dO, and the rows' lse, Di and decays, all on the stage's barrier."""
+    s = i % STAGES
+    r = row_lo + i * BLOCK_M
+    nbytes: gl.constexpr = q_desc.block_type.nbytes + do_desc.block_type.nbytes + 3 * lse_desc.block_type.nbytes
+    mbarrier.expect(bars.index(s), nbytes)
+    tma.async_copy_global_to_shared(q_desc, [b, h, r, 0], bars.index(s), q_smem.index(s))
+    tma.async_copy_global_to_shared(do_desc, [b, h, r, 0], bars.index(s), do_smem.index(s))
+    tma.async_copy_global_to_shared(lse_desc, [b, h, r], bars.index(s), lse_smem.index(s))
+    tma.async_copy_global_to_shared(di_desc, [b, h, r], bars.index(s), di_smem.index(s))
+    tma.async_copy_global_to_shared(c_desc, [b, h, r + OFF], bars.index(s), cq_smem.index(s))
+
+
+@gluon.jit
+def bwd_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, di_desc, c_desc, C, ACP_Q, LO, HI, DK, DV, DC,
+                    stride_cb, stride_ch, stride_lob, stride_dkb, stride_dkh, stride_dkt,
+                    stride_dvb, stride_dvh, stride_dvt, stride_dcb, stride_dch,
+                    H, GROUP, Tq, Tk, OFF, NUM_KT, sm_scale, qk_scale,
+                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                    PLAN_M: gl.constexpr, PLAN_N: gl.constexpr, IS_VARLEN: gl.constexpr, HAS_ACP: gl.constexpr,
+                    num_warps: gl.constexpr):
+    """One program per (key block, batch * query head h): the Triton ``bwd_dkdv_kernel``'s job
+    (same inputs, outputs and GQA partials; read its docstring) with warpgroup MMAs on transposed
+    tiles, ``[BLOCK_N keys, BLOCK_M rows]``:
+
+        S^T = K Q^T,  P^T = exp2(S^T * qk_scale - ck_j - lse_r),  dP^T = V dO^T,
+        dV += P^T dO,  dS^T = P^T * (dP^T - Di_r),  dK += dS^T Q,  dc_j -= sum_r dS^T[j, r]
+
+    (``ck_j = (c_j - c_ref) log2 e``, the row's ``(c_r - c_ref) log2 e`` folded into its lse; the
+    query-side dc term was written by the dQ kernel). K and V are loaded once; q, dO and the rows'
+    lse, Di and decays stream through a ``STAGES``-deep TMA ring (float32 row vectors padded to 16
+    bytes). The QK^T and dO V^T of a block run together; the exponentials overlap the second, dS
+    overlaps the dV MMA and the column sums overlap the dK MMA. ``C`` is the float32 decay with unit
+    stride along positions; ``c_desc`` a copy of it padded for the bulk-copy engine."""
+    gl.static_assert(BLOCK_N == 16 * num_warps, "one 16-key MMA slice per warp")
+    pid_n = gl.program_id(0)
+    bh = gl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    c0 = pid_n * BLOCK_N
+    C += b.to(gl.int64) * stride_cb + h * stride_ch
+    LO += b * stride_lob
+    HI += b * stride_lob
+
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, BLOCK_M, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                         instr_shape=[16, HEAD_DIM, 16])
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    key_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+    key_acc: gl.constexpr = gl.SliceLayout(1, acc_layout)
+    dim_acc: gl.constexpr = gl.SliceLayout(0, acc_layout)
+
+    # query rows of this block: [row_lo, row_hi) in whole blocks, masks outside [full_start, full_end)
+    row_lo, row_hi, full_lo, full_hi = _key_block_queries(LO, HI, ACP_Q + bh * NUM_KT, c0, Tq, Tk, OFF,
+                                                          BLOCK_N=BLOCK_N, PLAN_M=PLAN_M, PLAN_N=PLAN_N,
+                                                          IS_VARLEN=IS_VARLEN, HAS_ACP=HAS_ACP)
+    row_lo = row_lo // BLOCK_M * BLOCK_M
+    full_start = gl.minimum(gl.maximum((full_lo + BLOCK_M - 1) // BLOCK_M * BLOCK_M, row_lo),
+                            gl.maximum(row_hi, row_lo))
+    full_end = gl.maximum(gl.minimum(full_hi // BLOCK_M * BLOCK_M, row_hi), full_start)
+    n_blocks = gl.cdiv(row_hi - row_lo, BLOCK_M)
+
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [1, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, 1, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES, 1, 1, BLOCK_M, HEAD_DIM], do_desc.layout)
+    lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, 1, BLOCK_M], lse_desc.layout)
+    di_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, 1, BLOCK_M], di_desc.layout)
+    cq_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, 1, BLOCK_M], c_desc.layout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+
+    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [b, hk, c0, 0], kv_bar, k_smem)
+    tma.async_copy_global_to_shared(v_desc, [b, hk, c0, 0], kv_bar, v_smem)
+    for first in gl.static_range(STAGES):
+        if first < n_blocks:
+            _issue_queries(q_desc, do_desc, lse_desc, di_desc, c_desc, q_smem, do_smem, lse_smem, di_smem, cq_smem,
+                           bars, first, row_lo, b, h, OFF, BLOCK_M, STAGES)
+
+    cols = c0 + gl.arange(0, BLOCK_N, layout=key_s)
+    c_ref = gl.load(C + gl.minimum(c0, Tk - 1))
+    ck = (gl.load(C + cols, mask=cols < Tk, other=0.0) - c_ref) * _LOG2E
+    dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=acc_layout)
+    dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=acc_layout)
+    dc = gl.zeros([BLOCK_N], gl.float32, layout=key_s)
+    zero_s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=s_layout)
+    DC += b.to(gl.int64) * stride_dcb + h * stride_dch
+    k = k_smem.reshape([BLOCK_N, HEAD_DIM])
+    v = v_smem.reshape([BLOCK_N, HEAD_DIM])
+    mbarrier.wait(kv_bar, phase=0)
+
+    for i in range(n_blocks):
+        st = i % STAGES
+        mbarrier.wait(bars.index(st), phase=(i // STAGES) & 1)
+        q = q_smem.index(st).reshape([BLOCK_M, HEAD_DIM])
+        do = do_smem.index(st).reshape([BLOCK_M, HEAD_DIM])
+        s_tok = warpgroup_mma(k, q.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        dp_tok = warpgroup_mma(v, do.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        cq = cq_smem.index(st).reshape([BLOCK_M]).load(row_s)
+        lse = lse_smem.index(st).reshape([BLOCK_M]).load(row_s) - (cq - c_ref) * _LOG2E
+        di = di_smem.index(st).reshape([BLOCK_M]).load(row_s)
+        s = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok])
+        pt = gl.exp2(s * qk_scale - ck[:, None] - lse[None, :])
+        r = row_lo + i * BLOCK_M
+        if (r < full_start) | (r >= full_end):
+            pos = r + OFF + gl.arange(0, BLOCK_M, layout=row_s)
+            visible = cols[:, None] <= pos[None, :]
+            if IS_VARLEN:
+                lo_r = gl.load(LO + pos, mask=pos < Tk, other=0)
+                visible = visible & (cols[:, None] >= lo_r[None, :])
+            pt = gl.where(visible, pt, 0.0)
+        dv = warpgroup_mma(gl.convert_layout(pt.to(q_desc.dtype), op_layout), do, dv, is_async=True)
+        dpt = warpgroup_mma_wait(num_outstanding=1, deps=[dp_tok])
+        dst = pt * (dpt - di[None, :])
+        dk = warpgroup_mma(gl.convert_layout(dst.to(q_desc.dtype), op_layout), q, dk, is_async=True)
+        dc -= gl.sum(dst, 1)
+        dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=[dv, dk])
+        # every warp is done with stage st: refill it with block i + STAGES
+        gl.thread_barrier()
+        if i + STAGES < n_blocks:
+            _issue_queries(q_desc, do_desc, lse_desc, di_desc, c_desc, q_smem, do_smem, lse_smem, di_smem, cq_smem,
+                           bars, i + STAGES, row_lo, b, h, OFF, BLOCK_M, STAGES)
+
+    mbarrier.invalidate(kv_bar)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(i))
+
+    # + the query-side term (dQ kernel)
+    gl.store(DC + cols, gl.load(DC + cols, mask=cols < Tk, other=0.0) + dc, mask=cols < Tk)
+    keys = c0 + gl.arange(0, BLOCK_N, layout=key_acc)
+    offs_d = gl.arange(0, HEAD_DIM, layout=dim_acc)
+    ok = (keys < Tk)[:, None]
+    dk_ptrs = DK + b.to(gl.int64) * stride_dkb + h * stride_dkh + keys[:, None] * stride_dkt + offs_d[None, :]
+    dv_ptrs = DV + b.to(gl.int64) * stride_dvb + h * stride_dvh + keys[:, None] * stride_dvt + offs_d[None, :]
+    gl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=ok)
+    gl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=ok)

@@ -232,51 +232,76 @@ def _forward(q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, sm_scale: float, pla
     return out, lse
 
 
+def _dq_pass(dout, q, k, v, decay, acp_kv, key_lo, out, lse, sm_scale: float, plan_m: int, plan_n: int):
+    """The first backward kernel: ``(dq, di, dc)``, with ``di = rowsum(dO * O)`` (read by the dK/dV
+    kernel) and ``dc`` (float32, contiguous) holding the query-side term at the query positions
+    and zeros elsewhere. ``dout``'s last dim must be contiguous."""
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    cfg = tile_config(D)
+    d_pad = _pad(D)
+    has_acp, varlen = acp_kv is not None, key_lo is not None
+    di = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    dq = torch.empty_like(q)
+    # the dQ kernel writes dc at the query positions [Tk - Tq, Tk); the dK/dV kernel adds to every position
+    dc = (torch.empty if Tq == Tk else torch.zeros)(decay.shape, dtype=torch.float32, device=q.device)
+    kernels.bwd_dq_kernel[(triton.cdiv(Tq, cfg.m2), B * H)](
+        q, k, v, decay, acp_kv if has_acp else di, key_lo if varlen else decay, out, dout, lse, di, dq, dc,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *decay.stride(), key_lo.stride(0) if varlen else 0,
+        *out.stride()[:3], *dout.stride()[:3], *dq.stride()[:3], *dc.stride(),
+        H, H // Hkv, Tq, Tk, Tk - Tq, triton.cdiv(Tq, plan_m), sm_scale, sm_scale * kernels.LOG2E,
+        HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=cfg.m2, BLOCK_N=cfg.n2, PLAN_M=plan_m, PLAN_N=plan_n, IS_VARLEN=varlen,
+        HAS_ACP=has_acp, EVEN_D=D == d_pad, num_warps=cfg.bwd_warps, num_stages=_stages(cfg.bwd_stages, q.dtype, D),
+    )
+    return dq, di, dc
+
+
+def key_gradients(q, k, v):
+    """``(dk, dv, dk_part, dv_part)``: a dK/dV kernel writes the partials, one per query head; with
+    GQA they are float32 buffers that :func:`sum_groups` adds into ``dk``/``dv``, else ``dk``/``dv``."""
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    if q.shape[1] == k.shape[1]:
+        return dk, dv, dk, dv
+    B, H, Tk, D = q.shape[0], q.shape[1], k.shape[2], k.shape[3]
+    dk_part, dv_part = (torch.empty((B, H, Tk, D), dtype=torch.float32, device=q.device) for _ in range(2))
+    return dk, dv, dk_part, dv_part
+
+
+def sum_groups(dk, dv, dk_part, dv_part) -> None:
+    """GQA: ``dk[:, hk] = sum`` of its group's partials (one pass, both tensors); nothing without GQA."""
+    if dk_part is dk:
+        return
+    B, Hkv, Tk, D = dk.shape
+    d_pad = _pad(D)
+    block_t = group_sum_block(d_pad)
+    kernels.group_sum_kernel[(triton.cdiv(Tk, block_t), B * Hkv)](
+        dk_part, dv_part, dk, dv, *dk_part.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], Hkv,
+        dk_part.shape[1] // Hkv, Tk, HEAD_DIM=D, D_PAD=d_pad, BLOCK_T=block_t, num_warps=4,
+    )
+
+
 def _backward(dout, q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, out, lse, sm_scale: float, plan_m: int,
               plan_n: int):
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
-    group = H // Hkv
     cfg = tile_config(D)
     d_pad = _pad(D)
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     has_acp, varlen = acp_kv is not None, key_lo is not None
-    di = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)  # written by the dQ kernel
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    # the dQ kernel writes dc at the query positions [Tk - Tq, Tk); the dK/dV kernel adds to every position
-    dc = (torch.empty_like if Tq == Tk else torch.zeros_like)(decay, dtype=torch.float32)
-    if not has_acp:
-        acp_kv = acp_q = di
-    lo = key_lo if varlen else decay
-    hi = key_hi if varlen else decay
-    common = dict(HEAD_DIM=D, D_PAD=d_pad, PLAN_M=plan_m, PLAN_N=plan_n, IS_VARLEN=varlen, HAS_ACP=has_acp, EVEN_D=D == d_pad, num_warps=cfg.bwd_warps,
-                  num_stages=_stages(cfg.bwd_stages, q.dtype, D))
-    input_strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *decay.stride(),
-                     key_lo.stride(0) if varlen else 0)
     # dQ first: it computes Di = rowsum(dO * O), which the dK/dV kernel reads
-    kernels.bwd_dq_kernel[(triton.cdiv(Tq, cfg.m2), B * H)](
-        q, k, v, decay, acp_kv, lo, out, dout, lse, di, dq, dc,
-        *input_strides, *out.stride()[:3], *dout.stride()[:3], *dq.stride()[:3], *dc.stride(),
-        H, group, Tq, Tk, Tk - Tq, triton.cdiv(Tq, plan_m), sm_scale, sm_scale * kernels.LOG2E,
-        BLOCK_M=cfg.m2, BLOCK_N=cfg.n2, **common,
-    )
-    if group > 1:  # one program per query head: float32 partials, summed over the group below
-        dk_part, dv_part = (torch.empty((B, H, Tk, D), dtype=torch.float32, device=q.device) for _ in range(2))
-    else:
-        dk_part, dv_part = dk, dv
+    dq, di, dc = _dq_pass(dout, q, k, v, decay, acp_kv, key_lo, out, lse, sm_scale, plan_m, plan_n)
+    dk, dv, dk_part, dv_part = key_gradients(q, k, v)
     kernels.bwd_dkdv_kernel[(triton.cdiv(Tk, cfg.n1), B * H)](
-        q, k, v, decay, acp_q, lo, hi, dout, lse, di, dk_part, dv_part, dc,
-        *input_strides, *dout.stride()[:3], *dk_part.stride()[:3], *dv_part.stride()[:3], *dc.stride(),
-        H, group, Tq, Tk, Tk - Tq, triton.cdiv(Tk, plan_n), sm_scale, sm_scale * kernels.LOG2E,
-        BLOCK_M=cfg.m1, BLOCK_N=cfg.n1, **common,
+        q, k, v, decay, acp_q if has_acp else di, key_lo if varlen else decay, key_hi if varlen else decay,
+        dout, lse, di, dk_part, dv_part, dc,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *decay.stride(), key_lo.stride(0) if varlen else 0,
+        *dout.stride()[:3], *dk_part.stride()[:3], *dv_part.stride()[:3], *dc.stride(),
+        H, H // Hkv, Tq, Tk, Tk - Tq, triton.cdiv(Tk, plan_n), sm_scale, sm_scale * kernels.LOG2E,
+        HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=cfg.m1, BLOCK_N=cfg.n1, PLAN_M=plan_m, PLAN_N=plan_n, IS_VARLEN=varlen,
+        HAS_ACP=has_acp, EVEN_D=D == d_pad, num_warps=cfg.bwd_warps, num_stages=_stages(cfg.bwd_stages, q.dtype, D),
     )
-    if group > 1:
-        block_t = group_sum_block(d_pad)
-        kernels.group_sum_kernel[(triton.cdiv(Tk, block_t), B * Hkv)](
-            dk_part, dv_part, dk, dv, *dk_part.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], Hkv, group, Tk,
-            HEAD_DIM=D, D_PAD=d_pad, BLOCK_T=block_t, num_warps=4,
-        )
+    sum_groups(dk, dv, dk_part, dv_part)
     return dq, dk, dv, dc
 
 
@@ -316,7 +341,7 @@ def fox_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
 @fox_attn_bwd.register_fake
 def _(dout, q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, out, lse, sm_scale, plan_m, plan_n):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            torch.empty_like(decay, dtype=torch.float32))
+            torch.empty(decay.shape, dtype=torch.float32, device=decay.device))
 
 
 def save_for_backward(ctx, inputs, output):
@@ -328,14 +353,17 @@ def save_for_backward(ctx, inputs, output):
     ctx.launch = (sm_scale, plan_m, plan_n)
 
 
-def backward_rule(ctx, dout, dlse):
-    """Gradients of the inputs listed in :func:`save_for_backward` (the fused backward kernels)."""
-    q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, out, lse = ctx.saved_tensors
-    dq, dk, dv, dc = fox_attn_bwd(dout, q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, out, lse, *ctx.launch)
-    return dq, dk, dv, dc, None, None, None, None, None, None, None
+def backward_rule(backward_op):
+    """Autograd backward of a forward op saved by :func:`save_for_backward`: ``backward_op`` (with
+    ``foxacp::fox_attn_bwd``'s arguments) gives the gradients of q, k, v and the decay."""
+    def rule(ctx, dout, dlse):
+        q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, out, lse = ctx.saved_tensors
+        dq, dk, dv, dc = backward_op(dout, q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, out, lse, *ctx.launch)
+        return dq, dk, dv, dc, None, None, None, None, None, None, None
+    return rule
 
 
-fox_attn_fwd.register_autograd(backward_rule, setup_context=save_for_backward)
+fox_attn_fwd.register_autograd(backward_rule(fox_attn_bwd), setup_context=save_for_backward)
 
 
 # ----------------------------------------------------------------------------- ACP data threshold
