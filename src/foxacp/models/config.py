@@ -72,7 +72,7 @@ class FoxConfig(PretrainedConfig):
         acp_log_eps: float = -10.0,  # ACP bound: pruned attention mass <= e^acp_log_eps
         acp_decode: bool = False,  # ACP also in decoding steps (<= 64 new tokens against a cache)
         acp_rule: str = "paper",  # ACP bound: "paper" (arXiv 2504.06949) or "local" (data-aware, ops/acp.py)
-        attention_backend: str = "auto",  # forgetting_attention backend ("auto": triton on GPU)
+        attention_backend: str = "auto",  # forgetting_attention backend ("auto": hopper on sm90+, else triton on GPU)
         activation_checkpointing: bool = False,  # recompute each block in backward
         pad_vocab_size_multiple: int = 64,  # LM-head rows padded (50257 -> 50304) for fast GEMMs
         loss_chunk_size: int = 2048,  # tokens per chunk of the chunked cross-entropy
