@@ -1,6 +1,6 @@
 """Compile the attention kernels for sm_90 (Hopper) on any machine, no GPU needed.
 
-Also the Hopper backend's Gluon kernels (``gluon fwd_kernel`` / ``gluon bwd_dkdv_kernel`` lines)
+Also the Hopper backend's Gluon kernels (``gluon fwd_kernel`` / ``bwd_dkdv_kernel`` / ``bwd_dq_kernel``)
 where Triton's Gluon dialect loads: dense, ACP and packed sequences at each head dim it covers.
 
     python benchmarks/compile_sm90.py --head-dims 64 128 [--stages 2]
@@ -92,8 +92,8 @@ def compile_one(fn, constants: dict, warps: int, stages: int, label: str, gqa: b
 
 
 def compile_gluon(head_dim: int) -> None:
-    """The Gluon kernels of ``backend="hopper"`` at ``head_dim`` (forward, dK/dV): dense, ACP, ACP
-    with packed sequences."""
+    """The Gluon kernels of ``backend="hopper"`` at ``head_dim`` (forward, dK/dV, dQ): dense, ACP,
+    ACP with packed sequences."""
     from foxacp.ops import hopper_attention
 
     if hopper_attention.kernels is None or head_dim not in hopper_attention.HEAD_DIMS:
@@ -123,10 +123,14 @@ def compile_gluon(head_dim: int) -> None:
         (HK.bwd_dkdv_kernel, dict(PLAN_M=block_m, PLAN_N=block_n, **bwd),
          {"q_desc": descriptor_type(x, bwd["BLOCK_M"]), "do_desc": descriptor_type(x, bwd["BLOCK_M"]),
           "k_desc": descriptor_type(x, bwd["BLOCK_N"]), "v_desc": descriptor_type(x, bwd["BLOCK_N"]),
-          **{name: descriptor_type(c, bwd["BLOCK_M"]) for name in ("lse_desc", "di_desc", "c_desc")}}),
+          **{name: descriptor_type(c, bwd["BLOCK_M"]) for name in ("lse_desc", "di_desc", "cq_desc")}}),
+        (HK.bwd_dq_kernel, dict(PLAN_M=block_m, PLAN_N=block_n, **bwd),
+         {"q_desc": descriptor_type(x, bwd["BLOCK_M"]), "do_desc": descriptor_type(x, bwd["BLOCK_M"]),
+          "k_desc": descriptor_type(x, bwd["BLOCK_N"]), "v_desc": descriptor_type(x, bwd["BLOCK_N"]),
+          "c_desc": descriptor_type(c, bwd["BLOCK_N"])}),
     ]
     pointers = {"C": "*fp32", "LSE": "*fp32", "DC": "*fp32", "ACP_KV": "*i32", "ACP_Q": "*i32", "LO": "*i32",
-                "HI": "*i32", "OUT": "*bf16", "DK": "*bf16", "DV": "*bf16", "qk_scale": "fp32", "sm_scale": "fp32"}
+                "HI": "*i32", "OUT": "*bf16", "DK": "*bf16", "DV": "*bf16", "DQ": "*bf16", "DI": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32"}
     for fn, launch, descriptors in kernels:
         for acp, varlen in ((False, False), (True, False), (True, True)):
             constants = dict(HEAD_DIM=head_dim, IS_VARLEN=varlen, HAS_ACP=acp, **launch)

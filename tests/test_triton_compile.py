@@ -26,9 +26,9 @@ def test_kernels_compile_for_sm90():
     gluon = [line for line in done.stdout.splitlines() if line.startswith(("ok", "FAIL")) and "gluon" in line]
     # fwd with/without TMA, dkdv, dq: ACP on/off each; dkdv as GQA; group sum; the local rule's kernel (varlen or not)
     assert len(lines) == 12, done.stdout
-    # the Hopper backend's Gluon forward and dK/dV kernel (dense, ACP, ACP + packed each) wherever its
-    # dialect loads: no failure, no spills
-    assert len(gluon) in (0, 6), done.stdout
+    # the Hopper backend's Gluon forward, dK/dV and dQ kernels (dense, ACP, ACP + packed each) wherever
+    # its dialect loads: no failure, no spills
+    assert len(gluon) in (0, 9), done.stdout
     assert all(line.startswith("ok") and "STACK:0" in line for line in gluon), gluon
     assert not [line for line in lines if line.startswith("FAIL")], done.stdout
     forward_tma = [line for line in lines if "fwd_kernel" in line and "tma=1" in line]

@@ -9,9 +9,8 @@ loop). Both read the Triton kernels' ``(out, lse)`` conventions. ACP: the plan i
 Triton pre-pass on the forward's tiles (:func:`required_tiles`); every backward block divides them.
 
 Covered: bf16/fp16, head dims 64 and 128, GQA, packed sequences / left padding, Tq <= Tk, any T.
-Decoding calls (Tq <= ``DECODE_MAX_Q``) run the Triton flash-decoding forward and the Triton
-backward on the same plan; inputs the bulk-copy engine cannot address (16-byte alignment) run the
-Triton kernels too.
+Decoding calls (Tq <= ``DECODE_MAX_Q``) run the Triton flash-decoding forward on the same plan;
+inputs the bulk-copy engine cannot address (16-byte alignment) run the Triton kernels.
 Needs Triton's Gluon dialect with warpgroup MMAs (tested with Triton 3.6; 3.4's has none) and an
 sm90+ GPU; ``"auto"`` picks it where it serves the call, elsewhere the backend says why.
 """
@@ -141,34 +140,58 @@ def _(q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, sm_scale, plan_m, plan_n):
     return q.new_empty((B, Tq, H, D)).transpose(1, 2), q.new_empty((B, H, Tq), dtype=torch.float32)
 
 
+def _dq_pass(dout, q, k, v, decay_rows, c_desc, acp_kv, key_lo, out, lse, sm_scale: float, plan_m: int,
+             plan_n: int):
+    """The Gluon dQ kernel: ``(dq, di, dc)`` as ``triton_attention._dq_pass`` returns them
+    (``decay_rows``/``c_desc``: the decays padded for bulk copies, :func:`_float_rows`)."""
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    blocks = BACKWARD_BLOCKS
+    di = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    dq = torch.empty_like(q)
+    # written at the query positions [Tk - Tq, Tk); the dK/dV kernel adds to every position
+    dc = (torch.empty if Tq == Tk else torch.zeros)((B, H, Tk), dtype=torch.float32, device=q.device)
+    varlen = key_lo is not None
+    kernels.bwd_dq_kernel[(triton.cdiv(Tq, blocks["BLOCK_M"]), B * H)](
+        _descriptor(q, blocks["BLOCK_M"]), _descriptor(dout, blocks["BLOCK_M"]), _descriptor(k, blocks["BLOCK_N"]),
+        _descriptor(v, blocks["BLOCK_N"]), c_desc, decay_rows, acp_kv if acp_kv is not None else di,
+        key_lo if varlen else di, out, lse, di, dq, dc,
+        decay_rows.stride(0), decay_rows.stride(1), key_lo.stride(0) if varlen else 0, *out.stride()[:3],
+        *dq.stride()[:3], dc.stride(0), dc.stride(1), H, H // Hkv, Tq, Tk - Tq, triton.cdiv(Tq, plan_m),
+        sm_scale, sm_scale * kernels.LOG2E,
+        HEAD_DIM=D, PLAN_M=plan_m, PLAN_N=plan_n, IS_VARLEN=varlen, HAS_ACP=acp_kv is not None, **blocks,
+    )
+    return dq, di, dc
+
+
 def _backward(dout, q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, out, lse, sm_scale: float, plan_m: int,
               plan_n: int):
     if not _tma_ready(dout):
         dout = dout.contiguous()
-    # decoding-size calls take the Triton backward, as their forward takes the Triton one: the Gluon
-    # dK/dV kernel hit an illegal instruction at Tq = 1 and 5 against 5-8k keys on an H200 (Tq = 63,
-    # 64 were exact; kernel-notes attempt 22, cause not found)
-    if q.shape[2] <= portable.DECODE_MAX_Q or not all(_tma_ready(t) for t in (q, k, v)):
+    if not all(_tma_ready(t) for t in (q, k, v)):
         return portable._backward(dout, q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, out, lse, sm_scale,
                                   plan_m, plan_n)
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
-    cfg = BACKWARD_BLOCKS
-    assert plan_m % cfg["BLOCK_M"] == 0 and plan_n % cfg["BLOCK_N"] == 0, "the plan tiles must be whole blocks"
-    dq, di, dc = portable._dq_pass(dout, q, k, v, decay, acp_kv, key_lo, out, lse, sm_scale, plan_m, plan_n)
+    blocks = BACKWARD_BLOCKS
+    assert plan_m % blocks["BLOCK_M"] == 0 and plan_n % blocks["BLOCK_N"] == 0, "plan tiles must be whole blocks"
+    assert blocks["BLOCK_M"] == blocks["BLOCK_N"], "one padded decay copy serves both kernels' bulk copies"
+    decay_rows, c_desc = _float_rows(decay, blocks["BLOCK_N"])
+    dq, di, dc = _dq_pass(dout, q, k, v, decay_rows, c_desc, acp_kv, key_lo, out, lse, sm_scale, plan_m, plan_n)
     dk, dv, dk_part, dv_part = portable.key_gradients(q, k, v)
-    decay, c_desc = _float_rows(decay, cfg["BLOCK_M"])
-    _, lse_desc = _float_rows(lse, cfg["BLOCK_M"], fill=float("inf"))  # padded rows see nothing
-    _, di_desc = _float_rows(di, cfg["BLOCK_M"])
+    _, lse_desc = _float_rows(lse, blocks["BLOCK_M"], fill=float("inf"))  # padded rows see nothing
+    _, di_desc = _float_rows(di, blocks["BLOCK_M"])
+    # the query rows' decays c[Tk - Tq + r], copied so that every bulk copy starts 16-byte aligned
+    cq_desc = c_desc if Tq == Tk else _float_rows(decay[..., Tk - Tq:], blocks["BLOCK_M"])[1]
     varlen = key_lo is not None
-    kernels.bwd_dkdv_kernel[(triton.cdiv(Tk, cfg["BLOCK_N"]), B * H)](
-        _descriptor(q, cfg["BLOCK_M"]), _descriptor(dout, cfg["BLOCK_M"]), _descriptor(k, cfg["BLOCK_N"]),
-        _descriptor(v, cfg["BLOCK_N"]), lse_desc, di_desc, c_desc, decay, acp_q if acp_q is not None else di,
-        key_lo if varlen else decay, key_hi if varlen else decay, dk_part, dv_part, dc,
-        decay.stride(0), decay.stride(1), key_lo.stride(0) if varlen else 0, *dk_part.stride()[:3],
+    kernels.bwd_dkdv_kernel[(triton.cdiv(Tk, blocks["BLOCK_N"]), B * H)](
+        _descriptor(q, blocks["BLOCK_M"]), _descriptor(dout, blocks["BLOCK_M"]), _descriptor(k, blocks["BLOCK_N"]),
+        _descriptor(v, blocks["BLOCK_N"]), lse_desc, di_desc, cq_desc, decay_rows,
+        acp_q if acp_q is not None else di, key_lo if varlen else di, key_hi if varlen else di, dk_part, dv_part, dc,
+        decay_rows.stride(0), decay_rows.stride(1), key_lo.stride(0) if varlen else 0, *dk_part.stride()[:3],
         *dv_part.stride()[:3], dc.stride(0), dc.stride(1),
         H, H // Hkv, Tq, Tk, Tk - Tq, triton.cdiv(Tk, plan_n), sm_scale, sm_scale * kernels.LOG2E,
-        HEAD_DIM=D, PLAN_M=plan_m, PLAN_N=plan_n, IS_VARLEN=varlen, HAS_ACP=acp_q is not None, **cfg,
+        HEAD_DIM=D, PLAN_M=plan_m, PLAN_N=plan_n, IS_VARLEN=varlen, HAS_ACP=acp_q is not None, **blocks,
     )
     portable.sum_groups(dk, dv, dk_part, dv_part)
     return dq, dk, dv, dc

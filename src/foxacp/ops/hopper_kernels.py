@@ -61,6 +61,21 @@ def _issue_kv(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, j,
 
 
 @gluon.jit
+def _key_range(LO, ACP_KV, r0, Tq, OFF, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PLAN_M: gl.constexpr,
+               PLAN_N: gl.constexpr, IS_VARLEN: gl.constexpr, HAS_ACP: gl.constexpr):
+    """Key blocks of query rows ``[r0, r0 + BLOCK_M)``: ``(col_lo, full_start, full_end, n_blocks)``,
+    the blocks starting at ``col_lo``; masks only on ``[col_lo, full_start)`` (some row's ``lo`` is
+    inside) and ``[full_end, col_hi)`` (the causal edge). ``ACP_KV`` points at this (batch, head)."""
+    acp_first = gl.load(ACP_KV + r0 // PLAN_M) if HAS_ACP else 0
+    col_lo, col_hi, lo_max = _query_block_keys(LO, acp_first, r0, Tq, OFF, BLOCK_M=BLOCK_M, PLAN_M=PLAN_M,
+                                               PLAN_N=PLAN_N, IS_VARLEN=IS_VARLEN, HAS_ACP=HAS_ACP)
+    col_lo = col_lo // BLOCK_N * BLOCK_N
+    full_start = gl.minimum(gl.maximum((lo_max + BLOCK_N - 1) // BLOCK_N * BLOCK_N, col_lo), col_hi)
+    full_end = gl.maximum(gl.minimum(r0 + OFF + 1, col_hi) // BLOCK_N * BLOCK_N, full_start)
+    return col_lo, full_start, full_end, gl.cdiv(col_hi - col_lo, BLOCK_N)
+
+
+@gluon.jit
 def _scores(s, c_stage, col, c_ref, pos_q, lo_q, masked, qk_scale,
             BLOCK_N: gl.constexpr, IS_VARLEN: gl.constexpr, col_layout: gl.constexpr):
     """Block scores in log2 units from ``s = q . k`` (no row term), masked where the block needs it;
@@ -107,16 +122,9 @@ def fwd_kernel(q_desc, k_desc, v_desc, c_desc, C, ACP_KV, LO, OUT, LSE,
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
 
-    # key columns of this block: [col_lo, col_hi) in whole blocks; masks only on [col_lo, full_start)
-    # (some row's lo is inside) and [full_end, col_hi) (the causal edge)
     p_first = r0 + OFF
-    acp_first = gl.load(ACP_KV + bh * NUM_QT + pid_m) if HAS_ACP else 0
-    col_lo, col_hi, lo_max = _query_block_keys(LO, acp_first, r0, Tq, OFF, BLOCK_M=BLOCK_M, PLAN_M=BLOCK_M,
-                                               PLAN_N=BLOCK_N, IS_VARLEN=IS_VARLEN, HAS_ACP=HAS_ACP)
-    col_lo = col_lo // BLOCK_N * BLOCK_N
-    full_start = gl.minimum(gl.maximum((lo_max + BLOCK_N - 1) // BLOCK_N * BLOCK_N, col_lo), col_hi)
-    full_end = gl.maximum(gl.minimum(p_first + 1, col_hi) // BLOCK_N * BLOCK_N, full_start)
-    n_blocks = gl.cdiv(col_hi - col_lo, BLOCK_N)
+    col_lo, full_start, full_end, n_blocks = _key_range(LO, ACP_KV + bh * NUM_QT, r0, Tq, OFF, BLOCK_M, BLOCK_N,
+                                                        BLOCK_M, BLOCK_N, IS_VARLEN, HAS_ACP)
 
     # shared memory: q once, K/V rings with one barrier per stage and tensor
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [1, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
@@ -227,10 +235,11 @@ _key_block_queries = gluon.jit(triton_kernels._key_block_queries.fn)
 
 
 @gluon.jit
-def _issue_queries(q_desc, do_desc, lse_desc, di_desc, c_desc, q_smem, do_smem, lse_smem, di_smem, cq_smem,
-                   bars, i, row_lo, b, h, OFF, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+def _issue_queries(q_desc, do_desc, lse_desc, di_desc, cq_desc, q_smem, do_smem, lse_smem, di_smem, cq_smem,
+                   bars, i, row_lo, b, h, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
     """Start the bulk copies of query block ``i`` (rows ``row_lo + i * BLOCK_M``) into ring stage
-    ``i % STAGES``: q, dO, and the rows' lse, Di and decays, all on the stage's barrier."""
+    ``i % STAGES``: q, dO, and the rows' lse, Di and decays, all on the stage's barrier (every
+    copy starts at a multiple of BLOCK_M rows)."""
     s = i % STAGES
     r = row_lo + i * BLOCK_M
     nbytes: gl.constexpr = q_desc.block_type.nbytes + do_desc.block_type.nbytes + 3 * lse_desc.block_type.nbytes
@@ -239,11 +248,11 @@ def _issue_queries(q_desc, do_desc, lse_desc, di_desc, c_desc, q_smem, do_smem, 
     tma.async_copy_global_to_shared(do_desc, [b, h, r, 0], bars.index(s), do_smem.index(s))
     tma.async_copy_global_to_shared(lse_desc, [b, h, r], bars.index(s), lse_smem.index(s))
     tma.async_copy_global_to_shared(di_desc, [b, h, r], bars.index(s), di_smem.index(s))
-    tma.async_copy_global_to_shared(c_desc, [b, h, r + OFF], bars.index(s), cq_smem.index(s))
+    tma.async_copy_global_to_shared(cq_desc, [b, h, r], bars.index(s), cq_smem.index(s))
 
 
 @gluon.jit
-def bwd_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, di_desc, c_desc, C, ACP_Q, LO, HI, DK, DV, DC,
+def bwd_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, di_desc, cq_desc, C, ACP_Q, LO, HI, DK, DV, DC,
                     stride_cb, stride_ch, stride_lob, stride_dkb, stride_dkh, stride_dkt,
                     stride_dvb, stride_dvh, stride_dvt, stride_dcb, stride_dch,
                     H, GROUP, Tq, Tk, OFF, NUM_KT, sm_scale, qk_scale,
@@ -262,7 +271,9 @@ def bwd_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, di_desc, c_desc, 
     lse, Di and decays stream through a ``STAGES``-deep TMA ring (float32 row vectors padded to 16
     bytes). The QK^T and dO V^T of a block run together; the exponentials overlap the second, dS
     overlaps the dV MMA and the column sums overlap the dK MMA. ``C`` is the float32 decay with unit
-    stride along positions; ``c_desc`` a copy of it padded for the bulk-copy engine."""
+    stride along positions; ``cq_desc`` describes a copy of the query rows' decays ``c[OFF + r]``
+    padded to whole blocks: a bulk copy's start along the innermost dimension must be 16-byte aligned
+    (at ``r + OFF`` into the full decays it was not, and the copy faulted: kernel-notes attempt 22)."""
     gl.static_assert(BLOCK_N == 16 * num_warps, "one 16-key MMA slice per warp")
     pid_n = gl.program_id(0)
     bh = gl.program_id(1)
@@ -300,7 +311,7 @@ def bwd_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, di_desc, c_desc, 
     do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES, 1, 1, BLOCK_M, HEAD_DIM], do_desc.layout)
     lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, 1, BLOCK_M], lse_desc.layout)
     di_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, 1, BLOCK_M], di_desc.layout)
-    cq_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, 1, BLOCK_M], c_desc.layout)
+    cq_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, 1, BLOCK_M], cq_desc.layout)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_bar, count=1)
@@ -312,8 +323,8 @@ def bwd_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, di_desc, c_desc, 
     tma.async_copy_global_to_shared(v_desc, [b, hk, c0, 0], kv_bar, v_smem)
     for first in gl.static_range(STAGES):
         if first < n_blocks:
-            _issue_queries(q_desc, do_desc, lse_desc, di_desc, c_desc, q_smem, do_smem, lse_smem, di_smem, cq_smem,
-                           bars, first, row_lo, b, h, OFF, BLOCK_M, STAGES)
+            _issue_queries(q_desc, do_desc, lse_desc, di_desc, cq_desc, q_smem, do_smem, lse_smem, di_smem, cq_smem,
+                           bars, first, row_lo, b, h, BLOCK_M, STAGES)
 
     cols = c0 + gl.arange(0, BLOCK_N, layout=key_s)
     c_ref = gl.load(C + gl.minimum(c0, Tk - 1))
@@ -356,8 +367,8 @@ def bwd_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, di_desc, c_desc, 
         # every warp is done with stage st: refill it with block i + STAGES
         gl.thread_barrier()
         if i + STAGES < n_blocks:
-            _issue_queries(q_desc, do_desc, lse_desc, di_desc, c_desc, q_smem, do_smem, lse_smem, di_smem, cq_smem,
-                           bars, i + STAGES, row_lo, b, h, OFF, BLOCK_M, STAGES)
+            _issue_queries(q_desc, do_desc, lse_desc, di_desc, cq_desc, q_smem, do_smem, lse_smem, di_smem, cq_smem,
+                           bars, i + STAGES, row_lo, b, h, BLOCK_M, STAGES)
 
     mbarrier.invalidate(kv_bar)
     for i in gl.static_range(STAGES):
@@ -372,3 +383,130 @@ def bwd_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, di_desc, c_desc, 
     dv_ptrs = DV + b.to(gl.int64) * stride_dvb + h * stride_dvh + keys[:, None] * stride_dvt + offs_d[None, :]
     gl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=ok)
     gl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=ok)
+
+
+# ----------------------------------------------------------------------------- backward: dQ
+
+
+@gluon.jit
+def bwd_dq_kernel(q_desc, do_desc, k_desc, v_desc, c_desc, C, ACP_KV, LO, OUT, LSE, DI, DQ, DC,
+                  stride_cb, stride_ch, stride_lob, stride_ob, stride_oh, stride_ot,
+                  stride_dqb, stride_dqh, stride_dqt, stride_dcb, stride_dch,
+                  H, GROUP, Tq, OFF, NUM_QT, sm_scale, qk_scale,
+                  HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                  PLAN_M: gl.constexpr, PLAN_N: gl.constexpr, IS_VARLEN: gl.constexpr, HAS_ACP: gl.constexpr,
+                  num_warps: gl.constexpr):
+    """One program per (query block, batch * head): the Triton ``bwd_dq_kernel``'s job (read its
+    docstring: it runs first, stores ``Di = rowsum(dO * O)`` and writes the query-side dc term
+    ``sum_j dS_rj`` to ``DC``), with the forward's key loop (K, V and the block's decays through the
+    TMA ring, ``_issue_kv``):
+
+        S = Q K^T,  P = exp2(S * qk_scale - ck_j - lse_r),  dP = dO V^T,  dS = P * (dP - Di_r),
+        dQ += dS K,  dc_r += sum_j dS[r, j]
+
+    QK^T and dO V^T run together; the exponentials overlap the second. ``C`` is the float32 decay
+    padded to whole key blocks with unit stride along positions (``c_desc`` describes it)."""
+    gl.static_assert(BLOCK_M == 16 * num_warps, "one 16-row MMA slice per warp")
+    pid_m = gl.program_id(0)
+    bh = gl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    r0 = pid_m * BLOCK_M
+    C += b.to(gl.int64) * stride_cb + h * stride_ch
+    LO += b * stride_lob
+
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                         instr_shape=[16, HEAD_DIM, 16])
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+    row_acc: gl.constexpr = gl.SliceLayout(1, acc_layout)
+    dim_acc: gl.constexpr = gl.SliceLayout(0, acc_layout)
+
+    col_lo, full_start, full_end, n_blocks = _key_range(LO, ACP_KV + bh * NUM_QT, r0, Tq, OFF, BLOCK_M, BLOCK_N,
+                                                        PLAN_M, PLAN_N, IS_VARLEN, HAS_ACP)
+
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [1, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(do_desc.dtype, [1, 1, BLOCK_M, HEAD_DIM], do_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
+    c_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, 1, BLOCK_N], c_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_bars.index(i), count=1)
+        mbarrier.init(v_bars.index(i), count=1)
+
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [b, h, r0, 0], q_bar, q_smem)
+    tma.async_copy_global_to_shared(do_desc, [b, h, r0, 0], q_bar, do_smem)
+    for first in gl.static_range(STAGES):
+        if first < n_blocks:
+            _issue_kv(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, first, col_lo, b, h, hk,
+                      BLOCK_N, STAGES)
+
+    # Di = rowsum(dO * O) from the stored output (read once; the dK/dV kernel reads Di)
+    rows_acc = r0 + gl.arange(0, BLOCK_M, layout=row_acc)
+    offs_d = gl.arange(0, HEAD_DIM, layout=dim_acc)
+    ok_acc = (rows_acc < Tq)[:, None]
+    o = gl.load(OUT + b.to(gl.int64) * stride_ob + h * stride_oh + rows_acc[:, None] * stride_ot + offs_d[None, :],
+                mask=ok_acc, other=0.0)
+    rows = r0 + gl.arange(0, BLOCK_M, layout=row_s)
+    pos_q = rows + OFF
+    c_ref = gl.load(C + r0 + OFF)
+    lse = gl.load(LSE + bh.to(gl.int64) * Tq + rows, mask=rows < Tq, other=float("inf"))
+    lse = lse - (gl.load(C + pos_q, mask=rows < Tq, other=0.0) - c_ref) * _LOG2E  # the row term, folded in
+    if IS_VARLEN:
+        lo_q = gl.load(LO + pos_q, mask=rows < Tq, other=0)
+    else:
+        lo_q = rows * 0
+    dq = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=acc_layout)
+    dcq = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
+    zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+    q = q_smem.reshape([BLOCK_M, HEAD_DIM])
+    do = do_smem.reshape([BLOCK_M, HEAD_DIM])
+    mbarrier.wait(q_bar, phase=0)
+    di = gl.sum(o.to(gl.float32) * do.load(acc_layout).to(gl.float32), 1)
+    gl.store(DI + bh.to(gl.int64) * Tq + rows_acc, di, mask=rows_acc < Tq)
+    di = gl.convert_layout(di, row_s)
+
+    for j in range(n_blocks):
+        st = j % STAGES
+        ph = (j // STAGES) & 1
+        mbarrier.wait(k_bars.index(st), phase=ph)
+        s_tok = warpgroup_mma(q, k_smem.index(st).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), zero_s,
+                              use_acc=False, is_async=True)
+        mbarrier.wait(v_bars.index(st), phase=ph)
+        dp_tok = warpgroup_mma(do, v_smem.index(st).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), zero_s,
+                               use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok])
+        col = col_lo + j * BLOCK_N
+        s = _scores(s, c_smem.index(st), col, c_ref, pos_q, lo_q, (col < full_start) | (col >= full_end), qk_scale,
+                    BLOCK_N, IS_VARLEN, col_s)
+        p = gl.exp2(s - lse[:, None])
+        dp = warpgroup_mma_wait(num_outstanding=0, deps=[dp_tok])
+        ds = p * (dp - di[:, None])
+        dq = warpgroup_mma(gl.convert_layout(ds.to(q_desc.dtype), op_layout),
+                           k_smem.index(st).reshape([BLOCK_N, HEAD_DIM]), dq, is_async=True)
+        dcq += gl.sum(ds, 1)
+        dq = warpgroup_mma_wait(num_outstanding=0, deps=[dq])
+        # every warp is done with stage st: refill it with block j + STAGES
+        gl.thread_barrier()
+        if j + STAGES < n_blocks:
+            _issue_kv(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, j + STAGES, col_lo, b, h, hk,
+                      BLOCK_N, STAGES)
+
+    mbarrier.invalidate(q_bar)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(k_bars.index(i))
+        mbarrier.invalidate(v_bars.index(i))
+
+    dq_ptrs = DQ + b.to(gl.int64) * stride_dqb + h * stride_dqh + rows_acc[:, None] * stride_dqt + offs_d[None, :]
+    gl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=ok_acc)
+    # the query-side dc term at the rows' positions (the dK/dV kernel adds the key-side term)
+    gl.store(DC + b.to(gl.int64) * stride_dcb + h * stride_dch + pos_q, dcq, mask=rows < Tq)
