@@ -1,4 +1,4 @@
-"""backend="hopper" (Gluon forward and dK/dV kernels, Triton dQ kernel) on an sm90+ GPU: the Triton backend's case
+"""backend="hopper" (Gluon forward, dQ and dK/dV kernels) on an sm90+ GPU: the Triton backend's case
 matrix at head dims 64 and 128 against the float32 reference (output and every gradient, ACP on
 exactly the plan's tiles), 16k, poisoned outputs, torch.compile(fullgraph=True). Skipped elsewhere."""
 
@@ -48,7 +48,7 @@ def test_hopper_16k(ta, acp):
 
 
 def test_hopper_plan_tiles(ta):
-    """The plan is on the Gluon kernel's blocks (the Triton backward's blocks divide them)."""
+    """The plan is on the Gluon forward's blocks (the backward kernels' blocks divide them)."""
     q, k, v, log_f = make(1, 1024, 2, 64)
     _, stats = forgetting_attention(q, k, v, log_f, backend="hopper", adaptive_threshold="auto", return_stats=True)
     assert (stats.plan.block_m, stats.plan.block_n) == backends.load("hopper").required_tiles(64)

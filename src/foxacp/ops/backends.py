@@ -47,7 +47,7 @@ def _import(name: str):
 
 def resolve(name: str, q, head_dim: int):
     """The backend module for ``name``. "auto" on CUDA picks hopper where it serves the call (sm90+,
-    Gluon, bf16/fp16, head dim 64 or 128: its forward + backward measured 3-7% faster than
+    Gluon, bf16/fp16, head dim 64 or 128: its forward + backward measured 6-7% faster than
     triton's at every benchmark shape, docs/results.md run 18), else triton when it can, else torch.
 
     On CUDA, "auto" warns once when the Triton backend cannot load at all (triton missing or

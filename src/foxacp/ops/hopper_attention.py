@@ -2,10 +2,10 @@
 
 Two custom ops own the call: ``foxacp::hopper_attn_fwd`` runs the Gluon forward of
 :mod:`foxacp.ops.hopper_kernels` (TMA K/V ring, asynchronous warpgroup MMAs with the next QK^T
-overlapping the softmax) and ``foxacp::hopper_attn_bwd`` the backward: the Triton dQ kernel (which
-also writes Di and the query-side dc term), then the Gluon dK/dV kernel (TMA ring of q, dO and the
-row statistics, warpgroup MMAs on transposed tiles, the dS column sums for dlog_fgate in the same
-loop). Both read the Triton kernels' ``(out, lse)`` conventions. ACP: the plan is built by the
+overlapping the softmax) and ``foxacp::hopper_attn_bwd`` the backward: the Gluon dQ kernel (the
+forward's key ring; it also writes Di and the query-side dc term), then the Gluon dK/dV kernel (TMA
+ring of q, dO and the row statistics, warpgroup MMAs on transposed tiles, the dS column sums for
+dlog_fgate in the same loop). All follow the Triton kernels' ``(out, lse)`` conventions. ACP: the plan is built by the
 Triton pre-pass on the forward's tiles (:func:`required_tiles`); every backward block divides them.
 
 Covered: bf16/fp16, head dims 64 and 128, GQA, packed sequences / left padding, Tq <= Tk, any T.
@@ -51,10 +51,11 @@ def launch_config(head_dim: int) -> dict:
     return dict(STAGES=4, num_warps=4) if head_dim <= 64 else dict(STAGES=3, num_warps=8)
 
 
-# The dK/dV kernel's blocks (``BLOCK_N = 16 * num_warps`` keys, ``BLOCK_M`` query rows; both divide
-# the forward's tiles at D=64 and 128) and ring depth. Measured on an H200 (docs/kernel-notes.md,
-# attempt 22): one warpgroup on 64x64 blocks is the fastest at both head dims (D=128: 3.50 ms against
-# 4.25 for two warpgroups on 128 keys at (2, 8, 16k)); 2 and 3 stages tie; 32-row blocks are slower.
+# The backward kernels' blocks (dK/dV: ``BLOCK_N = 16 * num_warps`` keys against ``BLOCK_M`` query
+# rows; dQ: ``BLOCK_M = 16 * num_warps`` rows against ``BLOCK_N`` keys; both divide the forward's tiles
+# at D=64 and 128) and ring depth. Measured on an H200 (docs/kernel-notes.md, attempt 22): one
+# warpgroup on 64x64 blocks is the fastest dK/dV kernel at both head dims (D=128: 3.50 ms against 4.25
+# for two warpgroups on 128 keys at (2, 8, 16k)); 2 and 3 stages tie; 32-row blocks are slower.
 BACKWARD_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, STAGES=2, num_warps=4)
 
 

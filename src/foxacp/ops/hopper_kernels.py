@@ -1,11 +1,12 @@
 """Gluon (Triton's explicit dialect) kernels for forgetting attention on Hopper (sm90+): the
-forward and the backward's dK/dV kernel (its dQ kernel is Triton's; see ``bwd_dkdv_kernel``).
+forward and the backward's dQ and dK/dV kernels.
 
-Same function and conventions as ``triton_kernels.fwd_kernel`` (read its module docstring): query
-row ``r`` sits at key position ``p = r + OFF`` and sees keys ``lo[p] <= j <= p``; scores are kept
-in log2 units without the row term, ``s_rj = qk_scale * q_r . k_j - (c_j - c_ref) * log2(e)``,
-and the row term ``(c_p - c_ref) * log2(e)`` is added to the stored lse, so the Triton backward
-reads this kernel's ``(out, lse)`` unchanged.
+Same functions and conventions as ``triton_kernels``' forward, dQ and dK/dV kernels (read that
+module's docstring): query row ``r`` sits at key position ``p = r + OFF`` and sees keys
+``lo[p] <= j <= p``; scores are kept in log2 units without the row term,
+``s_rj = qk_scale * q_r . k_j - (c_j - c_ref) * log2(e)``, and the row term
+``(c_p - c_ref) * log2(e)`` is added to the stored lse, so either backend's backward reads either
+forward's ``(out, lse)``.
 
 What Gluon lets us write that Triton 3.6 could not (docs/kernel-notes.md, attempt 13):
 
@@ -232,6 +233,7 @@ def fwd_kernel(q_desc, k_desc, v_desc, c_desc, C, ACP_KV, LO, OUT, LSE,
 
 
 _key_block_queries = gluon.jit(triton_kernels._key_block_queries.fn)
+_whole_row_blocks = gluon.jit(triton_kernels._whole_row_blocks.fn)
 
 
 @gluon.jit
@@ -299,10 +301,7 @@ def bwd_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, di_desc, cq_desc,
     row_lo, row_hi, full_lo, full_hi = _key_block_queries(LO, HI, ACP_Q + bh * NUM_KT, c0, Tq, Tk, OFF,
                                                           BLOCK_N=BLOCK_N, PLAN_M=PLAN_M, PLAN_N=PLAN_N,
                                                           IS_VARLEN=IS_VARLEN, HAS_ACP=HAS_ACP)
-    row_lo = row_lo // BLOCK_M * BLOCK_M
-    full_start = gl.minimum(gl.maximum((full_lo + BLOCK_M - 1) // BLOCK_M * BLOCK_M, row_lo),
-                            gl.maximum(row_hi, row_lo))
-    full_end = gl.maximum(gl.minimum(full_hi // BLOCK_M * BLOCK_M, row_hi), full_start)
+    row_lo, full_start, full_end = _whole_row_blocks(row_lo, row_hi, full_lo, full_hi, BLOCK_M)
     n_blocks = gl.cdiv(row_hi - row_lo, BLOCK_M)
 
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)

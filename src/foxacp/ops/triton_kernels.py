@@ -208,6 +208,19 @@ def _key_block_queries(LO, HI, ACP_Q, c0, Tq, Tk, OFF,
 
 
 @triton.jit
+def _whole_row_blocks(row_lo, row_hi, full_lo, full_hi, BLOCK_M: tl.constexpr):
+    """:func:`_key_block_queries`' rows in whole BLOCK_M blocks from ``row_lo``: ``(row_lo,
+    full_start, full_end)``, the phases ``[row_lo, full_start)`` masked (the causal edge),
+    ``[full_start, full_end)`` rows that see every column (no masks) and ``[full_end, row_hi)``
+    masked (rows of other sequences)."""
+    row_lo = row_lo // BLOCK_M * BLOCK_M
+    full_start = tl.minimum(tl.maximum((full_lo + BLOCK_M - 1) // BLOCK_M * BLOCK_M, row_lo),
+                            tl.maximum(row_hi, row_lo))
+    full_end = tl.maximum(tl.minimum(full_hi // BLOCK_M * BLOCK_M, row_hi), full_start)
+    return row_lo, full_start, full_end
+
+
+@triton.jit
 def acp_bounds_kernel(LO, HI, ACP_KV, ACP_Q, KV_LO, KV_HI, Q_LO, Q_HI, stride_lob, H, Tq, Tk, OFF,
                       NUM_QT, NUM_KT, PLAN_M: tl.constexpr, PLAN_N: tl.constexpr,
                       IS_VARLEN: tl.constexpr, HAS_ACP: tl.constexpr):
@@ -641,12 +654,7 @@ def bwd_dkdv_kernel(Q, K, V, C, ACP_Q, LO, HI, DO, LSE, DI, DK, DV, DC,
     row_lo, row_hi, full_lo, full_hi = _key_block_queries(LO, HI, ACP_Q + bh * NUM_KT, c0, Tq, Tk, OFF,
                                                           BLOCK_N=BLOCK_N, PLAN_M=PLAN_M, PLAN_N=PLAN_N,
                                                           IS_VARLEN=IS_VARLEN, HAS_ACP=HAS_ACP)
-    # phases in whole BLOCK_M blocks: [row_lo, full_start) masked (causal edge), [full_start, full_end)
-    # rows that see every column (no masks), [full_end, row_hi) masked (rows of other sequences)
-    row_lo = row_lo // BLOCK_M * BLOCK_M
-    full_start = tl.minimum(tl.maximum((full_lo + BLOCK_M - 1) // BLOCK_M * BLOCK_M, row_lo),
-                            tl.maximum(row_hi, row_lo))
-    full_end = tl.maximum(tl.minimum(full_hi // BLOCK_M * BLOCK_M, row_hi), full_start)
+    row_lo, full_start, full_end = _whole_row_blocks(row_lo, row_hi, full_lo, full_hi, BLOCK_M)
     c_ref = tl.load(C + tl.minimum(c0, Tk - 1) * stride_ct)
     ck = tl.load(C + cols * stride_ct, mask=col_ok, other=0.0)
     ck = (ck - c_ref) * _LOG2E  # [BLOCK_N]
