@@ -48,15 +48,16 @@ def test_auto_never_picks_hopper_on_cpu():
     assert backends.resolve("auto", q, 64).__name__ == "foxacp.ops.blockwise"
 
 
-@pytest.mark.parametrize("hopper_serves", [True, False])
-def test_auto_prefers_hopper_where_it_serves(monkeypatch, hopper_serves):
-    """On CUDA "auto" takes hopper where it serves the call, else triton (decided by the backends'
-    own ``unavailable_reason``; faked here, as this machine has no GPU)."""
+@pytest.mark.parametrize("hopper_serves, seqlen_q, picked", [(True, 256, "hopper"), (False, 256, "triton"),
+                                                             (True, 64, "triton")])
+def test_auto_prefers_hopper_where_it_serves(monkeypatch, hopper_serves, seqlen_q, picked):
+    """On CUDA "auto" takes hopper where it serves the call, except decoding-size calls, else triton
+    (decided by the backends' own ``unavailable_reason``; faked here, as this machine has no GPU)."""
     triton_backend, hopper_backend = backends.load("triton"), backends.load("hopper")
     monkeypatch.setattr(triton_backend, "unavailable_reason", lambda q: None)
     monkeypatch.setattr(hopper_backend, "unavailable_reason", lambda q: None if hopper_serves else "not sm90")
-    q = types.SimpleNamespace(is_cuda=True)
-    assert backends.resolve("auto", q, 64) is (hopper_backend if hopper_serves else triton_backend)
+    q = types.SimpleNamespace(is_cuda=True, shape=(1, 2, seqlen_q, 64))
+    assert backends.resolve("auto", q, 64) is backends.load(picked)
 
 
 def test_plan_tiles():
@@ -70,3 +71,18 @@ def test_plan_tiles():
         assert bm % cfg.m1 == 0 and bm % cfg.m2 == 0 and bn % cfg.n1 == 0 and bn % cfg.n2 == 0
         assert bm % 64 == 0 and bn % cfg.block_n == 0  # decoding blocks (<= 64 rows) and Triton's key blocks
     assert hopper.required_tiles(32) == triton_backend.default_tiles(32)
+
+
+@pytest.mark.parametrize("shape, stride", [((2, 4, 256), (1024, 1, 4)),  # a (B, T, H) gate seen as (B, H, T)
+                                           ((1, 1, 128), (197, 197, 1))])  # size-1 dims with odd strides
+def test_float_rows_makes_bulk_copyable_rows(shape, stride):
+    """The padded float32 copies the Gluon kernels bulk-copy are fresh contiguous tensors whatever
+    the input's strides (a clone of a strided view would keep them and fail TMA's 16-byte rule)."""
+    module = backends.load("hopper")
+    if module.kernels is None:
+        pytest.skip(module.unavailable_reason(torch.empty(1, 1, 1, 64, dtype=torch.bfloat16)))
+    t = torch.randn(int(torch.tensor(shape).prod()) * 4).as_strided(shape, stride)
+    copy, _ = module._float_rows(t, 64, fill=float("inf"))
+    assert copy.is_contiguous() and copy.shape == (*shape[:2], 256 if shape[-1] == 256 else 128)
+    assert all((s * 4) % 16 == 0 for s in copy.stride()[:-1])
+    assert torch.equal(copy[..., :shape[-1]], t)

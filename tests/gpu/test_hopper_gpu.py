@@ -20,6 +20,7 @@ EXTRA = {  # shapes that exercise the Hopper kernel's own edges: partial last bl
     "gqa-4-odd": (1, 3001, None, 8, 2, 128, {"adaptive_threshold": -5.0}),
     "tq<tk-d128": (1, 300, 1000, 4, 4, 128, {"adaptive_threshold": "auto"}),
     "tq-65-long-keys": (2, 65, 5000, 4, 2, 64, {"seq_start": torch.tensor([100, 4000])}),  # just above decoding
+    "tq<tk-one-head": (1, 128, 197, 1, 1, 64, {}),  # size-1 dims: the padded decay copies' strides
 }
 
 
@@ -45,6 +46,14 @@ def test_hopper_matches_reference(ta, name, dtype):
 def test_hopper_16k(ta, acp):
     compare(ta, make(1, 16384, 2, 64, Hkv=1, tau=[64.0, 8192.0]), torch.bfloat16, backend="hopper",
             adaptive_threshold=acp)
+
+
+@pytest.mark.parametrize("seqlen", [256, 320])
+def test_hopper_cumulative_gate_strided(ta, seqlen):
+    """A cumulative gate given as (B, T, H) reaches the kernels as a strided (B, H, T) view; the
+    bulk copies of its decays need contiguous copies (whole-block T and not)."""
+    q, k, v, log_f = make(2, seqlen, 4, 64)
+    compare(ta, (q, k, v, log_f.cumsum(1)), torch.bfloat16, backend="hopper", cumulative_gate=True)
 
 
 def test_hopper_plan_tiles(ta):

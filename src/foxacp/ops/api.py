@@ -67,8 +67,8 @@ def forgetting_attention(
         layout: a :class:`~foxacp.ops.layout.SequenceLayout` built once for the batch (instead of
             ``seq_start``/``cu_seqlens``; models pass one to every layer).
         acp_plan: a :class:`~foxacp.ops.acp.TilePlan` to compute instead of planning (e.g. the plan
-            of another backend's call, to run the reference on exactly its tiles; the Triton
-            backend takes only plans on its own tiles).
+            of another backend's call, to run the reference on exactly its tiles; the Triton and
+            Hopper backends take only plans on their own tiles, ``required_tiles``).
         backend: ``"reference"`` (dense PyTorch), ``"torch"`` (block-sparse PyTorch),
             ``"triton"`` (GPU kernels), ``"hopper"`` (sm90+: Gluon kernels) or ``"auto"`` (on CUDA
             hopper where it serves the call, else triton when available; else torch).

@@ -28,7 +28,7 @@ try:
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from . import hopper_kernels as kernels
-except (ImportError, AttributeError) as _err:  # pragma: no cover - depends on the environment
+except Exception as _err:  # noqa: BLE001 - any failure of a changed Gluon API; pragma: no cover
     kernels = None
     _IMPORT_ERROR = f"{type(_err).__name__}: {_err}"
 
@@ -37,7 +37,7 @@ _GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def tiles(head_dim: int) -> tuple[int, int]:
-    """``(BLOCK_M, BLOCK_N)`` of the Gluon kernel at a covered head dim (also the ACP plan tiles).
+    """``(BLOCK_M, BLOCK_N)`` of the Gluon forward at a covered head dim (also the ACP plan tiles).
 
     Measured on an H200 (docs/kernel-notes.md, attempt 21), forward time against Triton's: D=64 one
     warpgroup on 64x64 blocks 1.00x (128x128 on two warpgroups 1.15x, 64x128 1.36x); D=128 two
@@ -82,9 +82,11 @@ def unavailable_reason(q) -> Optional[str]:
 
 
 def _tma_ready(t: torch.Tensor) -> bool:
-    """The bulk-copy engine's rules: unit last stride, 16-byte aligned base and strides."""
+    """The bulk-copy engine's rules: unit last stride, 16-byte aligned base and strides, no
+    broadcast (stride 0) dimension."""
     size = t.element_size()
-    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all((s * size) % 16 == 0 for s in t.stride()[:-1])
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all((s * size) % 16 == 0 and (s > 0 or n == 1) for s, n in zip(t.stride()[:-1], t.shape[:-1])))
 
 
 def _descriptor(t: torch.Tensor, block: int) -> "TensorDescriptor":
@@ -96,9 +98,11 @@ def _descriptor(t: torch.Tensor, block: int) -> "TensorDescriptor":
 
 def _float_rows(t: torch.Tensor, block: int, fill: float = 0.0):
     """``(copy, descriptor)`` of a float32 ``(B, H, T)`` tensor for ``[1, 1, block]`` bulk copies:
-    the copy is contiguous and padded with ``fill`` to whole blocks (16-byte rows, as TMA needs;
-    a few microseconds: 2 MB at (2, 16, 16k))."""
-    copy = torch.nn.functional.pad(t, (0, -t.shape[-1] % block), value=fill)
+    a fresh contiguous tensor padded with ``fill`` to whole blocks (16-byte strides whatever the
+    input's strides, as TMA needs; a few microseconds: 2 MB at (2, 16, 16k))."""
+    length = t.shape[-1]
+    copy = t.new_full((*t.shape[:-1], length + (-length % block)), fill)
+    copy[..., :length] = t
     layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
     return copy, TensorDescriptor(copy, list(copy.shape), list(copy.stride()), [1, 1, block], layout)
 
@@ -141,10 +145,11 @@ def _(q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, sm_scale, plan_m, plan_n):
     return q.new_empty((B, Tq, H, D)).transpose(1, 2), q.new_empty((B, H, Tq), dtype=torch.float32)
 
 
-def _dq_pass(dout, q, k, v, decay_rows, c_desc, acp_kv, key_lo, out, lse, sm_scale: float, plan_m: int,
+def _dq_pass(descs, q, k, decay_rows, c_desc, acp_kv, key_lo, out, lse, sm_scale: float, plan_m: int,
              plan_n: int):
-    """The Gluon dQ kernel: ``(dq, di, dc)`` as ``triton_attention._dq_pass`` returns them
-    (``decay_rows``/``c_desc``: the decays padded for bulk copies, :func:`_float_rows`)."""
+    """The Gluon dQ kernel: ``(dq, di, dc)`` as ``triton_attention._dq_pass`` returns them.
+    ``descs``: the bulk-copy descriptors of q, dO, k, v on :data:`BACKWARD_BLOCKS`;
+    ``decay_rows``/``c_desc``: the decays padded for bulk copies (:func:`_float_rows`)."""
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     blocks = BACKWARD_BLOCKS
@@ -154,8 +159,7 @@ def _dq_pass(dout, q, k, v, decay_rows, c_desc, acp_kv, key_lo, out, lse, sm_sca
     dc = (torch.empty if Tq == Tk else torch.zeros)((B, H, Tk), dtype=torch.float32, device=q.device)
     varlen = key_lo is not None
     kernels.bwd_dq_kernel[(triton.cdiv(Tq, blocks["BLOCK_M"]), B * H)](
-        _descriptor(q, blocks["BLOCK_M"]), _descriptor(dout, blocks["BLOCK_M"]), _descriptor(k, blocks["BLOCK_N"]),
-        _descriptor(v, blocks["BLOCK_N"]), c_desc, decay_rows, acp_kv if acp_kv is not None else di,
+        *descs, c_desc, decay_rows, acp_kv if acp_kv is not None else di,
         key_lo if varlen else di, out, lse, di, dq, dc,
         decay_rows.stride(0), decay_rows.stride(1), key_lo.stride(0) if varlen else 0, *out.stride()[:3],
         *dq.stride()[:3], dc.stride(0), dc.stride(1), H, H // Hkv, Tq, Tk - Tq, triton.cdiv(Tq, plan_m),
@@ -167,9 +171,9 @@ def _dq_pass(dout, q, k, v, decay_rows, c_desc, acp_kv, key_lo, out, lse, sm_sca
 
 def _backward(dout, q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, out, lse, sm_scale: float, plan_m: int,
               plan_n: int):
-    if not _tma_ready(dout):
-        dout = dout.contiguous()
-    if not all(_tma_ready(t) for t in (q, k, v)):
+    if not _tma_ready(dout):  # a fresh tensor: contiguous strides (also of size-1 dims), aligned base
+        dout = dout.clone(memory_format=torch.contiguous_format)
+    if not all(_tma_ready(t) for t in (q, k, v, dout)):
         return portable._backward(dout, q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, out, lse, sm_scale,
                                   plan_m, plan_n)
     B, H, Tq, D = q.shape
@@ -178,7 +182,9 @@ def _backward(dout, q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, out, lse, sm_
     assert plan_m % blocks["BLOCK_M"] == 0 and plan_n % blocks["BLOCK_N"] == 0, "plan tiles must be whole blocks"
     assert blocks["BLOCK_M"] == blocks["BLOCK_N"], "one padded decay copy serves both kernels' bulk copies"
     decay_rows, c_desc = _float_rows(decay, blocks["BLOCK_N"])
-    dq, di, dc = _dq_pass(dout, q, k, v, decay_rows, c_desc, acp_kv, key_lo, out, lse, sm_scale, plan_m, plan_n)
+    descs = (_descriptor(q, blocks["BLOCK_M"]), _descriptor(dout, blocks["BLOCK_M"]), _descriptor(k, blocks["BLOCK_N"]),
+             _descriptor(v, blocks["BLOCK_N"]))
+    dq, di, dc = _dq_pass(descs, q, k, decay_rows, c_desc, acp_kv, key_lo, out, lse, sm_scale, plan_m, plan_n)
     dk, dv, dk_part, dv_part = portable.key_gradients(q, k, v)
     _, lse_desc = _float_rows(lse, blocks["BLOCK_M"], fill=float("inf"))  # padded rows see nothing
     _, di_desc = _float_rows(di, blocks["BLOCK_M"])
@@ -186,8 +192,7 @@ def _backward(dout, q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, out, lse, sm_
     cq_desc = c_desc if Tq == Tk else _float_rows(decay[..., Tk - Tq:], blocks["BLOCK_M"])[1]
     varlen = key_lo is not None
     kernels.bwd_dkdv_kernel[(triton.cdiv(Tk, blocks["BLOCK_N"]), B * H)](
-        _descriptor(q, blocks["BLOCK_M"]), _descriptor(dout, blocks["BLOCK_M"]), _descriptor(k, blocks["BLOCK_N"]),
-        _descriptor(v, blocks["BLOCK_N"]), lse_desc, di_desc, cq_desc, decay_rows,
+        *descs, lse_desc, di_desc, cq_desc, decay_rows,
         acp_q if acp_q is not None else di, key_lo if varlen else di, key_hi if varlen else di, dk_part, dv_part, dc,
         decay_rows.stride(0), decay_rows.stride(1), key_lo.stride(0) if varlen else 0, *dk_part.stride()[:3],
         *dv_part.stride()[:3], dc.stride(0), dc.stride(1),

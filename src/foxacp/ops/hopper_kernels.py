@@ -19,9 +19,10 @@ What Gluon lets us write that Triton 3.6 could not (docs/kernel-notes.md, attemp
 * the decay vector ``c_j`` of a block rides with K through the bulk-copy engine (a padded float32
   copy of the decays, 16-byte rows) and is read from shared memory once per block.
 
-Each warp owns 16 query rows (one or two warpgroups per program); a CTA barrier before each refill
-keeps a warpgroup from overwriting a stage another one is still reading. ACP: the plan tiles are this
-kernel's ``BLOCK_M x BLOCK_N`` blocks; each program reads its first kept key block (one int).
+In the forward and the dQ kernel each warp owns 16 query rows, in the dK/dV kernel 16 keys (one or
+two warpgroups per program); a CTA barrier before each refill keeps a warpgroup from overwriting a
+stage another one is still reading. ACP: the plan tiles are the forward's ``BLOCK_M x BLOCK_N``
+blocks, which the backward kernels' blocks divide; each program reads its kept range from the plan.
 """
 
 from triton.experimental import gluon
@@ -32,8 +33,12 @@ from . import triton_kernels
 from .triton_kernels import LOG2E
 
 _LOG2E = gl.constexpr(LOG2E)
-# the Triton kernels' key range of a query block (one source of the ranges), compiled as Gluon
+# the Triton kernels' ranges and phases of a query block's keys and a key block's queries (one source
+# of them), compiled as Gluon
 _query_block_keys = gluon.jit(triton_kernels._query_block_keys.fn)
+_whole_key_blocks = gluon.jit(triton_kernels._whole_key_blocks.fn)
+_key_block_queries = gluon.jit(triton_kernels._key_block_queries.fn)
+_whole_row_blocks = gluon.jit(triton_kernels._whole_row_blocks.fn)
 
 
 @gluon.jit
@@ -62,7 +67,7 @@ def _issue_kv(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, j,
 
 
 @gluon.jit
-def _key_range(LO, ACP_KV, r0, Tq, OFF, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PLAN_M: gl.constexpr,
+def _key_blocks(LO, ACP_KV, r0, Tq, OFF, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PLAN_M: gl.constexpr,
                PLAN_N: gl.constexpr, IS_VARLEN: gl.constexpr, HAS_ACP: gl.constexpr):
     """Key blocks of query rows ``[r0, r0 + BLOCK_M)``: ``(col_lo, full_start, full_end, n_blocks)``,
     the blocks starting at ``col_lo``; masks only on ``[col_lo, full_start)`` (some row's ``lo`` is
@@ -70,9 +75,7 @@ def _key_range(LO, ACP_KV, r0, Tq, OFF, BLOCK_M: gl.constexpr, BLOCK_N: gl.const
     acp_first = gl.load(ACP_KV + r0 // PLAN_M) if HAS_ACP else 0
     col_lo, col_hi, lo_max = _query_block_keys(LO, acp_first, r0, Tq, OFF, BLOCK_M=BLOCK_M, PLAN_M=PLAN_M,
                                                PLAN_N=PLAN_N, IS_VARLEN=IS_VARLEN, HAS_ACP=HAS_ACP)
-    col_lo = col_lo // BLOCK_N * BLOCK_N
-    full_start = gl.minimum(gl.maximum((lo_max + BLOCK_N - 1) // BLOCK_N * BLOCK_N, col_lo), col_hi)
-    full_end = gl.maximum(gl.minimum(r0 + OFF + 1, col_hi) // BLOCK_N * BLOCK_N, full_start)
+    col_lo, full_start, full_end = _whole_key_blocks(col_lo, col_hi, lo_max, r0 + OFF, BLOCK_N)
     return col_lo, full_start, full_end, gl.cdiv(col_hi - col_lo, BLOCK_N)
 
 
@@ -124,7 +127,7 @@ def fwd_kernel(q_desc, k_desc, v_desc, c_desc, C, ACP_KV, LO, OUT, LSE,
     col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
 
     p_first = r0 + OFF
-    col_lo, full_start, full_end, n_blocks = _key_range(LO, ACP_KV + bh * NUM_QT, r0, Tq, OFF, BLOCK_M, BLOCK_N,
+    col_lo, full_start, full_end, n_blocks = _key_blocks(LO, ACP_KV + bh * NUM_QT, r0, Tq, OFF, BLOCK_M, BLOCK_N,
                                                         BLOCK_M, BLOCK_N, IS_VARLEN, HAS_ACP)
 
     # shared memory: q once, K/V rings with one barrier per stage and tensor
@@ -231,9 +234,6 @@ def fwd_kernel(q_desc, k_desc, v_desc, c_desc, C, ACP_KV, LO, OUT, LSE,
 
 # ----------------------------------------------------------------------------- backward: dK, dV
 
-
-_key_block_queries = gluon.jit(triton_kernels._key_block_queries.fn)
-_whole_row_blocks = gluon.jit(triton_kernels._whole_row_blocks.fn)
 
 
 @gluon.jit
@@ -425,7 +425,7 @@ def bwd_dq_kernel(q_desc, do_desc, k_desc, v_desc, c_desc, C, ACP_KV, LO, OUT, L
     row_acc: gl.constexpr = gl.SliceLayout(1, acc_layout)
     dim_acc: gl.constexpr = gl.SliceLayout(0, acc_layout)
 
-    col_lo, full_start, full_end, n_blocks = _key_range(LO, ACP_KV + bh * NUM_QT, r0, Tq, OFF, BLOCK_M, BLOCK_N,
+    col_lo, full_start, full_end, n_blocks = _key_blocks(LO, ACP_KV + bh * NUM_QT, r0, Tq, OFF, BLOCK_M, BLOCK_N,
                                                         PLAN_M, PLAN_N, IS_VARLEN, HAS_ACP)
 
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [1, 1, BLOCK_M, HEAD_DIM], q_desc.layout)

@@ -334,7 +334,8 @@ def fox_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
                  lse: torch.Tensor, sm_scale: float, plan_m: int,
                  plan_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: ``(dq, dk, dv, d decay)``; d decay is float32 (key- and query-side terms, see kernels).
-    ``out``/``lse`` may come from any forward with the same conventions (the Hopper backend's too)."""
+    ``out``/``lse`` may come from any forward with the same conventions (the Hopper backend's too,
+    whose backward runs this one for inputs its bulk copies cannot address)."""
     return _backward(dout, q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, out, lse, sm_scale, plan_m, plan_n)
 
 
@@ -482,7 +483,7 @@ def _check_offsets_fit_int32(q, k, v) -> None:
     H, D = q.shape[1], q.shape[3]
     extents = [sum((n - 1) * st for n, st in zip(t.shape[1:], t.stride()[1:])) for t in (q, k, v)]
     if max(extents + [H * k.shape[2] * D]) >= 2**31:
-        raise ValueError(f"backend 'triton' indexes one batch element in 32 bits; q {tuple(q.shape)} and "
+        raise ValueError(f"the GPU kernels index one batch element in 32 bits; q {tuple(q.shape)} and "
                          f"k {tuple(k.shape)} (B, H, T, D) need more than 2**31 elements per batch element: "
                          "split the sequence or the heads across calls, or use backend='torch'")
 

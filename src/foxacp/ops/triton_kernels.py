@@ -208,6 +208,18 @@ def _key_block_queries(LO, HI, ACP_Q, c0, Tq, Tk, OFF,
 
 
 @triton.jit
+def _whole_key_blocks(col_lo, col_hi, lo_max, p_first, BLOCK_N: tl.constexpr):
+    """:func:`_query_block_keys`' columns in whole BLOCK_N blocks from ``col_lo`` for rows from key
+    position ``p_first``: ``(col_lo, full_start, full_end)``, the phases ``[col_lo, full_start)``
+    masked (some row's ``lo`` is inside), ``[full_start, full_end)`` blocks every row sees whole (no
+    masks) and ``[full_end, col_hi)`` masked (the causal edge)."""
+    col_lo = col_lo // BLOCK_N * BLOCK_N
+    full_start = tl.minimum(tl.maximum((lo_max + BLOCK_N - 1) // BLOCK_N * BLOCK_N, col_lo), col_hi)
+    full_end = tl.maximum(tl.minimum((p_first + 1) // BLOCK_N * BLOCK_N, col_hi), full_start)
+    return col_lo, full_start, full_end
+
+
+@triton.jit
 def _whole_row_blocks(row_lo, row_hi, full_lo, full_hi, BLOCK_M: tl.constexpr):
     """:func:`_key_block_queries`' rows in whole BLOCK_M blocks from ``row_lo``: ``(row_lo,
     full_start, full_end)``, the phases ``[row_lo, full_start)`` masked (the causal edge),
@@ -324,9 +336,7 @@ def _query_block(Q, C, ACP_KV, LO, r0, stride_qt, stride_ct, Tq, OFF,
     cq = (tl.load(C + pos_q * stride_ct, mask=row_ok, other=0.0) - c_ref) * _LOG2E  # [BLOCK_M]
     col_lo, col_hi, lo_max = _query_block_keys(LO, acp_first, r0, Tq, OFF, BLOCK_M=BLOCK_M, PLAN_M=PLAN_M,
                                                PLAN_N=PLAN_N, IS_VARLEN=IS_VARLEN, HAS_ACP=HAS_ACP)
-    col_lo = col_lo // BLOCK_N * BLOCK_N
-    full_start = tl.minimum(tl.maximum((lo_max + BLOCK_N - 1) // BLOCK_N * BLOCK_N, col_lo), col_hi)
-    full_end = tl.maximum(tl.minimum((r0 + OFF + 1) // BLOCK_N * BLOCK_N, col_hi), full_start)
+    col_lo, full_start, full_end = _whole_key_blocks(col_lo, col_hi, lo_max, r0 + OFF, BLOCK_N)
     if IS_VARLEN:
         lo_q = tl.load(LO + pos_q, mask=row_ok, other=0)
     else:
