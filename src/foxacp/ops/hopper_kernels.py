@@ -41,6 +41,19 @@ _key_block_queries = gluon.jit(triton_kernels._key_block_queries.fn)
 _whole_row_blocks = gluon.jit(triton_kernels._whole_row_blocks.fn)
 
 
+@gluon.constexpr_function
+def _mma_layout(num_warps, width):
+    """Layout of a warpgroup-MMA result ``[16 * num_warps, width]``: each warp owns 16 rows."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, width, 16])
+
+
+@gluon.constexpr_function
+def _register_operand(acc_layout):
+    """Layout of a 16-bit left MMA operand held in registers, for an MMA with result ``acc_layout``
+    (a probability or dS tile fed to the next MMA without a shared-memory round trip)."""
+    return gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+
+
 @gluon.jit
 def _longest_first(pid, num_blocks, num_heads, HEADS_PER_GROUP: gl.constexpr):
     """``(query block, head)`` of program ``pid``: the Triton forward's launch order
@@ -115,12 +128,10 @@ def fwd_kernel(q_desc, k_desc, v_desc, c_desc, C, ACP_KV, LO, OUT, LSE,
     C += b.to(gl.int64) * stride_cb + h * stride_ch
     LO += b * stride_lob
 
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
+    s_layout: gl.constexpr = _mma_layout(num_warps, BLOCK_N)
     gl.static_assert(BLOCK_M == 16 * num_warps, "one 16-row MMA slice per warp")
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    o_layout: gl.constexpr = _mma_layout(num_warps, HEAD_DIM)
+    p_layout: gl.constexpr = _register_operand(o_layout)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
@@ -287,11 +298,9 @@ def bwd_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, di_desc, cq_desc,
     LO += b * stride_lob
     HI += b * stride_lob
 
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, BLOCK_M, 16])
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                         instr_shape=[16, HEAD_DIM, 16])
-    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    s_layout: gl.constexpr = _mma_layout(num_warps, BLOCK_M)
+    acc_layout: gl.constexpr = _mma_layout(num_warps, HEAD_DIM)
+    op_layout: gl.constexpr = _register_operand(acc_layout)
     key_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_s: gl.constexpr = gl.SliceLayout(0, s_layout)
     key_acc: gl.constexpr = gl.SliceLayout(1, acc_layout)
@@ -415,11 +424,9 @@ def bwd_dq_kernel(q_desc, do_desc, k_desc, v_desc, c_desc, C, ACP_KV, LO, OUT, L
     C += b.to(gl.int64) * stride_cb + h * stride_ch
     LO += b * stride_lob
 
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                         instr_shape=[16, HEAD_DIM, 16])
-    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    s_layout: gl.constexpr = _mma_layout(num_warps, BLOCK_N)
+    acc_layout: gl.constexpr = _mma_layout(num_warps, HEAD_DIM)
+    op_layout: gl.constexpr = _register_operand(acc_layout)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
     row_acc: gl.constexpr = gl.SliceLayout(1, acc_layout)
