@@ -93,7 +93,8 @@ def compile_one(fn, constants: dict, warps: int, stages: int, label: str, gqa: b
 
 def compile_gluon(head_dim: int) -> None:
     """The Gluon kernels of ``backend="hopper"`` at ``head_dim`` (forward, dK/dV, dQ): dense, ACP,
-    ACP with packed sequences."""
+    ACP with packed sequences; the dK/dV kernel also as a GQA backward launches it (float32
+    partials, the group size not a constant)."""
     from foxacp.ops import hopper_attention
 
     if hopper_attention.kernels is None or head_dim not in hopper_attention.HEAD_DIMS:
@@ -129,15 +130,19 @@ def compile_gluon(head_dim: int) -> None:
           "k_desc": descriptor_type(x, bwd["BLOCK_N"]), "v_desc": descriptor_type(x, bwd["BLOCK_N"]),
           "c_desc": descriptor_type(c, bwd["BLOCK_N"])}),
     ]
-    pointers = {"C": "*fp32", "LSE": "*fp32", "DC": "*fp32", "ACP_KV": "*i32", "ACP_Q": "*i32", "LO": "*i32",
-                "HI": "*i32", "OUT": "*bf16", "DK": "*bf16", "DV": "*bf16", "DQ": "*bf16", "DI": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32"}
+    pointers = {"C": "*fp32", "LSE": "*fp32", "DC": "*fp32", "DI": "*fp32", "ACP_KV": "*i32", "ACP_Q": "*i32",
+                "LO": "*i32", "HI": "*i32", "OUT": "*bf16", "DK": "*bf16", "DV": "*bf16", "DQ": "*bf16",
+                "qk_scale": "fp32", "sm_scale": "fp32"}
     for fn, launch, descriptors in kernels:
-        for acp, varlen in ((False, False), (True, False), (True, True)):
+        variants = [(False, False, False), (True, False, False), (True, True, False)]
+        if fn is HK.bwd_dkdv_kernel:
+            variants.append((False, False, True))
+        for acp, varlen, gqa in variants:
             constants = dict(HEAD_DIM=head_dim, IS_VARLEN=varlen, HAS_ACP=acp, **launch)
-            types = {**pointers, **descriptors}
+            types = {**pointers, **descriptors, **({"DK": "*fp32", "DV": "*fp32"} if gqa else {})}
             sig = {name: "constexpr" if name in constants else types.get(name, "i32") for name in fn.arg_names}
             label = (f"D={head_dim} gluon {fn.__name__} {constants['BLOCK_M']}x{constants['BLOCK_N']} "
-                     f"w{constants['num_warps']} acp={acp:d} varlen={varlen:d}")
+                     f"w{constants['num_warps']} acp={acp:d} varlen={varlen:d}{' gqa' if gqa else ''}")
             try:
                 kernel = triton.compile(GluonASTSource(fn, sig, constants), target=GPUTarget("cuda", 90, 32),
                                         options={"num_warps": constants["num_warps"]})
@@ -152,8 +157,12 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--stages", type=int, default=None, help="override the table's stage counts")
+    parser.add_argument("--gluon-only", action="store_true", help="only the Hopper backend's Gluon kernels")
     args = parser.parse_args(argv)
     for head_dim in args.head_dims:
+        if args.gluon_only:
+            compile_gluon(head_dim)
+            continue
         cfg, d_pad = tile_config(head_dim), _pad(head_dim)
         forward = {"NUM_SPLITS": 1, "HEADS_PER_GROUP": HEADS_PER_GROUP}
         kernels = [(K.fwd_kernel, cfg.block_m, cfg.block_n, cfg.fwd_warps, cfg.fwd_stages, forward),
