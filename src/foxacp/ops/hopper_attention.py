@@ -155,8 +155,7 @@ def _dq_pass(descs, q, k, decay_rows, c_desc, acp_kv, key_lo, out, lse, sm_scale
     blocks = BACKWARD_BLOCKS
     di = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     dq = torch.empty_like(q)
-    # written at the query positions [Tk - Tq, Tk); the dK/dV kernel adds to every position
-    dc = (torch.empty if Tq == Tk else torch.zeros)((B, H, Tk), dtype=torch.float32, device=q.device)
+    dc = portable.decay_gradient_buffer(q, k)
     varlen = key_lo is not None
     kernels.bwd_dq_kernel[(triton.cdiv(Tq, blocks["BLOCK_M"]), B * H)](
         *descs, c_desc, decay_rows, acp_kv if acp_kv is not None else di,

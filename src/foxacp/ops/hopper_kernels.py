@@ -246,7 +246,6 @@ def fwd_kernel(q_desc, k_desc, v_desc, c_desc, C, ACP_KV, LO, OUT, LSE,
 # ----------------------------------------------------------------------------- backward: dK, dV
 
 
-
 @gluon.jit
 def _issue_queries(q_desc, do_desc, lse_desc, di_desc, cq_desc, q_smem, do_smem, lse_smem, di_smem, cq_smem,
                    bars, i, row_lo, b, h, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):

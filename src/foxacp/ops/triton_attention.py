@@ -243,8 +243,7 @@ def _dq_pass(dout, q, k, v, decay, acp_kv, key_lo, out, lse, sm_scale: float, pl
     has_acp, varlen = acp_kv is not None, key_lo is not None
     di = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     dq = torch.empty_like(q)
-    # the dQ kernel writes dc at the query positions [Tk - Tq, Tk); the dK/dV kernel adds to every position
-    dc = (torch.empty if Tq == Tk else torch.zeros)(decay.shape, dtype=torch.float32, device=q.device)
+    dc = decay_gradient_buffer(q, k)
     kernels.bwd_dq_kernel[(triton.cdiv(Tq, cfg.m2), B * H)](
         q, k, v, decay, acp_kv if has_acp else di, key_lo if varlen else decay, out, dout, lse, di, dq, dc,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *decay.stride(), key_lo.stride(0) if varlen else 0,
@@ -254,6 +253,13 @@ def _dq_pass(dout, q, k, v, decay, acp_kv, key_lo, out, lse, sm_scale: float, pl
         HAS_ACP=has_acp, EVEN_D=D == d_pad, num_warps=cfg.bwd_warps, num_stages=_stages(cfg.bwd_stages, q.dtype, D),
     )
     return dq, di, dc
+
+
+def decay_gradient_buffer(q, k) -> torch.Tensor:
+    """The float32 ``(B, H, Tk)`` d decay a dQ kernel writes at the query positions ``[Tk - Tq, Tk)``
+    and the dK/dV kernel then adds to at every position: zeroed only where no query sits."""
+    B, H, Tq, Tk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    return (torch.empty if Tq == Tk else torch.zeros)((B, H, Tk), dtype=torch.float32, device=q.device)
 
 
 def key_gradients(q, k, v):
