@@ -108,6 +108,7 @@ def compile_gluon(head_dim: int) -> None:
     HK = hopper_attention.kernels
     block_m, block_n = hopper_attention.tiles(head_dim)
     bwd = hopper_attention.BACKWARD_BLOCKS
+    dq_launch, dkdv_launch = hopper_attention.backward_launch(head_dim)
 
     def descriptor_type(tensor, block):
         desc = hopper_attention._descriptor(tensor, block) if tensor.dim() == 4 else \
@@ -121,11 +122,11 @@ def compile_gluon(head_dim: int) -> None:
                              **hopper_attention.launch_config(head_dim)),
          {"q_desc": descriptor_type(x, block_m), "k_desc": descriptor_type(x, block_n),
           "v_desc": descriptor_type(x, block_n), "c_desc": descriptor_type(c, block_n)}),
-        (HK.bwd_dkdv_kernel, dict(PLAN_M=block_m, PLAN_N=block_n, **bwd),
+        (HK.bwd_dkdv_kernel, dict(PLAN_M=block_m, PLAN_N=block_n, **bwd, **dkdv_launch),
          {"q_desc": descriptor_type(x, bwd["BLOCK_M"]), "do_desc": descriptor_type(x, bwd["BLOCK_M"]),
           "k_desc": descriptor_type(x, bwd["BLOCK_N"]), "v_desc": descriptor_type(x, bwd["BLOCK_N"]),
           **{name: descriptor_type(c, bwd["BLOCK_M"]) for name in ("lse_desc", "di_desc", "cq_desc")}}),
-        (HK.bwd_dq_kernel, dict(PLAN_M=block_m, PLAN_N=block_n, **bwd),
+        (HK.bwd_dq_kernel, dict(PLAN_M=block_m, PLAN_N=block_n, **bwd, **dq_launch),
          {"q_desc": descriptor_type(x, bwd["BLOCK_M"]), "do_desc": descriptor_type(x, bwd["BLOCK_M"]),
           "k_desc": descriptor_type(x, bwd["BLOCK_N"]), "v_desc": descriptor_type(x, bwd["BLOCK_N"]),
           "c_desc": descriptor_type(c, bwd["BLOCK_N"])}),
@@ -138,14 +139,16 @@ def compile_gluon(head_dim: int) -> None:
         if fn is HK.bwd_dkdv_kernel:
             variants.append((False, False, True))
         for acp, varlen, gqa in variants:
-            constants = dict(HEAD_DIM=head_dim, IS_VARLEN=varlen, HAS_ACP=acp, **launch)
+            options = {name: launch[name] for name in ("num_warps", "maxnreg") if name in launch}
+            constants = dict(HEAD_DIM=head_dim, IS_VARLEN=varlen, HAS_ACP=acp,
+                             **{name: value for name, value in launch.items() if name != "maxnreg"})
             types = {**pointers, **descriptors, **({"DK": "*fp32", "DV": "*fp32"} if gqa else {})}
             sig = {name: "constexpr" if name in constants else types.get(name, "i32") for name in fn.arg_names}
             label = (f"D={head_dim} gluon {fn.__name__} {constants['BLOCK_M']}x{constants['BLOCK_N']} "
                      f"w{constants['num_warps']} acp={acp:d} varlen={varlen:d}{' gqa' if gqa else ''}")
             try:
                 kernel = triton.compile(GluonASTSource(fn, sig, constants), target=GPUTarget("cuda", 90, 32),
-                                        options={"num_warps": constants["num_warps"]})
+                                        options=options)
             except Exception as err:  # noqa: BLE001 - report any compile failure and go on
                 first = next((line for line in str(err).splitlines() if "error" in line.lower()), type(err).__name__)
                 print(f"FAIL {label}: {type(err).__name__}: {first[:120]}", flush=True)

@@ -47,8 +47,16 @@ def tiles(head_dim: int) -> tuple[int, int]:
 
 
 def launch_config(head_dim: int) -> dict:
-    """Ring depth and warps: one 16-row MMA slice per warp; 3 stages at D=128 (shared memory)."""
-    return dict(STAGES=4, num_warps=4) if head_dim <= 64 else dict(STAGES=3, num_warps=8)
+    """The forward's ring depth, consumer warps (one 16-row MMA slice each) and producer warp: 3
+    stages at D=128 (shared memory). A producer warp takes a warpgroup's share of the register
+    file, so ``maxnreg`` caps every thread such that the CTAs an SM held before still fit its 64K
+    registers; the consumers get what the producer's 24 leave (240 at D=128: one CTA per SM).
+    Measured on an H200 (docs/kernel-notes.md, attempt 25; 16k): D=128 2.31 ms with the producer
+    against 2.40 without; D=64 3.33 (3 CTAs per SM, 144 registers) or 3.08 (2 CTAs) against 3.02
+    without (3 CTAs, 144 registers)."""
+    if head_dim <= 64:
+        return dict(STAGES=4, num_warps=4, PRODUCER_WARP=False)
+    return dict(STAGES=3, num_warps=8, PRODUCER_WARP=True, maxnreg=168)
 
 
 # The backward kernels' blocks (dK/dV: ``BLOCK_N = 16 * num_warps`` keys against ``BLOCK_M`` query
@@ -57,6 +65,18 @@ def launch_config(head_dim: int) -> dict:
 # warpgroup on 64x64 blocks is the fastest dK/dV kernel at both head dims (D=128: 3.50 ms against 4.25
 # for two warpgroups on 128 keys at (2, 8, 16k)); 2 and 3 stages tie; 32-row blocks are slower.
 BACKWARD_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, STAGES=2, num_warps=4)
+
+
+def backward_launch(head_dim: int) -> tuple[dict, dict]:
+    """Launch options of the dQ and of the dK/dV kernel beyond :data:`BACKWARD_BLOCKS`: whether each
+    has a producer warp, and then the register cap that keeps two CTAs per SM (232 registers for
+    the consumers). Measured on an H200 (docs/kernel-notes.md, attempt 25; 16k): D=64 dK/dV 4.63 ms
+    with the producer against 5.08 without, dQ 3.85 against 3.60 (which holds 3 CTAs per SM
+    without); D=128 dQ 2.91 against 2.99, and the dK/dV consumers need more than 232 registers
+    (184 bytes spilled, 5.97 ms against 3.63)."""
+    if head_dim <= 64:
+        return dict(PRODUCER_WARP=False), dict(PRODUCER_WARP=True, maxnreg=128)
+    return dict(PRODUCER_WARP=True, maxnreg=128), dict(PRODUCER_WARP=False)
 
 
 def required_tiles(head_dim: int) -> tuple[int, int]:
@@ -164,6 +184,7 @@ def _dq_pass(descs, q, k, decay_rows, c_desc, acp_kv, key_lo, out, lse, sm_scale
         *dq.stride()[:3], dc.stride(0), dc.stride(1), H, H // Hkv, Tq, Tk - Tq, triton.cdiv(Tq, plan_m),
         sm_scale, sm_scale * kernels.LOG2E,
         HEAD_DIM=D, PLAN_M=plan_m, PLAN_N=plan_n, IS_VARLEN=varlen, HAS_ACP=acp_kv is not None, **blocks,
+        **backward_launch(D)[0],
     )
     return dq, di, dc
 
@@ -197,6 +218,7 @@ def _backward(dout, q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, out, lse, sm_
         *dv_part.stride()[:3], dc.stride(0), dc.stride(1),
         H, H // Hkv, Tq, Tk, Tk - Tq, triton.cdiv(Tk, plan_n), sm_scale, sm_scale * kernels.LOG2E,
         HEAD_DIM=D, PLAN_M=plan_m, PLAN_N=plan_n, IS_VARLEN=varlen, HAS_ACP=acp_q is not None, **blocks,
+        **backward_launch(D)[1],
     )
     portable.sum_groups(dk, dv, dk_part, dv_part)
     return dq, dk, dv, dc

@@ -27,12 +27,15 @@ blocks, which the backward kernels' blocks divide; each program reads its kept r
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                            warpgroup_mma_wait)
 
 from . import triton_kernels
 from .triton_kernels import LOG2E
 
 _LOG2E = gl.constexpr(LOG2E)
+# registers of a producer warp (it only issues bulk copies and waits on barriers): the fewest allowed
+_PRODUCER_REGISTERS = gl.constexpr(24)
 # the Triton kernels' ranges and phases of a query block's keys and a key block's queries (one source
 # of them), compiled as Gluon
 _query_block_keys = gluon.jit(triton_kernels._query_block_keys.fn)
@@ -66,10 +69,12 @@ def _longest_first(pid, num_blocks, num_heads, HEADS_PER_GROUP: gl.constexpr):
 
 
 @gluon.jit
-def _issue_kv(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, j, col_lo, b, h, hk,
-              BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+def _issue_kv(loads, ring, j, col_lo, b, h, hk, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """Start the bulk copies of key block ``j`` (columns ``col_lo + j * BLOCK_N``) into ring stage
-    ``j % STAGES``: K and the block's decays on the stage's K barrier, V on its V barrier."""
+    ``j % STAGES`` (:func:`_kv_ring`): K and the block's decays on the stage's K barrier, V on its
+    V barrier. ``loads``: the descriptors of K, V and the padded decays."""
+    k_desc, v_desc, c_desc = loads
+    k_smem, v_smem, c_smem, k_bars, v_bars, free_bars = ring
     s = j % STAGES
     col = col_lo + j * BLOCK_N
     mbarrier.expect(k_bars.index(s), k_desc.block_type.nbytes + c_desc.block_type.nbytes)
@@ -77,6 +82,15 @@ def _issue_kv(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, j,
     tma.async_copy_global_to_shared(k_desc, [b, hk, col, 0], k_bars.index(s), k_smem.index(s))
     mbarrier.expect(v_bars.index(s), v_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(v_desc, [b, hk, col, 0], v_bars.index(s), v_smem.index(s))
+
+
+@gluon.jit
+def _refill_kv(loads, ring, j, n_blocks, col_lo, b, h, hk, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """Without a producer warp: once every warp is past its reads of stage ``j % STAGES`` (the CTA
+    barrier), load key block ``j`` into it, if there is one."""
+    gl.thread_barrier()
+    if j < n_blocks:
+        _issue_kv(loads, ring, j, col_lo, b, h, hk, BLOCK_N, STAGES)
 
 
 @gluon.jit
@@ -109,27 +123,36 @@ def _scores(s, c_stage, col, c_ref, pos_q, lo_q, masked, qk_scale,
 
 
 @gluon.jit
-def fwd_kernel(q_desc, k_desc, v_desc, c_desc, C, ACP_KV, LO, OUT, LSE,
-               stride_cb, stride_ch, stride_lob, stride_ob, stride_oh, stride_ot,
-               H, GROUP, Tq, OFF, NUM_QT, qk_scale,
-               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-               IS_VARLEN: gl.constexpr, HAS_ACP: gl.constexpr, HEADS_PER_GROUP: gl.constexpr,
-               num_warps: gl.constexpr):
-    """One program per (query block, batch*head). ``C`` is the float32 decay ``(B, H, Tk)`` padded to
-    whole key blocks with unit stride along positions (``c_desc`` describes the same tensor);
-    ``OUT``'s head dim is contiguous."""
-    gl.static_assert(STAGES >= 3, "a stage is refilled two blocks after its use: the ring needs 3 stages")
-    num_blocks = gl.cdiv(Tq, BLOCK_M)
-    pid_m, bh = _longest_first(gl.program_id(0), num_blocks, gl.num_programs(0) // num_blocks, HEADS_PER_GROUP)
-    b = bh // H
-    h = bh % H
-    hk = h // GROUP
-    r0 = pid_m * BLOCK_M
-    C += b.to(gl.int64) * stride_cb + h * stride_ch
-    LO += b * stride_lob
+def _kv_producer(loads, ring, col_lo, n_blocks, b, h, hk, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """Worker partition (one warp) of the forward and the dQ kernel: streams key blocks
+    ``0 .. n_blocks - 1`` through the ring, refilling a stage once the consumers released it (a fresh
+    barrier counts as released)."""
+    free_bars = ring[5]
+    for j in range(n_blocks):
+        mbarrier.wait(free_bars.index(j % STAGES), ((j // STAGES) & 1) ^ 1)
+        _issue_kv(loads, ring, j, col_lo, b, h, hk, BLOCK_N, STAGES)
 
+
+@gluon.jit
+def _release(free_bars, stage):
+    """The consumers are done with ``stage``: its MMAs completed (waited on) and its decays were read;
+    the fence orders those shared-memory reads before the bulk copy that refills it."""
+    fence_async_shared()
+    mbarrier.arrive(free_bars.index(stage))
+
+
+@gluon.jit
+def _fwd_consumer(q_smem, q_bar, loads, ring, C, LO, OUT, LSE, b, h, hk, bh, r0, Tq, OFF, keys, qk_scale, out_strides,
+                  HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                  IS_VARLEN: gl.constexpr, PRODUCER_WARP: gl.constexpr, num_warps: gl.constexpr):
+    """The forward's softmax loop over the ring's key blocks ``keys = (col_lo, full_start,
+    full_end, n_blocks)`` (:func:`_key_blocks`), then the normalised output and lse: the default
+    partition next to :func:`_kv_producer` (``PRODUCER_WARP``), or the whole program, which then
+    refills each stage itself two blocks after its use."""
+    k_smem, v_smem, c_smem, k_bars, v_bars, free_bars = ring
+    col_lo, full_start, full_end, n_blocks = keys
+    stride_ob, stride_oh, stride_ot = out_strides
     s_layout: gl.constexpr = _mma_layout(num_warps, BLOCK_N)
-    gl.static_assert(BLOCK_M == 16 * num_warps, "one 16-row MMA slice per warp")
     o_layout: gl.constexpr = _mma_layout(num_warps, HEAD_DIM)
     p_layout: gl.constexpr = _register_operand(o_layout)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
@@ -137,33 +160,9 @@ def fwd_kernel(q_desc, k_desc, v_desc, c_desc, C, ACP_KV, LO, OUT, LSE,
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
 
-    p_first = r0 + OFF
-    col_lo, full_start, full_end, n_blocks = _key_blocks(LO, ACP_KV + bh * NUM_QT, r0, Tq, OFF, BLOCK_M, BLOCK_N,
-                                                        BLOCK_M, BLOCK_N, IS_VARLEN, HAS_ACP)
-
-    # shared memory: q once, K/V rings with one barrier per stage and tensor
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, [1, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
-    c_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, 1, BLOCK_N], c_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_bars.index(i), count=1)
-        mbarrier.init(v_bars.index(i), count=1)
-
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [b, h, r0, 0], q_bar, q_smem)
-    for first in gl.static_range(STAGES - 1):
-        if first < n_blocks:
-            _issue_kv(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, first, col_lo, b, h, hk,
-                      BLOCK_N, STAGES)
-
     rows = r0 + gl.arange(0, BLOCK_M, layout=row_s)
     pos_q = rows + OFF
-    c_ref = gl.load(C + p_first)
+    c_ref = gl.load(C + r0 + OFF)
     if IS_VARLEN:
         lo_q = gl.load(LO + pos_q, mask=rows < Tq, other=0)
     else:
@@ -189,13 +188,10 @@ def fwd_kernel(q_desc, k_desc, v_desc, c_desc, C, ACP_KV, LO, OUT, LSE,
         p = gl.exp2(s - m_use[:, None])
         l_i = gl.sum(p, 1)
         for j in range(1, n_blocks):
-            # refill the stage of block j - 2 with block j + STAGES - 2: its last reader, PV of block
-            # j - 2, finished in step j - 1 in both warpgroups (the barrier); block j - 1's V is still due
-            gl.thread_barrier()
-            nxt = j + STAGES - 2
-            if nxt < n_blocks:
-                _issue_kv(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, nxt, col_lo, b, h, hk,
-                          BLOCK_N, STAGES)
+            if not PRODUCER_WARP:
+                # the stage of block j - 2 takes block j + STAGES - 2: its last reader, PV of block
+                # j - 2, finished in step j - 1 (the barrier: in every warpgroup)
+                _refill_kv(loads, ring, j + STAGES - 2, n_blocks, col_lo, b, h, hk, BLOCK_N, STAGES)
             st = j % STAGES
             ph = (j // STAGES) & 1
             prev = (j - 1) % STAGES
@@ -205,7 +201,7 @@ def fwd_kernel(q_desc, k_desc, v_desc, c_desc, C, ACP_KV, LO, OUT, LSE,
             s = warpgroup_mma(q, kt, zero_s, use_acc=False, is_async=True)
             # PV of block j - 1 joins it on the tensor cores
             mbarrier.wait(v_bars.index(prev), phase=prev_ph)
-            p_op = gl.convert_layout(p.to(q_desc.dtype), p_layout)
+            p_op = gl.convert_layout(p.to(q_smem.dtype), p_layout)
             acc = warpgroup_mma(p_op, v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=1, deps=[s])
             col = col_lo + j * BLOCK_N
@@ -218,17 +214,14 @@ def fwd_kernel(q_desc, k_desc, v_desc, c_desc, C, ACP_KV, LO, OUT, LSE,
             l_i = l_i * alpha + gl.sum(p, 1)
             m_i = m_new
             acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+            if PRODUCER_WARP:
+                _release(free_bars, prev)  # block j - 1: K, V and decays all read
             acc = acc * gl.convert_layout(alpha, row_o)[:, None]
         last = (n_blocks - 1) % STAGES
         mbarrier.wait(v_bars.index(last), phase=((n_blocks - 1) // STAGES) & 1)
-        p_op = gl.convert_layout(p.to(q_desc.dtype), p_layout)
+        p_op = gl.convert_layout(p.to(q_smem.dtype), p_layout)
         acc = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
-
-    mbarrier.invalidate(q_bar)
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(k_bars.index(i))
-        mbarrier.invalidate(v_bars.index(i))
 
     # normalise, store; lse in log2 units with the row term, +inf where a row saw no key
     seen = l_i > 0.0
@@ -243,15 +236,80 @@ def fwd_kernel(q_desc, k_desc, v_desc, c_desc, C, ACP_KV, LO, OUT, LSE,
     gl.store(LSE + bh.to(gl.int64) * Tq + rows, lse, mask=rows < Tq)
 
 
+@gluon.jit
+def _kv_ring(k_desc, v_desc, c_desc, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """Shared memory of a K/V/decay ring: ``(k, v, decays, K barriers, V barriers, free barriers)``."""
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
+    c_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, 1, BLOCK_N], c_desc.layout)
+    return k_smem, v_smem, c_smem, _barriers(STAGES), _barriers(STAGES), _barriers(STAGES)
+
+
+@gluon.jit
+def _barriers(n: gl.constexpr):
+    """``n`` mbarriers, each completing on one arrival (plus the bytes a bulk copy expects)."""
+    bars = gl.allocate_shared_memory(gl.int64, [n, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(n):
+        mbarrier.init(bars.index(i), count=1)
+    return bars
+
+
+@gluon.jit
+def fwd_kernel(q_desc, k_desc, v_desc, c_desc, C, ACP_KV, LO, OUT, LSE,
+               stride_cb, stride_ch, stride_lob, stride_ob, stride_oh, stride_ot,
+               H, GROUP, Tq, OFF, NUM_QT, qk_scale,
+               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+               IS_VARLEN: gl.constexpr, HAS_ACP: gl.constexpr, HEADS_PER_GROUP: gl.constexpr,
+               PRODUCER_WARP: gl.constexpr, num_warps: gl.constexpr):
+    """One program per (query block, batch*head): the ``num_warps`` consumer warps run the softmax
+    loop (:func:`_fwd_consumer`) while, with ``PRODUCER_WARP``, a one-warp partition streams the key
+    blocks through the ring (:func:`_kv_producer`). ``C`` is the float32 decay ``(B, H, Tk)`` padded
+    to whole key blocks with unit stride along positions (``c_desc`` describes the same tensor);
+    ``OUT``'s head dim is contiguous."""
+    gl.static_assert(BLOCK_M == 16 * num_warps, "one 16-row MMA slice per warp")
+    gl.static_assert(PRODUCER_WARP or STAGES >= 3, "a stage is refilled two blocks after its use: 3 stages")
+    num_blocks = gl.cdiv(Tq, BLOCK_M)
+    pid_m, bh = _longest_first(gl.program_id(0), num_blocks, gl.num_programs(0) // num_blocks, HEADS_PER_GROUP)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    r0 = pid_m * BLOCK_M
+    C += b.to(gl.int64) * stride_cb + h * stride_ch
+    LO += b * stride_lob
+    keys = _key_blocks(LO, ACP_KV + bh * NUM_QT, r0, Tq, OFF, BLOCK_M, BLOCK_N, BLOCK_M, BLOCK_N, IS_VARLEN, HAS_ACP)
+    col_lo, n_blocks = keys[0], keys[3]
+
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [1, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
+    q_bar = _barriers(1)
+    loads = (k_desc, v_desc, c_desc)
+    ring = _kv_ring(k_desc, v_desc, c_desc, HEAD_DIM, BLOCK_N, STAGES)
+    mbarrier.expect(q_bar.index(0), q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [b, h, r0, 0], q_bar.index(0), q_smem)
+    out_strides = (stride_ob, stride_oh, stride_ot)
+    if PRODUCER_WARP:
+        gl.warp_specialize([
+            (_fwd_consumer, (q_smem, q_bar.index(0), loads, ring, C, LO, OUT, LSE, b, h, hk, bh, r0, Tq, OFF, keys,
+                             qk_scale, out_strides, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, IS_VARLEN, True, num_warps)),
+            (_kv_producer, (loads, ring, col_lo, n_blocks, b, h, hk, BLOCK_N, STAGES)),
+        ], [1], [_PRODUCER_REGISTERS])
+    else:
+        for first in gl.static_range(STAGES - 1):
+            if first < n_blocks:
+                _issue_kv(loads, ring, first, col_lo, b, h, hk, BLOCK_N, STAGES)
+        _fwd_consumer(q_smem, q_bar.index(0), loads, ring, C, LO, OUT, LSE, b, h, hk, bh, r0, Tq, OFF, keys, qk_scale,
+                      out_strides, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, IS_VARLEN, False, num_warps)
+
+
 # ----------------------------------------------------------------------------- backward: dK, dV
 
 
 @gluon.jit
-def _issue_queries(q_desc, do_desc, lse_desc, di_desc, cq_desc, q_smem, do_smem, lse_smem, di_smem, cq_smem,
-                   bars, i, row_lo, b, h, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+def _issue_queries(descs, ring, i, row_lo, b, h, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
     """Start the bulk copies of query block ``i`` (rows ``row_lo + i * BLOCK_M``) into ring stage
-    ``i % STAGES``: q, dO, and the rows' lse, Di and decays, all on the stage's barrier (every
-    copy starts at a multiple of BLOCK_M rows)."""
+    ``i % STAGES``: q, dO, and the rows' lse, Di and decays (``descs`` in that order), all on the
+    stage's barrier (every copy starts at a multiple of BLOCK_M rows)."""
+    q_desc, do_desc, lse_desc, di_desc, cq_desc = descs
+    q_smem, do_smem, lse_smem, di_smem, cq_smem, bars, free_bars = ring
     s = i % STAGES
     r = row_lo + i * BLOCK_M
     nbytes: gl.constexpr = q_desc.block_type.nbytes + do_desc.block_type.nbytes + 3 * lse_desc.block_type.nbytes
@@ -264,39 +322,25 @@ def _issue_queries(q_desc, do_desc, lse_desc, di_desc, cq_desc, q_smem, do_smem,
 
 
 @gluon.jit
-def bwd_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, di_desc, cq_desc, C, ACP_Q, LO, HI, DK, DV, DC,
-                    stride_cb, stride_ch, stride_lob, stride_dkb, stride_dkh, stride_dkt,
-                    stride_dvb, stride_dvh, stride_dvt, stride_dcb, stride_dch,
-                    H, GROUP, Tq, Tk, OFF, NUM_KT, sm_scale, qk_scale,
-                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                    PLAN_M: gl.constexpr, PLAN_N: gl.constexpr, IS_VARLEN: gl.constexpr, HAS_ACP: gl.constexpr,
-                    num_warps: gl.constexpr):
-    """One program per (key block, batch * query head h): the Triton ``bwd_dkdv_kernel``'s job
-    (same inputs, outputs and GQA partials; read its docstring) with warpgroup MMAs on transposed
-    tiles, ``[BLOCK_N keys, BLOCK_M rows]``:
+def _query_producer(descs, ring, row_lo, n_blocks, b, h, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+    """Worker partition (one warp) of the dK/dV kernel: streams query blocks ``0 .. n_blocks - 1``
+    (q, dO and the rows' statistics) through the ring, refilling a stage once the consumers released it."""
+    free_bars = ring[6]
+    for i in range(n_blocks):
+        mbarrier.wait(free_bars.index(i % STAGES), ((i // STAGES) & 1) ^ 1)
+        _issue_queries(descs, ring, i, row_lo, b, h, BLOCK_M, STAGES)
 
-        S^T = K Q^T,  P^T = exp2(S^T * qk_scale - ck_j - lse_r),  dP^T = V dO^T,
-        dV += P^T dO,  dS^T = P^T * (dP^T - Di_r),  dK += dS^T Q,  dc_j -= sum_r dS^T[j, r]
 
-    (``ck_j = (c_j - c_ref) log2 e``, the row's ``(c_r - c_ref) log2 e`` folded into its lse; the
-    query-side dc term was written by the dQ kernel). K and V are loaded once; q, dO and the rows'
-    lse, Di and decays stream through a ``STAGES``-deep TMA ring (float32 row vectors padded to 16
-    bytes). The QK^T and dO V^T of a block run together; the exponentials overlap the second, dS
-    overlaps the dV MMA and the column sums overlap the dK MMA. ``C`` is the float32 decay with unit
-    stride along positions; ``cq_desc`` describes a copy of the query rows' decays ``c[OFF + r]``
-    padded to whole blocks: a bulk copy's start along the innermost dimension must be 16-byte aligned
-    (at ``r + OFF`` into the full decays it was not, and the copy faulted: kernel-notes attempt 22)."""
-    gl.static_assert(BLOCK_N == 16 * num_warps, "one 16-key MMA slice per warp")
-    pid_n = gl.program_id(0)
-    bh = gl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // GROUP
-    c0 = pid_n * BLOCK_N
-    C += b.to(gl.int64) * stride_cb + h * stride_ch
-    LO += b * stride_lob
-    HI += b * stride_lob
-
+@gluon.jit
+def _dkdv_consumer(k_smem, v_smem, kv_bar, descs, ring, C, LO, DK, DV, DC, b, h, c0, Tk, OFF, row_lo, full_start,
+                   full_end, n_blocks, sm_scale, qk_scale, stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh,
+                   stride_dvt, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                   STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, PRODUCER_WARP: gl.constexpr,
+                   num_warps: gl.constexpr):
+    """The dK/dV kernel's loop over the ring's query blocks, then dK, dV and the key-side dc term:
+    the default partition next to :func:`_query_producer` (``PRODUCER_WARP``), or the whole
+    program, refilling each stage itself once every warp is done with it."""
+    q_smem, do_smem, lse_smem, di_smem, cq_smem, bars, free_bars = ring
     s_layout: gl.constexpr = _mma_layout(num_warps, BLOCK_M)
     acc_layout: gl.constexpr = _mma_layout(num_warps, HEAD_DIM)
     op_layout: gl.constexpr = _register_operand(acc_layout)
@@ -305,34 +349,6 @@ def bwd_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, di_desc, cq_desc,
     key_acc: gl.constexpr = gl.SliceLayout(1, acc_layout)
     dim_acc: gl.constexpr = gl.SliceLayout(0, acc_layout)
 
-    # query rows of this block: [row_lo, row_hi) in whole blocks, masks outside [full_start, full_end)
-    row_lo, row_hi, full_lo, full_hi = _key_block_queries(LO, HI, ACP_Q + bh * NUM_KT, c0, Tq, Tk, OFF,
-                                                          BLOCK_N=BLOCK_N, PLAN_M=PLAN_M, PLAN_N=PLAN_N,
-                                                          IS_VARLEN=IS_VARLEN, HAS_ACP=HAS_ACP)
-    row_lo, full_start, full_end = _whole_row_blocks(row_lo, row_hi, full_lo, full_hi, BLOCK_M)
-    n_blocks = gl.cdiv(row_hi - row_lo, BLOCK_M)
-
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, [1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(v_desc.dtype, [1, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, 1, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
-    do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES, 1, 1, BLOCK_M, HEAD_DIM], do_desc.layout)
-    lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, 1, BLOCK_M], lse_desc.layout)
-    di_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, 1, BLOCK_M], di_desc.layout)
-    cq_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, 1, BLOCK_M], cq_desc.layout)
-    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(kv_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(bars.index(i), count=1)
-
-    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(k_desc, [b, hk, c0, 0], kv_bar, k_smem)
-    tma.async_copy_global_to_shared(v_desc, [b, hk, c0, 0], kv_bar, v_smem)
-    for first in gl.static_range(STAGES):
-        if first < n_blocks:
-            _issue_queries(q_desc, do_desc, lse_desc, di_desc, cq_desc, q_smem, do_smem, lse_smem, di_smem, cq_smem,
-                           bars, first, row_lo, b, h, BLOCK_M, STAGES)
-
     cols = c0 + gl.arange(0, BLOCK_N, layout=key_s)
     c_ref = gl.load(C + gl.minimum(c0, Tk - 1))
     ck = (gl.load(C + cols, mask=cols < Tk, other=0.0) - c_ref) * _LOG2E
@@ -340,7 +356,6 @@ def bwd_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, di_desc, cq_desc,
     dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=acc_layout)
     dc = gl.zeros([BLOCK_N], gl.float32, layout=key_s)
     zero_s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=s_layout)
-    DC += b.to(gl.int64) * stride_dcb + h * stride_dch
     k = k_smem.reshape([BLOCK_N, HEAD_DIM])
     v = v_smem.reshape([BLOCK_N, HEAD_DIM])
     mbarrier.wait(kv_bar, phase=0)
@@ -365,21 +380,18 @@ def bwd_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, di_desc, cq_desc,
                 lo_r = gl.load(LO + pos, mask=pos < Tk, other=0)
                 visible = visible & (cols[:, None] >= lo_r[None, :])
             pt = gl.where(visible, pt, 0.0)
-        dv = warpgroup_mma(gl.convert_layout(pt.to(q_desc.dtype), op_layout), do, dv, is_async=True)
+        dv = warpgroup_mma(gl.convert_layout(pt.to(q_smem.dtype), op_layout), do, dv, is_async=True)
         dpt = warpgroup_mma_wait(num_outstanding=1, deps=[dp_tok])
         dst = pt * (dpt - di[None, :])
-        dk = warpgroup_mma(gl.convert_layout(dst.to(q_desc.dtype), op_layout), q, dk, is_async=True)
+        dk = warpgroup_mma(gl.convert_layout(dst.to(q_smem.dtype), op_layout), q, dk, is_async=True)
         dc -= gl.sum(dst, 1)
         dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=[dv, dk])
-        # every warp is done with stage st: refill it with block i + STAGES
-        gl.thread_barrier()
-        if i + STAGES < n_blocks:
-            _issue_queries(q_desc, do_desc, lse_desc, di_desc, cq_desc, q_smem, do_smem, lse_smem, di_smem, cq_smem,
-                           bars, i + STAGES, row_lo, b, h, BLOCK_M, STAGES)
-
-    mbarrier.invalidate(kv_bar)
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(bars.index(i))
+        if PRODUCER_WARP:
+            _release(free_bars, st)
+        else:
+            gl.thread_barrier()
+            if i + STAGES < n_blocks:
+                _issue_queries(descs, ring, i + STAGES, row_lo, b, h, BLOCK_M, STAGES)
 
     # + the query-side term (dQ kernel)
     gl.store(DC + cols, gl.load(DC + cols, mask=cols < Tk, other=0.0) + dc, mask=cols < Tk)
@@ -392,37 +404,97 @@ def bwd_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, di_desc, cq_desc,
     gl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=ok)
 
 
-# ----------------------------------------------------------------------------- backward: dQ
-
-
 @gluon.jit
-def bwd_dq_kernel(q_desc, do_desc, k_desc, v_desc, c_desc, C, ACP_KV, LO, OUT, LSE, DI, DQ, DC,
-                  stride_cb, stride_ch, stride_lob, stride_ob, stride_oh, stride_ot,
-                  stride_dqb, stride_dqh, stride_dqt, stride_dcb, stride_dch,
-                  H, GROUP, Tq, OFF, NUM_QT, sm_scale, qk_scale,
-                  HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                  PLAN_M: gl.constexpr, PLAN_N: gl.constexpr, IS_VARLEN: gl.constexpr, HAS_ACP: gl.constexpr,
-                  num_warps: gl.constexpr):
-    """One program per (query block, batch * head): the Triton ``bwd_dq_kernel``'s job (read its
-    docstring: it runs first, stores ``Di = rowsum(dO * O)`` and writes the query-side dc term
-    ``sum_j dS_rj`` to ``DC``), with the forward's key loop (K, V and the block's decays through the
-    TMA ring, ``_issue_kv``):
+def bwd_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, di_desc, cq_desc, C, ACP_Q, LO, HI, DK, DV, DC,
+                    stride_cb, stride_ch, stride_lob, stride_dkb, stride_dkh, stride_dkt,
+                    stride_dvb, stride_dvh, stride_dvt, stride_dcb, stride_dch,
+                    H, GROUP, Tq, Tk, OFF, NUM_KT, sm_scale, qk_scale,
+                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                    PLAN_M: gl.constexpr, PLAN_N: gl.constexpr, IS_VARLEN: gl.constexpr, HAS_ACP: gl.constexpr,
+                    PRODUCER_WARP: gl.constexpr, num_warps: gl.constexpr):
+    """One program per (key block, batch * query head h): the Triton ``bwd_dkdv_kernel``'s job
+    (same inputs, outputs and GQA partials; read its docstring) with warpgroup MMAs on transposed
+    tiles, ``[BLOCK_N keys, BLOCK_M rows]``:
 
-        S = Q K^T,  P = exp2(S * qk_scale - ck_j - lse_r),  dP = dO V^T,  dS = P * (dP - Di_r),
-        dQ += dS K,  dc_r += sum_j dS[r, j]
+        S^T = K Q^T,  P^T = exp2(S^T * qk_scale - ck_j - lse_r),  dP^T = V dO^T,
+        dV += P^T dO,  dS^T = P^T * (dP^T - Di_r),  dK += dS^T Q,  dc_j -= sum_r dS^T[j, r]
 
-    QK^T and dO V^T run together; the exponentials overlap the second. ``C`` is the float32 decay
-    padded to whole key blocks with unit stride along positions (``c_desc`` describes it)."""
-    gl.static_assert(BLOCK_M == 16 * num_warps, "one 16-row MMA slice per warp")
-    pid_m = gl.program_id(0)
+    (``ck_j = (c_j - c_ref) log2 e``, the row's ``(c_r - c_ref) log2 e`` folded into its lse; the
+    query-side dc term was written by the dQ kernel). K and V are loaded once; a one-warp producer
+    partition streams q, dO and the rows' lse, Di and decays through a ``STAGES``-deep TMA ring
+    (float32 row vectors padded to 16 bytes; :func:`_query_producer`). In the consumers
+    (:func:`_dkdv_consumer`) the QK^T and dO V^T of a block run together; the exponentials overlap
+    the second, dS overlaps the dV MMA and the column sums overlap the dK MMA. ``C`` is the float32
+    decay with unit stride along positions; ``cq_desc`` describes a copy of the query rows' decays
+    ``c[OFF + r]`` padded to whole blocks: a bulk copy's start along the innermost dimension must be
+    16-byte aligned (at ``r + OFF`` into the full decays it was not, and the copy faulted:
+    kernel-notes attempt 22)."""
+    gl.static_assert(BLOCK_N == 16 * num_warps, "one 16-key MMA slice per warp")
+    pid_n = gl.program_id(0)
     bh = gl.program_id(1)
     b = bh // H
     h = bh % H
     hk = h // GROUP
-    r0 = pid_m * BLOCK_M
+    c0 = pid_n * BLOCK_N
     C += b.to(gl.int64) * stride_cb + h * stride_ch
     LO += b * stride_lob
+    HI += b * stride_lob
+    DC += b.to(gl.int64) * stride_dcb + h * stride_dch
 
+    # query rows of this block: [row_lo, row_hi) in whole blocks, masks outside [full_start, full_end)
+    row_lo, row_hi, full_lo, full_hi = _key_block_queries(LO, HI, ACP_Q + bh * NUM_KT, c0, Tq, Tk, OFF,
+                                                          BLOCK_N=BLOCK_N, PLAN_M=PLAN_M, PLAN_N=PLAN_N,
+                                                          IS_VARLEN=IS_VARLEN, HAS_ACP=HAS_ACP)
+    row_lo, full_start, full_end = _whole_row_blocks(row_lo, row_hi, full_lo, full_hi, BLOCK_M)
+    n_blocks = gl.cdiv(row_hi - row_lo, BLOCK_M)
+
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [1, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
+    ring = (gl.allocate_shared_memory(q_desc.dtype, [STAGES, 1, 1, BLOCK_M, HEAD_DIM], q_desc.layout),
+            gl.allocate_shared_memory(do_desc.dtype, [STAGES, 1, 1, BLOCK_M, HEAD_DIM], do_desc.layout),
+            gl.allocate_shared_memory(gl.float32, [STAGES, 1, 1, BLOCK_M], lse_desc.layout),
+            gl.allocate_shared_memory(gl.float32, [STAGES, 1, 1, BLOCK_M], di_desc.layout),
+            gl.allocate_shared_memory(gl.float32, [STAGES, 1, 1, BLOCK_M], cq_desc.layout),
+            _barriers(STAGES), _barriers(STAGES))
+    kv_bar = _barriers(1)
+    mbarrier.expect(kv_bar.index(0), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [b, hk, c0, 0], kv_bar.index(0), k_smem)
+    tma.async_copy_global_to_shared(v_desc, [b, hk, c0, 0], kv_bar.index(0), v_smem)
+    descs = (q_desc, do_desc, lse_desc, di_desc, cq_desc)
+    if PRODUCER_WARP:
+        gl.warp_specialize([
+            (_dkdv_consumer, (k_smem, v_smem, kv_bar.index(0), descs, ring, C, LO, DK, DV, DC, b, h, c0, Tk, OFF, row_lo,
+                              full_start, full_end, n_blocks, sm_scale, qk_scale, stride_dkb, stride_dkh, stride_dkt,
+                              stride_dvb, stride_dvh, stride_dvt, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, IS_VARLEN, True,
+                              num_warps)),
+            (_query_producer, (descs, ring, row_lo, n_blocks, b, h, BLOCK_M, STAGES)),
+        ], [1], [_PRODUCER_REGISTERS])
+    else:
+        for first in gl.static_range(STAGES):
+            if first < n_blocks:
+                _issue_queries(descs, ring, first, row_lo, b, h, BLOCK_M, STAGES)
+        _dkdv_consumer(k_smem, v_smem, kv_bar.index(0), descs, ring, C, LO, DK, DV, DC, b, h, c0, Tk, OFF, row_lo,
+                       full_start, full_end, n_blocks, sm_scale, qk_scale, stride_dkb, stride_dkh, stride_dkt,
+                       stride_dvb, stride_dvh, stride_dvt, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, IS_VARLEN, False,
+                       num_warps)
+
+
+# ----------------------------------------------------------------------------- backward: dQ
+
+
+@gluon.jit
+def _dq_consumer(q_smem, do_smem, q_bar, loads, ring, C, LO, OUT, LSE, DI, DQ, DC, b, h, hk, bh, r0, Tq, OFF, keys,
+                 sm_scale, qk_scale, out_strides, dq_strides, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, PRODUCER_WARP: gl.constexpr,
+                 num_warps: gl.constexpr):
+    """The dQ kernel's work: Di, the loop over the ring's key blocks ``keys`` (as in
+    :func:`_fwd_consumer`), then dQ and the query-side dc term; the default partition next to
+    :func:`_kv_producer` (``PRODUCER_WARP``), or the whole program, which then refills each stage
+    itself right after its use."""
+    k_smem, v_smem, c_smem, k_bars, v_bars, free_bars = ring
+    col_lo, full_start, full_end, n_blocks = keys
+    stride_ob, stride_oh, stride_ot = out_strides
+    stride_dqb, stride_dqh, stride_dqt = dq_strides
     s_layout: gl.constexpr = _mma_layout(num_warps, BLOCK_N)
     acc_layout: gl.constexpr = _mma_layout(num_warps, HEAD_DIM)
     op_layout: gl.constexpr = _register_operand(acc_layout)
@@ -430,30 +502,6 @@ def bwd_dq_kernel(q_desc, do_desc, k_desc, v_desc, c_desc, C, ACP_KV, LO, OUT, L
     col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
     row_acc: gl.constexpr = gl.SliceLayout(1, acc_layout)
     dim_acc: gl.constexpr = gl.SliceLayout(0, acc_layout)
-
-    col_lo, full_start, full_end, n_blocks = _key_blocks(LO, ACP_KV + bh * NUM_QT, r0, Tq, OFF, BLOCK_M, BLOCK_N,
-                                                        PLAN_M, PLAN_N, IS_VARLEN, HAS_ACP)
-
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, [1, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
-    do_smem = gl.allocate_shared_memory(do_desc.dtype, [1, 1, BLOCK_M, HEAD_DIM], do_desc.layout)
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
-    c_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, 1, BLOCK_N], c_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_bars.index(i), count=1)
-        mbarrier.init(v_bars.index(i), count=1)
-
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [b, h, r0, 0], q_bar, q_smem)
-    tma.async_copy_global_to_shared(do_desc, [b, h, r0, 0], q_bar, do_smem)
-    for first in gl.static_range(STAGES):
-        if first < n_blocks:
-            _issue_kv(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, first, col_lo, b, h, hk,
-                      BLOCK_N, STAGES)
 
     # Di = rowsum(dO * O) from the stored output (read once; the dK/dV kernel reads Di)
     rows_acc = r0 + gl.arange(0, BLOCK_M, layout=row_acc)
@@ -496,22 +544,73 @@ def bwd_dq_kernel(q_desc, do_desc, k_desc, v_desc, c_desc, C, ACP_KV, LO, OUT, L
         p = gl.exp2(s - lse[:, None])
         dp = warpgroup_mma_wait(num_outstanding=0, deps=[dp_tok])
         ds = p * (dp - di[:, None])
-        dq = warpgroup_mma(gl.convert_layout(ds.to(q_desc.dtype), op_layout),
+        dq = warpgroup_mma(gl.convert_layout(ds.to(q_smem.dtype), op_layout),
                            k_smem.index(st).reshape([BLOCK_N, HEAD_DIM]), dq, is_async=True)
         dcq += gl.sum(ds, 1)
         dq = warpgroup_mma_wait(num_outstanding=0, deps=[dq])
-        # every warp is done with stage st: refill it with block j + STAGES
-        gl.thread_barrier()
-        if j + STAGES < n_blocks:
-            _issue_kv(k_desc, v_desc, c_desc, k_smem, v_smem, c_smem, k_bars, v_bars, j + STAGES, col_lo, b, h, hk,
-                      BLOCK_N, STAGES)
-
-    mbarrier.invalidate(q_bar)
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(k_bars.index(i))
-        mbarrier.invalidate(v_bars.index(i))
+        if PRODUCER_WARP:
+            _release(free_bars, st)
+        else:
+            _refill_kv(loads, ring, j + STAGES, n_blocks, col_lo, b, h, hk, BLOCK_N, STAGES)
 
     dq_ptrs = DQ + b.to(gl.int64) * stride_dqb + h * stride_dqh + rows_acc[:, None] * stride_dqt + offs_d[None, :]
     gl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=ok_acc)
     # the query-side dc term at the rows' positions (the dK/dV kernel adds the key-side term)
-    gl.store(DC + b.to(gl.int64) * stride_dcb + h * stride_dch + pos_q, dcq, mask=rows < Tq)
+    gl.store(DC + pos_q, dcq, mask=rows < Tq)
+
+
+@gluon.jit
+def bwd_dq_kernel(q_desc, do_desc, k_desc, v_desc, c_desc, C, ACP_KV, LO, OUT, LSE, DI, DQ, DC,
+                  stride_cb, stride_ch, stride_lob, stride_ob, stride_oh, stride_ot,
+                  stride_dqb, stride_dqh, stride_dqt, stride_dcb, stride_dch,
+                  H, GROUP, Tq, OFF, NUM_QT, sm_scale, qk_scale,
+                  HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                  PLAN_M: gl.constexpr, PLAN_N: gl.constexpr, IS_VARLEN: gl.constexpr, HAS_ACP: gl.constexpr,
+                  PRODUCER_WARP: gl.constexpr, num_warps: gl.constexpr):
+    """One program per (query block, batch * head): the Triton ``bwd_dq_kernel``'s job (read its
+    docstring: it runs first, stores ``Di = rowsum(dO * O)`` and writes the query-side dc term
+    ``sum_j dS_rj`` to ``DC``), with the forward's key ring (K, V and the block's decays; streamed
+    by :func:`_kv_producer` with ``PRODUCER_WARP``) and :func:`_dq_consumer`:
+
+        S = Q K^T,  P = exp2(S * qk_scale - ck_j - lse_r),  dP = dO V^T,  dS = P * (dP - Di_r),
+        dQ += dS K,  dc_r += sum_j dS[r, j]
+
+    QK^T and dO V^T run together; the exponentials overlap the second. ``C`` is the float32 decay
+    padded to whole key blocks with unit stride along positions (``c_desc`` describes it)."""
+    gl.static_assert(BLOCK_M == 16 * num_warps, "one 16-row MMA slice per warp")
+    pid_m = gl.program_id(0)
+    bh = gl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    r0 = pid_m * BLOCK_M
+    C += b.to(gl.int64) * stride_cb + h * stride_ch
+    LO += b * stride_lob
+    DC += b.to(gl.int64) * stride_dcb + h * stride_dch
+    keys = _key_blocks(LO, ACP_KV + bh * NUM_QT, r0, Tq, OFF, BLOCK_M, BLOCK_N, PLAN_M, PLAN_N, IS_VARLEN, HAS_ACP)
+    col_lo, n_blocks = keys[0], keys[3]
+
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [1, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(do_desc.dtype, [1, 1, BLOCK_M, HEAD_DIM], do_desc.layout)
+    q_bar = _barriers(1)
+    loads = (k_desc, v_desc, c_desc)
+    ring = _kv_ring(k_desc, v_desc, c_desc, HEAD_DIM, BLOCK_N, STAGES)
+    mbarrier.expect(q_bar.index(0), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [b, h, r0, 0], q_bar.index(0), q_smem)
+    tma.async_copy_global_to_shared(do_desc, [b, h, r0, 0], q_bar.index(0), do_smem)
+    out_strides = (stride_ob, stride_oh, stride_ot)
+    dq_strides = (stride_dqb, stride_dqh, stride_dqt)
+    if PRODUCER_WARP:
+        gl.warp_specialize([
+            (_dq_consumer, (q_smem, do_smem, q_bar.index(0), loads, ring, C, LO, OUT, LSE, DI, DQ, DC, b, h, hk, bh, r0,
+                            Tq, OFF, keys, sm_scale, qk_scale, out_strides, dq_strides, HEAD_DIM, BLOCK_M, BLOCK_N,
+                            STAGES, IS_VARLEN, True, num_warps)),
+            (_kv_producer, (loads, ring, col_lo, n_blocks, b, h, hk, BLOCK_N, STAGES)),
+        ], [1], [_PRODUCER_REGISTERS])
+    else:
+        for first in gl.static_range(STAGES):
+            if first < n_blocks:
+                _issue_kv(loads, ring, first, col_lo, b, h, hk, BLOCK_N, STAGES)
+        _dq_consumer(q_smem, do_smem, q_bar.index(0), loads, ring, C, LO, OUT, LSE, DI, DQ, DC, b, h, hk, bh, r0, Tq,
+                     OFF, keys, sm_scale, qk_scale, out_strides, dq_strides, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
+                     IS_VARLEN, False, num_warps)
