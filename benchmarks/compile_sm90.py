@@ -77,6 +77,14 @@ def resource_usage(cubin: bytes) -> str:
     return " ".join(part for part in " ".join(fields).split() if part.startswith(("REG:", "STACK:")))
 
 
+def ctas_per_sm(registers: int, warps: int, shared: int) -> int:
+    """CTAs of a kernel one sm_90 SM holds at once: 64K registers (allocated per warp in units of
+    256), 228 KB of shared memory (1 KB reserved per CTA), 64 warps."""
+    per_warp = -(-registers * 32 // 256) * 256
+    by_registers = 65536 // (per_warp * warps) if registers else 64
+    return min(by_registers, 233472 // (shared + 1024), 64 // warps)
+
+
 def compile_one(fn, constants: dict, warps: int, stages: int, label: str, gqa: bool = False) -> None:
     """``gqa``: GROUP > 1 (not a constant) and float32 dK/dV partials, as in a GQA backward."""
     constants = dict(constants, **{name: 1 for name in fn.arg_names if name in ONE and not (gqa and name == "GROUP")})
@@ -153,7 +161,10 @@ def compile_gluon(head_dim: int) -> None:
                 first = next((line for line in str(err).splitlines() if "error" in line.lower()), type(err).__name__)
                 print(f"FAIL {label}: {type(err).__name__}: {first[:120]}", flush=True)
                 continue
-            print(f"ok   {label}: {resource_usage(kernel.asm['cubin'])} smem {kernel.metadata.shared}", flush=True)
+            usage = resource_usage(kernel.asm["cubin"])
+            registers = int(usage.split("REG:")[1].split()[0]) if "REG:" in usage else 0
+            print(f"ok   {label}: {usage} smem {kernel.metadata.shared} warps {kernel.metadata.num_warps} "
+                  f"ctas/SM {ctas_per_sm(registers, kernel.metadata.num_warps, kernel.metadata.shared)}", flush=True)
 
 
 def main(argv=None) -> None:

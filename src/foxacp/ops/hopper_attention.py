@@ -39,23 +39,24 @@ _GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 def tiles(head_dim: int) -> tuple[int, int]:
     """``(BLOCK_M, BLOCK_N)`` of the Gluon forward at a covered head dim (also the ACP plan tiles).
 
-    Measured on an H200 (docs/kernel-notes.md, attempt 21), forward time against Triton's: D=64 one
-    warpgroup on 64x64 blocks 1.00x (128x128 on two warpgroups 1.15x, 64x128 1.36x); D=128 two
-    warpgroups on 128x128 blocks 0.91x (128x64 1.01x, 64x64 1.25x).
+    Measured on an H200 (docs/kernel-notes.md, attempts 21 and 25). D=64, forward kernel at 16k:
+    one warpgroup on 64x128 blocks with a producer warp 2.72 ms, 64x64 blocks without one (three
+    CTAs per SM) 2.95, 64x128 without one 2.93; before the producer warp (attempt 21, against
+    Triton's forward) 64x64 1.00x, 128x128 on two warpgroups 1.15x, 64x128 1.36x. D=128 (attempt
+    21): two warpgroups on 128x128 blocks 0.91x Triton's forward (128x64 1.01x, 64x64 1.25x).
     """
-    return (64, 64) if head_dim <= 64 else (128, 128)
+    return (64, 128) if head_dim <= 64 else (128, 128)
 
 
 def launch_config(head_dim: int) -> dict:
     """The forward's ring depth, consumer warps (one 16-row MMA slice each) and producer warp: 3
-    stages at D=128 (shared memory). A producer warp takes a warpgroup's share of the register
-    file, so ``maxnreg`` caps every thread such that the CTAs an SM held before still fit its 64K
-    registers; the consumers get what the producer's 24 leave (240 at D=128: one CTA per SM).
-    Measured on an H200 (docs/kernel-notes.md, attempt 25; 16k): D=128 2.31 ms with the producer
-    against 2.40 without; D=64 3.33 (3 CTAs per SM, 144 registers) or 3.08 (2 CTAs) against 3.02
-    without (3 CTAs, 144 registers)."""
+    stages (shared memory: two CTAs per SM at D=64, one at D=128). A producer warp takes a
+    warpgroup's share of the register file, so ``maxnreg`` caps every thread such that those CTAs
+    fit an SM's 64K registers; the consumers get what the producer's 24 leave (232 at D=64, 240 at
+    D=128). Measured on an H200 (docs/kernel-notes.md, attempt 25; 16k): D=128 2.27-2.31 ms with
+    the producer against 2.40 without; D=64 see :func:`tiles`."""
     if head_dim <= 64:
-        return dict(STAGES=4, num_warps=4, PRODUCER_WARP=False)
+        return dict(STAGES=3, num_warps=4, PRODUCER_WARP=True, maxnreg=128)
     return dict(STAGES=3, num_warps=8, PRODUCER_WARP=True, maxnreg=168)
 
 
@@ -69,13 +70,14 @@ BACKWARD_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, STAGES=2, num_warps=4)
 
 def backward_launch(head_dim: int) -> tuple[dict, dict]:
     """Launch options of the dQ and of the dK/dV kernel beyond :data:`BACKWARD_BLOCKS`: whether each
-    has a producer warp, and then the register cap that keeps two CTAs per SM (232 registers for
-    the consumers). Measured on an H200 (docs/kernel-notes.md, attempt 25; 16k): D=64 dK/dV 4.63 ms
-    with the producer against 5.08 without, dQ 3.85 against 3.60 (which holds 3 CTAs per SM
-    without); D=128 dQ 2.91 against 2.99, and the dK/dV consumers need more than 232 registers
-    (184 bytes spilled, 5.97 ms against 3.63)."""
+    has a producer warp, and the register cap (``maxnreg``) that sets its CTAs per SM. Measured on
+    an H200 (docs/kernel-notes.md, attempt 25; 16k): D=64 dK/dV 4.63 ms with the producer (two CTAs
+    per SM, 232 registers) against 5.08 without; D=64 dQ without the producer 3.35 at 128 registers
+    (four CTAs per SM, no spills) against 3.60 at its natural 153 (three), with it 3.85-3.92;
+    D=128 dQ 2.91 with it (232 registers, two CTAs) against 2.99 without, while the D=128 dK/dV
+    consumers need more than 232 registers (184 bytes spilled, 5.97 ms against 3.63 without)."""
     if head_dim <= 64:
-        return dict(PRODUCER_WARP=False), dict(PRODUCER_WARP=True, maxnreg=128)
+        return dict(PRODUCER_WARP=False, maxnreg=128), dict(PRODUCER_WARP=True, maxnreg=128)
     return dict(PRODUCER_WARP=True, maxnreg=128), dict(PRODUCER_WARP=False)
 
 

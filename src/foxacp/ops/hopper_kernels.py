@@ -20,9 +20,17 @@ What Gluon lets us write that Triton 3.6 could not (docs/kernel-notes.md, attemp
   copy of the decays, 16-byte rows) and is read from shared memory once per block.
 
 In the forward and the dQ kernel each warp owns 16 query rows, in the dK/dV kernel 16 keys (one or
-two warpgroups per program); a CTA barrier before each refill keeps a warpgroup from overwriting a
-stage another one is still reading. ACP: the plan tiles are the forward's ``BLOCK_M x BLOCK_N``
-blocks, which the backward kernels' blocks divide; each program reads its kept range from the plan.
+two warpgroups per program). Each kernel fills its ring one of two ways (``PRODUCER_WARP``, chosen
+per kernel and head dim by measurement: ``hopper_attention.launch_config``/``backward_launch``):
+
+* a one-warp producer partition (``gl.warp_specialize``) issues every bulk copy, waiting on a
+  per-stage "free" barrier that the consumer warps arrive on once their MMAs on the stage completed
+  and its decays were read; the consumers only wait on "full" barriers;
+* or the consumer warps refill a stage themselves, after a CTA barrier that keeps a warpgroup from
+  overwriting a stage another one is still reading.
+
+ACP: the plan tiles are the forward's ``BLOCK_M x BLOCK_N`` blocks, which the backward kernels'
+blocks divide; each program reads its kept range from the plan.
 """
 
 from triton.experimental import gluon
