@@ -77,6 +77,15 @@ def _longest_first(pid, num_blocks, num_heads, HEADS_PER_GROUP: gl.constexpr):
 
 
 @gluon.jit
+def _block_and_head(H, GROUP, BLOCK: gl.constexpr):
+    """``(first row or key, batch * head, batch, head, K/V head)`` of a backward program: block
+    ``program_id(0)`` of ``BLOCK`` rows or keys, ``program_id(1)`` over batch * heads."""
+    bh = gl.program_id(1)
+    h = bh % H
+    return gl.program_id(0) * BLOCK, bh, bh // H, h, h // GROUP
+
+
+@gluon.jit
 def _issue_kv(loads, ring, j, col_lo, b, h, hk, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """Start the bulk copies of key block ``j`` (columns ``col_lo + j * BLOCK_N``) into ring stage
     ``j % STAGES`` (:func:`_kv_ring`): K and the block's decays on the stage's K barrier, V on its
@@ -428,9 +437,10 @@ def bwd_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, di_desc, cq_desc,
         dV += P^T dO,  dS^T = P^T * (dP^T - Di_r),  dK += dS^T Q,  dc_j -= sum_r dS^T[j, r]
 
     (``ck_j = (c_j - c_ref) log2 e``, the row's ``(c_r - c_ref) log2 e`` folded into its lse; the
-    query-side dc term was written by the dQ kernel). K and V are loaded once; a one-warp producer
-    partition streams q, dO and the rows' lse, Di and decays through a ``STAGES``-deep TMA ring
-    (float32 row vectors padded to 16 bytes; :func:`_query_producer`). In the consumers
+    query-side dc term was written by the dQ kernel). K and V are loaded once; q, dO and the rows'
+    lse, Di and decays stream through a ``STAGES``-deep TMA ring (float32 row vectors padded to 16
+    bytes), fed by a one-warp producer partition with ``PRODUCER_WARP`` (:func:`_query_producer`),
+    else by the consumers themselves. In the consumers
     (:func:`_dkdv_consumer`) the QK^T and dO V^T of a block run together; the exponentials overlap
     the second, dS overlaps the dV MMA and the column sums overlap the dK MMA. ``C`` is the float32
     decay with unit stride along positions; ``cq_desc`` describes a copy of the query rows' decays
@@ -438,12 +448,7 @@ def bwd_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, di_desc, cq_desc,
     16-byte aligned (at ``r + OFF`` into the full decays it was not, and the copy faulted:
     kernel-notes attempt 22)."""
     gl.static_assert(BLOCK_N == 16 * num_warps, "one 16-key MMA slice per warp")
-    pid_n = gl.program_id(0)
-    bh = gl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // GROUP
-    c0 = pid_n * BLOCK_N
+    c0, bh, b, h, hk = _block_and_head(H, GROUP, BLOCK_N)
     C += b.to(gl.int64) * stride_cb + h * stride_ch
     LO += b * stride_lob
     HI += b * stride_lob
@@ -586,12 +591,7 @@ def bwd_dq_kernel(q_desc, do_desc, k_desc, v_desc, c_desc, C, ACP_KV, LO, OUT, L
     QK^T and dO V^T run together; the exponentials overlap the second. ``C`` is the float32 decay
     padded to whole key blocks with unit stride along positions (``c_desc`` describes it)."""
     gl.static_assert(BLOCK_M == 16 * num_warps, "one 16-row MMA slice per warp")
-    pid_m = gl.program_id(0)
-    bh = gl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // GROUP
-    r0 = pid_m * BLOCK_M
+    r0, bh, b, h, hk = _block_and_head(H, GROUP, BLOCK_M)
     C += b.to(gl.int64) * stride_cb + h * stride_ch
     LO += b * stride_lob
     DC += b.to(gl.int64) * stride_dcb + h * stride_dch
