@@ -47,9 +47,9 @@ def _import(name: str):
 
 def resolve(name: str, q, head_dim: int):
     """The backend module for ``name``. "auto" on CUDA picks hopper where it serves the call (sm90+,
-    Gluon, bf16/fp16, head dim 64 or 128: its forward + backward measured 6-10% faster than
-    triton's at every benchmark shape, docs/results.md run 18; decoding-size calls, Tq <= 64, stay on
-    triton, whose plan tiles are finer at D=128), else triton when it can, else torch.
+    Gluon, bf16/fp16, head dim 64 or 128: its forward + backward measured 10-11% faster than
+    triton's at every benchmark shape, docs/results.md run 20; decoding-size calls, Tq <= 64, stay on
+    triton, whose plan tiles are narrower in keys), else triton when it can, else torch.
 
     On CUDA, "auto" warns once when the Triton backend cannot load at all (triton missing or
     too old) rather than running the slower torch path without a word; a call the kernels do

@@ -5,8 +5,10 @@ Two custom ops own the call: ``foxacp::hopper_attn_fwd`` runs the Gluon forward 
 overlapping the softmax) and ``foxacp::hopper_attn_bwd`` the backward: the Gluon dQ kernel (the
 forward's key ring; it also writes Di and the query-side dc term), then the Gluon dK/dV kernel (TMA
 ring of q, dO and the row statistics, warpgroup MMAs on transposed tiles, the dS column sums for
-dlog_fgate in the same loop). All follow the Triton kernels' ``(out, lse)`` conventions. ACP: the plan is built by the
-Triton pre-pass on the forward's tiles (:func:`required_tiles`); every backward block divides them.
+dlog_fgate in the same loop). Where it measured faster, a kernel's ring is fed by a one-warp
+producer partition under a register cap (:func:`launch_config`, :func:`backward_launch`). All
+follow the Triton kernels' ``(out, lse)`` conventions. ACP: the plan is built by the Triton pre-pass
+on the forward's tiles (:func:`required_tiles`); every backward block divides them.
 
 Covered: bf16/fp16, head dims 64 and 128, GQA, packed sequences / left padding, Tq <= Tk, any T.
 Decoding calls (Tq <= ``DECODE_MAX_Q``) run the Triton flash-decoding forward on the same plan;

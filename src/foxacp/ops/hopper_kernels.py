@@ -159,7 +159,7 @@ def _release(free_bars, stage):
 
 
 @gluon.jit
-def _fwd_consumer(q_smem, q_bar, loads, ring, C, LO, OUT, LSE, b, h, hk, bh, r0, Tq, OFF, keys, qk_scale, out_strides,
+def _fwd_consumer(q_smem, q_bars, loads, ring, C, LO, OUT, LSE, b, h, hk, bh, r0, Tq, OFF, keys, qk_scale, out_strides,
                   HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                   IS_VARLEN: gl.constexpr, PRODUCER_WARP: gl.constexpr, num_warps: gl.constexpr):
     """The forward's softmax loop over the ring's key blocks ``keys = (col_lo, full_start,
@@ -190,7 +190,7 @@ def _fwd_consumer(q_smem, q_bar, loads, ring, C, LO, OUT, LSE, b, h, hk, bh, r0,
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
     zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
     q = q_smem.reshape([BLOCK_M, HEAD_DIM])
-    mbarrier.wait(q_bar, phase=0)
+    mbarrier.wait(q_bars.index(0), phase=0)
 
     if n_blocks > 0:
         # block 0: scores and probabilities (nothing to overlap with yet)
@@ -239,6 +239,8 @@ def _fwd_consumer(q_smem, q_bar, loads, ring, C, LO, OUT, LSE, b, h, hk, bh, r0,
         p_op = gl.convert_layout(p.to(q_smem.dtype), p_layout)
         acc = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+    if not PRODUCER_WARP:
+        _retire((q_bars, k_bars, v_bars))
 
     # normalise, store; lse in log2 units with the row term, +inf where a row saw no key
     seen = l_i > 0.0
@@ -254,20 +256,41 @@ def _fwd_consumer(q_smem, q_bar, loads, ring, C, LO, OUT, LSE, b, h, hk, bh, r0,
 
 
 @gluon.jit
-def _kv_ring(k_desc, v_desc, c_desc, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+def _kv_ring(k_desc, v_desc, c_desc, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+             PRODUCER_WARP: gl.constexpr):
     """Shared memory of a K/V/decay ring: ``(k, v, decays, K barriers, V barriers, free barriers)``."""
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
     c_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, 1, BLOCK_N], c_desc.layout)
-    return k_smem, v_smem, c_smem, _barriers(STAGES), _barriers(STAGES), _barriers(STAGES)
+    return k_smem, v_smem, c_smem, _barriers(STAGES), _barriers(STAGES), _barriers(STAGES, PRODUCER_WARP)
 
 
 @gluon.jit
-def _barriers(n: gl.constexpr):
-    """``n`` mbarriers, each completing on one arrival (plus the bytes a bulk copy expects)."""
+def _retire(bar_groups):
+    """Invalidate the mbarriers of ``bar_groups`` (a tuple of barrier arrays) once the loop that
+    used them is done: without a producer partition the compiler may reuse their shared memory
+    for the epilogue's layout conversions, which PTX allows only for invalidated barriers. (With
+    one, every barrier is an argument of the warp-specialised region and stays reserved.)"""
+    for g in gl.static_range(len(bar_groups)):
+        _invalidate(bar_groups[g])
+
+
+@gluon.jit
+def _invalidate(bars):
+    count: gl.constexpr = bars.type.shape[0]
+    for i in gl.static_range(count):
+        mbarrier.invalidate(bars.index(i))
+
+
+@gluon.jit
+def _barriers(n: gl.constexpr, USED: gl.constexpr = True):
+    """``n`` mbarriers, each completing on one arrival (plus the bytes a bulk copy expects); left
+    uninitialised unless ``USED`` (a ring's free barriers when no producer partition waits on them:
+    plain shared memory the compiler may reuse)."""
     bars = gl.allocate_shared_memory(gl.int64, [n, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(n):
-        mbarrier.init(bars.index(i), count=1)
+    if USED:
+        for i in gl.static_range(n):
+            mbarrier.init(bars.index(i), count=1)
     return bars
 
 
@@ -297,15 +320,15 @@ def fwd_kernel(q_desc, k_desc, v_desc, c_desc, C, ACP_KV, LO, OUT, LSE,
     col_lo, n_blocks = keys[0], keys[3]
 
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [1, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
-    q_bar = _barriers(1)
+    q_bars = _barriers(1)
     loads = (k_desc, v_desc, c_desc)
-    ring = _kv_ring(k_desc, v_desc, c_desc, HEAD_DIM, BLOCK_N, STAGES)
-    mbarrier.expect(q_bar.index(0), q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [b, h, r0, 0], q_bar.index(0), q_smem)
+    ring = _kv_ring(k_desc, v_desc, c_desc, HEAD_DIM, BLOCK_N, STAGES, PRODUCER_WARP)
+    mbarrier.expect(q_bars.index(0), q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [b, h, r0, 0], q_bars.index(0), q_smem)
     out_strides = (stride_ob, stride_oh, stride_ot)
     if PRODUCER_WARP:
         gl.warp_specialize([
-            (_fwd_consumer, (q_smem, q_bar.index(0), loads, ring, C, LO, OUT, LSE, b, h, hk, bh, r0, Tq, OFF, keys,
+            (_fwd_consumer, (q_smem, q_bars, loads, ring, C, LO, OUT, LSE, b, h, hk, bh, r0, Tq, OFF, keys,
                              qk_scale, out_strides, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, IS_VARLEN, True, num_warps)),
             (_kv_producer, (loads, ring, col_lo, n_blocks, b, h, hk, BLOCK_N, STAGES)),
         ], [1], [_PRODUCER_REGISTERS])
@@ -313,7 +336,7 @@ def fwd_kernel(q_desc, k_desc, v_desc, c_desc, C, ACP_KV, LO, OUT, LSE,
         for first in gl.static_range(STAGES - 1):
             if first < n_blocks:
                 _issue_kv(loads, ring, first, col_lo, b, h, hk, BLOCK_N, STAGES)
-        _fwd_consumer(q_smem, q_bar.index(0), loads, ring, C, LO, OUT, LSE, b, h, hk, bh, r0, Tq, OFF, keys, qk_scale,
+        _fwd_consumer(q_smem, q_bars, loads, ring, C, LO, OUT, LSE, b, h, hk, bh, r0, Tq, OFF, keys, qk_scale,
                       out_strides, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, IS_VARLEN, False, num_warps)
 
 
@@ -349,7 +372,7 @@ def _query_producer(descs, ring, row_lo, n_blocks, b, h, BLOCK_M: gl.constexpr, 
 
 
 @gluon.jit
-def _dkdv_consumer(k_smem, v_smem, kv_bar, descs, ring, C, LO, DK, DV, DC, b, h, c0, Tk, OFF, row_lo, full_start,
+def _dkdv_consumer(k_smem, v_smem, kv_bars, descs, ring, C, LO, DK, DV, DC, b, h, c0, Tk, OFF, row_lo, full_start,
                    full_end, n_blocks, sm_scale, qk_scale, stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh,
                    stride_dvt, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                    STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, PRODUCER_WARP: gl.constexpr,
@@ -375,7 +398,7 @@ def _dkdv_consumer(k_smem, v_smem, kv_bar, descs, ring, C, LO, DK, DV, DC, b, h,
     zero_s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=s_layout)
     k = k_smem.reshape([BLOCK_N, HEAD_DIM])
     v = v_smem.reshape([BLOCK_N, HEAD_DIM])
-    mbarrier.wait(kv_bar, phase=0)
+    mbarrier.wait(kv_bars.index(0), phase=0)
 
     for i in range(n_blocks):
         st = i % STAGES
@@ -409,6 +432,9 @@ def _dkdv_consumer(k_smem, v_smem, kv_bar, descs, ring, C, LO, DK, DV, DC, b, h,
             gl.thread_barrier()
             if i + STAGES < n_blocks:
                 _issue_queries(descs, ring, i + STAGES, row_lo, b, h, BLOCK_M, STAGES)
+
+    if not PRODUCER_WARP:
+        _retire((kv_bars, bars))
 
     # + the query-side term (dQ kernel)
     gl.store(DC + cols, gl.load(DC + cols, mask=cols < Tk, other=0.0) + dc, mask=cols < Tk)
@@ -468,15 +494,15 @@ def bwd_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, di_desc, cq_desc,
             gl.allocate_shared_memory(gl.float32, [STAGES, 1, 1, BLOCK_M], lse_desc.layout),
             gl.allocate_shared_memory(gl.float32, [STAGES, 1, 1, BLOCK_M], di_desc.layout),
             gl.allocate_shared_memory(gl.float32, [STAGES, 1, 1, BLOCK_M], cq_desc.layout),
-            _barriers(STAGES), _barriers(STAGES))
-    kv_bar = _barriers(1)
-    mbarrier.expect(kv_bar.index(0), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(k_desc, [b, hk, c0, 0], kv_bar.index(0), k_smem)
-    tma.async_copy_global_to_shared(v_desc, [b, hk, c0, 0], kv_bar.index(0), v_smem)
+            _barriers(STAGES), _barriers(STAGES, PRODUCER_WARP))
+    kv_bars = _barriers(1)
+    mbarrier.expect(kv_bars.index(0), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [b, hk, c0, 0], kv_bars.index(0), k_smem)
+    tma.async_copy_global_to_shared(v_desc, [b, hk, c0, 0], kv_bars.index(0), v_smem)
     descs = (q_desc, do_desc, lse_desc, di_desc, cq_desc)
     if PRODUCER_WARP:
         gl.warp_specialize([
-            (_dkdv_consumer, (k_smem, v_smem, kv_bar.index(0), descs, ring, C, LO, DK, DV, DC, b, h, c0, Tk, OFF, row_lo,
+            (_dkdv_consumer, (k_smem, v_smem, kv_bars, descs, ring, C, LO, DK, DV, DC, b, h, c0, Tk, OFF, row_lo,
                               full_start, full_end, n_blocks, sm_scale, qk_scale, stride_dkb, stride_dkh, stride_dkt,
                               stride_dvb, stride_dvh, stride_dvt, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, IS_VARLEN, True,
                               num_warps)),
@@ -486,7 +512,7 @@ def bwd_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, di_desc, cq_desc,
         for first in gl.static_range(STAGES):
             if first < n_blocks:
                 _issue_queries(descs, ring, first, row_lo, b, h, BLOCK_M, STAGES)
-        _dkdv_consumer(k_smem, v_smem, kv_bar.index(0), descs, ring, C, LO, DK, DV, DC, b, h, c0, Tk, OFF, row_lo,
+        _dkdv_consumer(k_smem, v_smem, kv_bars, descs, ring, C, LO, DK, DV, DC, b, h, c0, Tk, OFF, row_lo,
                        full_start, full_end, n_blocks, sm_scale, qk_scale, stride_dkb, stride_dkh, stride_dkt,
                        stride_dvb, stride_dvh, stride_dvt, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, IS_VARLEN, False,
                        num_warps)
@@ -496,7 +522,7 @@ def bwd_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, di_desc, cq_desc,
 
 
 @gluon.jit
-def _dq_consumer(q_smem, do_smem, q_bar, loads, ring, C, LO, OUT, LSE, DI, DQ, DC, b, h, hk, bh, r0, Tq, OFF, keys,
+def _dq_consumer(q_smem, do_smem, q_bars, loads, ring, C, LO, OUT, LSE, DI, DQ, DC, b, h, hk, bh, r0, Tq, OFF, keys,
                  sm_scale, qk_scale, out_strides, dq_strides, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, PRODUCER_WARP: gl.constexpr,
                  num_warps: gl.constexpr):
@@ -536,7 +562,7 @@ def _dq_consumer(q_smem, do_smem, q_bar, loads, ring, C, LO, OUT, LSE, DI, DQ, D
     zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
     q = q_smem.reshape([BLOCK_M, HEAD_DIM])
     do = do_smem.reshape([BLOCK_M, HEAD_DIM])
-    mbarrier.wait(q_bar, phase=0)
+    mbarrier.wait(q_bars.index(0), phase=0)
     di = gl.sum(o.to(gl.float32) * do.load(acc_layout).to(gl.float32), 1)
     gl.store(DI + bh.to(gl.int64) * Tq + rows_acc, di, mask=rows_acc < Tq)
     di = gl.convert_layout(di, row_s)
@@ -565,6 +591,9 @@ def _dq_consumer(q_smem, do_smem, q_bar, loads, ring, C, LO, OUT, LSE, DI, DQ, D
             _release(free_bars, st)
         else:
             _refill_kv(loads, ring, j + STAGES, n_blocks, col_lo, b, h, hk, BLOCK_N, STAGES)
+
+    if not PRODUCER_WARP:
+        _retire((q_bars, k_bars, v_bars))
 
     dq_ptrs = DQ + b.to(gl.int64) * stride_dqb + h * stride_dqh + rows_acc[:, None] * stride_dqt + offs_d[None, :]
     gl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=ok_acc)
@@ -600,17 +629,17 @@ def bwd_dq_kernel(q_desc, do_desc, k_desc, v_desc, c_desc, C, ACP_KV, LO, OUT, L
 
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [1, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
     do_smem = gl.allocate_shared_memory(do_desc.dtype, [1, 1, BLOCK_M, HEAD_DIM], do_desc.layout)
-    q_bar = _barriers(1)
+    q_bars = _barriers(1)
     loads = (k_desc, v_desc, c_desc)
-    ring = _kv_ring(k_desc, v_desc, c_desc, HEAD_DIM, BLOCK_N, STAGES)
-    mbarrier.expect(q_bar.index(0), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [b, h, r0, 0], q_bar.index(0), q_smem)
-    tma.async_copy_global_to_shared(do_desc, [b, h, r0, 0], q_bar.index(0), do_smem)
+    ring = _kv_ring(k_desc, v_desc, c_desc, HEAD_DIM, BLOCK_N, STAGES, PRODUCER_WARP)
+    mbarrier.expect(q_bars.index(0), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [b, h, r0, 0], q_bars.index(0), q_smem)
+    tma.async_copy_global_to_shared(do_desc, [b, h, r0, 0], q_bars.index(0), do_smem)
     out_strides = (stride_ob, stride_oh, stride_ot)
     dq_strides = (stride_dqb, stride_dqh, stride_dqt)
     if PRODUCER_WARP:
         gl.warp_specialize([
-            (_dq_consumer, (q_smem, do_smem, q_bar.index(0), loads, ring, C, LO, OUT, LSE, DI, DQ, DC, b, h, hk, bh, r0,
+            (_dq_consumer, (q_smem, do_smem, q_bars, loads, ring, C, LO, OUT, LSE, DI, DQ, DC, b, h, hk, bh, r0,
                             Tq, OFF, keys, sm_scale, qk_scale, out_strides, dq_strides, HEAD_DIM, BLOCK_M, BLOCK_N,
                             STAGES, IS_VARLEN, True, num_warps)),
             (_kv_producer, (loads, ring, col_lo, n_blocks, b, h, hk, BLOCK_N, STAGES)),
@@ -619,6 +648,6 @@ def bwd_dq_kernel(q_desc, do_desc, k_desc, v_desc, c_desc, C, ACP_KV, LO, OUT, L
         for first in gl.static_range(STAGES):
             if first < n_blocks:
                 _issue_kv(loads, ring, first, col_lo, b, h, hk, BLOCK_N, STAGES)
-        _dq_consumer(q_smem, do_smem, q_bar.index(0), loads, ring, C, LO, OUT, LSE, DI, DQ, DC, b, h, hk, bh, r0, Tq,
+        _dq_consumer(q_smem, do_smem, q_bars, loads, ring, C, LO, OUT, LSE, DI, DQ, DC, b, h, hk, bh, r0, Tq,
                      OFF, keys, sm_scale, qk_scale, out_strides, dq_strides, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
                      IS_VARLEN, False, num_warps)
