@@ -292,3 +292,15 @@ def test_local_rule_kernel_matches_pytorch(ta, shape, poison):
     got = ta._local_first(spec, q, k, 0.3, 16, 16, bounds)
     assert want.sum() > 0  # it prunes here
     assert torch.equal(got, want)
+
+
+def test_plan_finer_than_the_forward_blocks(ta, monkeypatch):
+    """A plan on query tiles smaller than the Triton forward's blocks (the Hopper backend's plan when
+    its inputs cannot be bulk-copied and the Triton kernels run instead) is followed exactly: the
+    forward narrows its blocks to the plan's rows rather than reading one tile's range for two."""
+    cfg = ta.tile_config(16)
+    monkeypatch.setattr(ta, "default_tiles", lambda head_dim: (cfg.block_m // 2, cfg.block_n))
+    inputs = make_inputs(1, 150, 2, 16, gate_logit=1.0)
+    got, want = triton_and_reference(inputs, adaptive_threshold=-2.0)
+    assert got.plan.block_m < cfg.block_m and got.plan.to_dense().float().mean() < 0.8  # it prunes
+    check(got, want, FLOAT32_TOL)

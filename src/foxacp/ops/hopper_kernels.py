@@ -12,7 +12,7 @@ What Gluon lets us write that Triton 3.6 could not (docs/kernel-notes.md, attemp
 
 * K and V blocks stream through the bulk-copy engine (TMA, 4-D descriptors over the ``(B, H, T, D)``
   views: zero fill outside T, no masks) into a ``STAGES``-deep ring, each stage completing on its
-  own mbarrier, issued ``STAGES - 1`` blocks ahead;
+  own mbarrier, issued up to ``STAGES`` blocks ahead;
 * FlashAttention-3's intra-warpgroup overlap: in step ``j`` the QK^T of block ``j`` and the PV of
   block ``j - 1`` are both in flight (asynchronous warpgroup MMAs) while nothing waits; the softmax
   of block ``j`` runs while PV ``j - 1`` is still on the tensor cores;
@@ -24,8 +24,9 @@ two warpgroups per program). Each kernel fills its ring one of two ways (``PRODU
 per kernel and head dim by measurement: ``hopper_attention.launch_config``/``backward_launch``):
 
 * a one-warp producer partition (``gl.warp_specialize``) issues every bulk copy, waiting on a
-  per-stage "free" barrier that the consumer warps arrive on once their MMAs on the stage completed
-  and its decays were read; the consumers only wait on "full" barriers;
+  per-stage "free" barrier that one consumer thread arrives on once every consumer warp is past
+  the stage (its MMAs completed, its shared-memory rows read: :func:`_release`); the consumers only
+  wait on "full" barriers;
 * or the consumer warps refill a stage themselves, after a CTA barrier that keeps a warpgroup from
   overwriting a stage another one is still reading.
 
@@ -152,9 +153,12 @@ def _kv_producer(loads, ring, col_lo, n_blocks, b, h, hk, BLOCK_N: gl.constexpr,
 
 @gluon.jit
 def _release(free_bars, stage):
-    """The consumers are done with ``stage``: its MMAs completed (waited on) and its decays were read;
-    the fence orders those shared-memory reads before the bulk copy that refills it."""
+    """Every consumer warp is done with ``stage`` (its MMAs completed, its decays or row statistics
+    read): hand it to the producer. Gluon's arrive is one thread's, so the barrier across the
+    consumer warps comes first (with two warpgroups one could otherwise release a stage the other
+    still reads); the fence orders the shared-memory reads before the bulk copy that refills it."""
     fence_async_shared()
+    gl.thread_barrier()
     mbarrier.arrive(free_bars.index(stage))
 
 
@@ -307,7 +311,8 @@ def fwd_kernel(q_desc, k_desc, v_desc, c_desc, C, ACP_KV, LO, OUT, LSE,
     to whole key blocks with unit stride along positions (``c_desc`` describes the same tensor);
     ``OUT``'s head dim is contiguous."""
     gl.static_assert(BLOCK_M == 16 * num_warps, "one 16-row MMA slice per warp")
-    gl.static_assert(PRODUCER_WARP or STAGES >= 3, "a stage is refilled two blocks after its use: 3 stages")
+    gl.static_assert(STAGES >= 3 or (PRODUCER_WARP and STAGES >= 2),
+                     "block j's stage is free only after PV of block j - 1: 2 stages, 3 when refilled in step j")
     num_blocks = gl.cdiv(Tq, BLOCK_M)
     pid_m, bh = _longest_first(gl.program_id(0), num_blocks, gl.num_programs(0) // num_blocks, HEADS_PER_GROUP)
     b = bh // H

@@ -198,10 +198,13 @@ def _forward(q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, sm_scale: float, pla
     out = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     has_acp, varlen = acp_kv is not None, key_lo is not None
-    block_m, block_n, warps, stages = cfg.block_m, cfg.block_n, cfg.fwd_warps, cfg.fwd_stages
+    # a block reads the kept range of its plan tile, so it must not span two: a plan on finer rows
+    # (the Hopper backend's, when its inputs fall back to these kernels) narrows the blocks
+    block_m, block_n, warps, stages = min(cfg.block_m, plan_m), cfg.block_n, cfg.fwd_warps, cfg.fwd_stages
+    assert plan_m % block_m == 0 and plan_n % block_n == 0, "the plan's tiles must be whole forward blocks"
     splits = 1
     if Tq <= DECODE_MAX_Q:
-        block_m = min(max(16, triton.next_power_of_2(Tq)), cfg.block_m)  # must divide the plan tile
+        block_m = min(max(16, triton.next_power_of_2(Tq)), block_m)
         warps = 4
         splits = _decode_splits(B * H * triton.cdiv(Tq, block_m), Tk, block_n, q.device)
     stages = _stages(stages, q.dtype, D)
