@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 
@@ -71,7 +72,7 @@ def use(name: str) -> None:
 
 def compile_variants(names) -> None:
     """Each variant's Gluon kernels compiled for sm_90, at every head dim it changes."""
-    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import compile_sm90
 
     for name in names:
@@ -122,7 +123,7 @@ def main(argv=None) -> None:
 
     import torch
 
-    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import attention as bench
     from foxacp import forgetting_attention
 
