@@ -170,10 +170,11 @@ def _(q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, sm_scale, plan_m, plan_n):
 
 
 def _dq_pass(descs, q, k, decay_rows, c_desc, acp_kv, key_lo, out, lse, sm_scale: float, plan_m: int,
-             plan_n: int):
+             plan_n: int, launch: dict):
     """The Gluon dQ kernel: ``(dq, di, dc)`` as ``triton_attention._dq_pass`` returns them.
     ``descs``: the bulk-copy descriptors of q, dO, k, v on :data:`BACKWARD_BLOCKS`;
-    ``decay_rows``/``c_desc``: the decays padded for bulk copies (:func:`_float_rows`)."""
+    ``decay_rows``/``c_desc``: the decays padded for bulk copies (:func:`_float_rows`); ``launch``:
+    its options from :func:`backward_launch`."""
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     blocks = BACKWARD_BLOCKS
@@ -188,7 +189,7 @@ def _dq_pass(descs, q, k, decay_rows, c_desc, acp_kv, key_lo, out, lse, sm_scale
         *dq.stride()[:3], dc.stride(0), dc.stride(1), H, H // Hkv, Tq, Tk - Tq, triton.cdiv(Tq, plan_m),
         sm_scale, sm_scale * kernels.LOG2E,
         HEAD_DIM=D, PLAN_M=plan_m, PLAN_N=plan_n, IS_VARLEN=varlen, HAS_ACP=acp_kv is not None, **blocks,
-        **backward_launch(D)[0],
+        **launch,
     )
     return dq, di, dc
 
@@ -208,7 +209,9 @@ def _backward(dout, q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, out, lse, sm_
     decay_rows, c_desc = _float_rows(decay, blocks["BLOCK_N"])
     descs = (_descriptor(q, blocks["BLOCK_M"]), _descriptor(dout, blocks["BLOCK_M"]), _descriptor(k, blocks["BLOCK_N"]),
              _descriptor(v, blocks["BLOCK_N"]))
-    dq, di, dc = _dq_pass(descs, q, k, decay_rows, c_desc, acp_kv, key_lo, out, lse, sm_scale, plan_m, plan_n)
+    dq_launch, dkdv_launch = backward_launch(D)
+    dq, di, dc = _dq_pass(descs, q, k, decay_rows, c_desc, acp_kv, key_lo, out, lse, sm_scale, plan_m, plan_n,
+                          dq_launch)
     dk, dv, dk_part, dv_part = portable.key_gradients(q, k, v)
     _, lse_desc = _float_rows(lse, blocks["BLOCK_M"], fill=float("inf"))  # padded rows see nothing
     _, di_desc = _float_rows(di, blocks["BLOCK_M"])
@@ -222,7 +225,7 @@ def _backward(dout, q, k, v, decay, acp_kv, acp_q, key_lo, key_hi, out, lse, sm_
         *dv_part.stride()[:3], dc.stride(0), dc.stride(1),
         H, H // Hkv, Tq, Tk, Tk - Tq, triton.cdiv(Tk, plan_n), sm_scale, sm_scale * kernels.LOG2E,
         HEAD_DIM=D, PLAN_M=plan_m, PLAN_N=plan_n, IS_VARLEN=varlen, HAS_ACP=acp_q is not None, **blocks,
-        **backward_launch(D)[1],
+        **dkdv_launch,
     )
     portable.sum_groups(dk, dv, dk_part, dv_part)
     return dq, dk, dv, dc

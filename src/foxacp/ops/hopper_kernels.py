@@ -125,6 +125,20 @@ def _key_blocks(LO, ACP_KV, r0, Tq, OFF, BLOCK_M: gl.constexpr, BLOCK_N: gl.cons
 
 
 @gluon.jit
+def _query_rows(C, LO, r0, Tq, OFF, BLOCK_M: gl.constexpr, IS_VARLEN: gl.constexpr, row_layout: gl.constexpr):
+    """Rows ``r0 .. r0 + BLOCK_M`` of a query block (forward, dQ): ``(rows, key positions, c_ref =
+    the decay at the first row, each row's first visible key, 0 without packing)``."""
+    rows = r0 + gl.arange(0, BLOCK_M, layout=row_layout)
+    pos_q = rows + OFF
+    c_ref = gl.load(C + r0 + OFF)
+    if IS_VARLEN:
+        lo_q = gl.load(LO + pos_q, mask=rows < Tq, other=0)
+    else:
+        lo_q = rows * 0
+    return rows, pos_q, c_ref, lo_q
+
+
+@gluon.jit
 def _scores(s, c_stage, col, c_ref, pos_q, lo_q, masked, qk_scale,
             BLOCK_N: gl.constexpr, IS_VARLEN: gl.constexpr, col_layout: gl.constexpr):
     """Block scores in log2 units from ``s = q . k`` (no row term), masked where the block needs it;
@@ -181,13 +195,7 @@ def _fwd_consumer(q_smem, q_bars, loads, ring, C, LO, OUT, LSE, b, h, hk, bh, r0
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
 
-    rows = r0 + gl.arange(0, BLOCK_M, layout=row_s)
-    pos_q = rows + OFF
-    c_ref = gl.load(C + r0 + OFF)
-    if IS_VARLEN:
-        lo_q = gl.load(LO + pos_q, mask=rows < Tq, other=0)
-    else:
-        lo_q = rows * 0
+    rows, pos_q, c_ref, lo_q = _query_rows(C, LO, r0, Tq, OFF, BLOCK_M, IS_VARLEN, row_s)
 
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
     l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
@@ -553,15 +561,9 @@ def _dq_consumer(q_smem, do_smem, q_bars, loads, ring, C, LO, OUT, LSE, DI, DQ, 
     ok_acc = (rows_acc < Tq)[:, None]
     o = gl.load(OUT + b.to(gl.int64) * stride_ob + h * stride_oh + rows_acc[:, None] * stride_ot + offs_d[None, :],
                 mask=ok_acc, other=0.0)
-    rows = r0 + gl.arange(0, BLOCK_M, layout=row_s)
-    pos_q = rows + OFF
-    c_ref = gl.load(C + r0 + OFF)
+    rows, pos_q, c_ref, lo_q = _query_rows(C, LO, r0, Tq, OFF, BLOCK_M, IS_VARLEN, row_s)
     lse = gl.load(LSE + bh.to(gl.int64) * Tq + rows, mask=rows < Tq, other=float("inf"))
     lse = lse - (gl.load(C + pos_q, mask=rows < Tq, other=0.0) - c_ref) * _LOG2E  # the row term, folded in
-    if IS_VARLEN:
-        lo_q = gl.load(LO + pos_q, mask=rows < Tq, other=0)
-    else:
-        lo_q = rows * 0
     dq = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=acc_layout)
     dcq = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
     zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
