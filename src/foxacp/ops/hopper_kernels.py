@@ -167,9 +167,10 @@ def _kv_producer(loads, ring, col_lo, n_blocks, b, h, hk, BLOCK_N: gl.constexpr,
 @gluon.jit
 def _release(free_bars, stage):
     """Every consumer warp is done with ``stage`` (its MMAs completed, its decays or row statistics
-    read): hand it to the producer. Gluon's arrive is one thread's, so the barrier across the
-    consumer warps comes first (with two warpgroups one could otherwise release a stage the other
-    still reads). No proxy fence before the arrive: every generic read of the stage has returned
+    read): hand it to the producer. Gluon's arrive is one thread's and its lowering puts a
+    barrier across the partition's warps before it anyway (in the PTX); the explicit barrier
+    states that the release needs it (with two warpgroups thread 0 could otherwise release a stage
+    the other still reads) and compiles to the same single ``bar.sync``. No proxy fence before the arrive: every generic read of the stage has returned
     its value by now (the step used it) and the MMAs that read it were waited on, so the bulk copy
     that refills it cannot overtake a read (CUTLASS's pipelines release the same way). Without the
     fence the D=64 dK/dV kernel took 4.56-4.60 ms against 4.67-4.69 at (2,16,16k,64) (H200,
