@@ -36,7 +36,8 @@ blocks divide; each program reads its kept range from the plan.
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                             warpgroup_mma_wait)
 
 from . import triton_kernels
 from .triton_kernels import LOG2E
@@ -63,6 +64,33 @@ def _register_operand(acc_layout):
     """Layout of a 16-bit left MMA operand held in registers, for an MMA with result ``acc_layout``
     (a probability or dS tile fed to the next MMA without a shared-memory round trip)."""
     return gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+
+
+@gluon.constexpr_function
+def _mma_sums(head_dim):
+    """Whether the backward kernels sum dS on the tensor cores (:func:`_sum_column`): at D=64, where
+    it took the backward from 8.41-8.43 to 8.24-8.25 ms at (2,16,16k,64) and 2% off at 4k and GQA
+    (H200, kernel-notes attempt 32); not at D=128, where the dK/dV kernel already sits at 255
+    registers, spills more with the extra accumulator, and measured no faster (7.14-7.15 against
+    7.15-7.18 ms at (2,8,16k,128)). Both kernels follow the same rule: dlog_fgate needs its two dS
+    sums rounded alike."""
+    return head_dim <= 64
+
+
+@gluon.jit
+def _sum_column(dtype: gl.constexpr, K: gl.constexpr, num_warps: gl.constexpr):
+    """A ``[K, 8]`` shared-memory MMA operand, ones in column 0 and zeros elsewhere: ``X @ it`` has
+    X's row sums in its column 0. The backward kernels sum dS for dlog_fgate this way, on the tensor
+    cores from the 16-bit dS their dQ or dK MMA already takes, instead of one FP32 add per score
+    (where :func:`_mma_sums`). Written by every consumer warp, fenced for the async proxy; the
+    caller's next barrier orders it before the first MMA."""
+    layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([K, 8], dtype)
+    fill: gl.constexpr = gl.BlockedLayout([1, 8], [32, 1], [num_warps, 1], [1, 0])
+    column = gl.arange(0, 8, layout=gl.SliceLayout(0, fill))
+    values = gl.where(column[None, :] == 0, gl.full([K, 8], 1.0, dtype, layout=fill), gl.zeros([K, 8], dtype, layout=fill))
+    ones = gl.allocate_shared_memory(dtype, [K, 8], layout, values)
+    fence_async_shared()
+    return ones
 
 
 @gluon.jit
@@ -388,7 +416,7 @@ def _query_producer(descs, ring, row_lo, n_blocks, b, h, BLOCK_M: gl.constexpr, 
 
 
 @gluon.jit
-def _dkdv_consumer(k_smem, v_smem, kv_bars, descs, ring, C, LO, DK, DV, DC, b, h, c0, Tk, OFF, row_lo, full_start,
+def _dkdv_consumer(k_smem, v_smem, kv_bars, ones, descs, ring, C, LO, DK, DV, DC, b, h, c0, Tk, OFF, row_lo, full_start,
                    full_end, n_blocks, sm_scale, qk_scale, stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh,
                    stride_dvt, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                    STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, PRODUCER_WARP: gl.constexpr,
@@ -410,7 +438,11 @@ def _dkdv_consumer(k_smem, v_smem, kv_bars, descs, ring, C, LO, DK, DV, DC, b, h
     ck = (gl.load(C + cols, mask=cols < Tk, other=0.0) - c_ref) * _LOG2E
     dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=acc_layout)
     dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=acc_layout)
-    dc = gl.zeros([BLOCK_N], gl.float32, layout=key_s)
+    sum_layout: gl.constexpr = _mma_layout(num_warps, 8)
+    if _mma_sums(HEAD_DIM):
+        dc = gl.zeros([BLOCK_N, 8], gl.float32, layout=sum_layout)  # column 0: sum_r dS^T[j, r]
+    else:
+        dc = gl.zeros([BLOCK_N], gl.float32, layout=key_s)
     zero_s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=s_layout)
     k = k_smem.reshape([BLOCK_N, HEAD_DIM])
     v = v_smem.reshape([BLOCK_N, HEAD_DIM])
@@ -439,9 +471,14 @@ def _dkdv_consumer(k_smem, v_smem, kv_bars, descs, ring, C, LO, DK, DV, DC, b, h
         dv = warpgroup_mma(gl.convert_layout(pt.to(q_smem.dtype), op_layout), do, dv, is_async=True)
         dpt = warpgroup_mma_wait(num_outstanding=1, deps=[dp_tok])
         dst = pt * (dpt - di[None, :])
-        dk = warpgroup_mma(gl.convert_layout(dst.to(q_smem.dtype), op_layout), q, dk, is_async=True)
-        dc -= gl.sum(dst, 1)
-        dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=[dv, dk])
+        ds_op = gl.convert_layout(dst.to(q_smem.dtype), op_layout)
+        dk = warpgroup_mma(ds_op, q, dk, is_async=True)
+        if _mma_sums(HEAD_DIM):
+            dc = warpgroup_mma(gl.convert_layout(ds_op, _register_operand(sum_layout)), ones, dc, is_async=True)
+            dv, dk, dc = warpgroup_mma_wait(num_outstanding=0, deps=[dv, dk, dc])
+        else:
+            dc += gl.sum(dst, 1)
+            dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=[dv, dk])
         if PRODUCER_WARP:
             _release(free_bars, st)
         else:
@@ -453,7 +490,9 @@ def _dkdv_consumer(k_smem, v_smem, kv_bars, descs, ring, C, LO, DK, DV, DC, b, h
         _retire((kv_bars, bars))
 
     # + the query-side term (dQ kernel)
-    gl.store(DC + cols, gl.load(DC + cols, mask=cols < Tk, other=0.0) + dc, mask=cols < Tk)
+    if _mma_sums(HEAD_DIM):
+        dc = gl.convert_layout(gl.sum(dc, 1), key_s)
+    gl.store(DC + cols, gl.load(DC + cols, mask=cols < Tk, other=0.0) - dc, mask=cols < Tk)
     keys = c0 + gl.arange(0, BLOCK_N, layout=key_acc)
     offs_d = gl.arange(0, HEAD_DIM, layout=dim_acc)
     ok = (keys < Tk)[:, None]
@@ -484,7 +523,8 @@ def bwd_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, di_desc, cq_desc,
     bytes), fed by a one-warp producer partition with ``PRODUCER_WARP`` (:func:`_query_producer`),
     else by the consumers themselves. In the consumers
     (:func:`_dkdv_consumer`) the QK^T and dO V^T of a block run together; the exponentials overlap
-    the second, dS overlaps the dV MMA and the column sums overlap the dK MMA. ``C`` is the float32
+    the second, dS overlaps the dV MMA and the column sums overlap the dK MMA (at D=64 they are an
+    MMA themselves: :func:`_mma_sums`). ``C`` is the float32
     decay with unit stride along positions; ``cq_desc`` describes a copy of the query rows' decays
     ``c[OFF + r]`` padded to whole blocks: a bulk copy's start along the innermost dimension must be
     16-byte aligned (at ``r + OFF`` into the full decays it was not, and the copy faulted:
@@ -512,13 +552,15 @@ def bwd_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, di_desc, cq_desc,
             gl.allocate_shared_memory(gl.float32, [STAGES, 1, 1, BLOCK_M], cq_desc.layout),
             _barriers(STAGES), _barriers(STAGES, PRODUCER_WARP))
     kv_bars = _barriers(1)
+    ones = _sum_column(q_desc.dtype, BLOCK_M, num_warps)
+    gl.thread_barrier()
     mbarrier.expect(kv_bars.index(0), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(k_desc, [b, hk, c0, 0], kv_bars.index(0), k_smem)
     tma.async_copy_global_to_shared(v_desc, [b, hk, c0, 0], kv_bars.index(0), v_smem)
     descs = (q_desc, do_desc, lse_desc, di_desc, cq_desc)
     if PRODUCER_WARP:
         gl.warp_specialize([
-            (_dkdv_consumer, (k_smem, v_smem, kv_bars, descs, ring, C, LO, DK, DV, DC, b, h, c0, Tk, OFF, row_lo,
+            (_dkdv_consumer, (k_smem, v_smem, kv_bars, ones, descs, ring, C, LO, DK, DV, DC, b, h, c0, Tk, OFF, row_lo,
                               full_start, full_end, n_blocks, sm_scale, qk_scale, stride_dkb, stride_dkh, stride_dkt,
                               stride_dvb, stride_dvh, stride_dvt, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, IS_VARLEN, True,
                               num_warps)),
@@ -528,7 +570,7 @@ def bwd_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, di_desc, cq_desc,
         for first in gl.static_range(STAGES):
             if first < n_blocks:
                 _issue_queries(descs, ring, first, row_lo, b, h, BLOCK_M, STAGES)
-        _dkdv_consumer(k_smem, v_smem, kv_bars, descs, ring, C, LO, DK, DV, DC, b, h, c0, Tk, OFF, row_lo,
+        _dkdv_consumer(k_smem, v_smem, kv_bars, ones, descs, ring, C, LO, DK, DV, DC, b, h, c0, Tk, OFF, row_lo,
                        full_start, full_end, n_blocks, sm_scale, qk_scale, stride_dkb, stride_dkh, stride_dkt,
                        stride_dvb, stride_dvh, stride_dvt, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, IS_VARLEN, False,
                        num_warps)
@@ -538,7 +580,7 @@ def bwd_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, di_desc, cq_desc,
 
 
 @gluon.jit
-def _dq_consumer(q_smem, do_smem, q_bars, loads, ring, C, LO, OUT, LSE, DI, DQ, DC, b, h, hk, bh, r0, Tq, OFF, keys,
+def _dq_consumer(q_smem, do_smem, q_bars, ones, loads, ring, C, LO, OUT, LSE, DI, DQ, DC, b, h, hk, bh, r0, Tq, OFF, keys,
                  sm_scale, qk_scale, out_strides, dq_strides, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, PRODUCER_WARP: gl.constexpr,
                  num_warps: gl.constexpr):
@@ -568,7 +610,11 @@ def _dq_consumer(q_smem, do_smem, q_bars, loads, ring, C, LO, OUT, LSE, DI, DQ, 
     lse = gl.load(LSE + bh.to(gl.int64) * Tq + rows, mask=rows < Tq, other=float("inf"))
     lse = lse - (gl.load(C + pos_q, mask=rows < Tq, other=0.0) - c_ref) * _LOG2E  # the row term, folded in
     dq = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=acc_layout)
-    dcq = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
+    sum_layout: gl.constexpr = _mma_layout(num_warps, 8)
+    if _mma_sums(HEAD_DIM):
+        dcq = gl.zeros([BLOCK_M, 8], gl.float32, layout=sum_layout)  # column 0: sum_j dS[r, j]
+    else:
+        dcq = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
     zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
     q = q_smem.reshape([BLOCK_M, HEAD_DIM])
     do = do_smem.reshape([BLOCK_M, HEAD_DIM])
@@ -593,10 +639,14 @@ def _dq_consumer(q_smem, do_smem, q_bars, loads, ring, C, LO, OUT, LSE, DI, DQ, 
         p = gl.exp2(s - lse[:, None])
         dp = warpgroup_mma_wait(num_outstanding=0, deps=[dp_tok])
         ds = p * (dp - di[:, None])
-        dq = warpgroup_mma(gl.convert_layout(ds.to(q_smem.dtype), op_layout),
-                           k_smem.index(st).reshape([BLOCK_N, HEAD_DIM]), dq, is_async=True)
-        dcq += gl.sum(ds, 1)
-        dq = warpgroup_mma_wait(num_outstanding=0, deps=[dq])
+        ds_op = gl.convert_layout(ds.to(q_smem.dtype), op_layout)
+        dq = warpgroup_mma(ds_op, k_smem.index(st).reshape([BLOCK_N, HEAD_DIM]), dq, is_async=True)
+        if _mma_sums(HEAD_DIM):
+            dcq = warpgroup_mma(gl.convert_layout(ds_op, _register_operand(sum_layout)), ones, dcq, is_async=True)
+            dq, dcq = warpgroup_mma_wait(num_outstanding=0, deps=[dq, dcq])
+        else:
+            dcq += gl.sum(ds, 1)
+            dq = warpgroup_mma_wait(num_outstanding=0, deps=[dq])
         if PRODUCER_WARP:
             _release(free_bars, st)
         else:
@@ -608,6 +658,8 @@ def _dq_consumer(q_smem, do_smem, q_bars, loads, ring, C, LO, OUT, LSE, DI, DQ, 
     dq_ptrs = DQ + b.to(gl.int64) * stride_dqb + h * stride_dqh + rows_acc[:, None] * stride_dqt + offs_d[None, :]
     gl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=ok_acc)
     # the query-side dc term at the rows' positions (the dK/dV kernel adds the key-side term)
+    if _mma_sums(HEAD_DIM):
+        dcq = gl.convert_layout(gl.sum(dcq, 1), row_s)
     gl.store(DC + pos_q, dcq, mask=rows < Tq)
 
 
@@ -640,6 +692,8 @@ def bwd_dq_kernel(q_desc, do_desc, k_desc, v_desc, c_desc, C, ACP_KV, LO, OUT, L
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [1, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
     do_smem = gl.allocate_shared_memory(do_desc.dtype, [1, 1, BLOCK_M, HEAD_DIM], do_desc.layout)
     q_bars = _barriers(1)
+    ones = _sum_column(k_desc.dtype, BLOCK_N, num_warps)
+    gl.thread_barrier()
     loads = (k_desc, v_desc, c_desc)
     ring = _kv_ring(k_desc, v_desc, c_desc, HEAD_DIM, BLOCK_N, STAGES, PRODUCER_WARP)
     mbarrier.expect(q_bars.index(0), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
@@ -649,7 +703,7 @@ def bwd_dq_kernel(q_desc, do_desc, k_desc, v_desc, c_desc, C, ACP_KV, LO, OUT, L
     dq_strides = (stride_dqb, stride_dqh, stride_dqt)
     if PRODUCER_WARP:
         gl.warp_specialize([
-            (_dq_consumer, (q_smem, do_smem, q_bars, loads, ring, C, LO, OUT, LSE, DI, DQ, DC, b, h, hk, bh, r0,
+            (_dq_consumer, (q_smem, do_smem, q_bars, ones, loads, ring, C, LO, OUT, LSE, DI, DQ, DC, b, h, hk, bh, r0,
                             Tq, OFF, keys, sm_scale, qk_scale, out_strides, dq_strides, HEAD_DIM, BLOCK_M, BLOCK_N,
                             STAGES, IS_VARLEN, True, num_warps)),
             (_kv_producer, (loads, ring, col_lo, n_blocks, b, h, hk, BLOCK_N, STAGES)),
@@ -658,6 +712,6 @@ def bwd_dq_kernel(q_desc, do_desc, k_desc, v_desc, c_desc, C, ACP_KV, LO, OUT, L
         for first in gl.static_range(STAGES):
             if first < n_blocks:
                 _issue_kv(loads, ring, first, col_lo, b, h, hk, BLOCK_N, STAGES)
-        _dq_consumer(q_smem, do_smem, q_bars, loads, ring, C, LO, OUT, LSE, DI, DQ, DC, b, h, hk, bh, r0, Tq,
+        _dq_consumer(q_smem, do_smem, q_bars, ones, loads, ring, C, LO, OUT, LSE, DI, DQ, DC, b, h, hk, bh, r0, Tq,
                      OFF, keys, sm_scale, qk_scale, out_strides, dq_strides, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
                      IS_VARLEN, False, num_warps)
