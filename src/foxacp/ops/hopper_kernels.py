@@ -69,7 +69,7 @@ def _register_operand(acc_layout):
 @gluon.constexpr_function
 def _mma_sums(head_dim):
     """Whether the backward kernels sum dS on the tensor cores (:func:`_sum_column`): at D=64, where
-    it took the backward from 8.41-8.43 to 8.24-8.25 ms at (2,16,16k,64) and 2% off at 4k and GQA
+    it took the backward from 8.41-8.43 to 8.24-8.27 ms at (2,16,16k,64) and 2% off at 4k and GQA
     (H200, kernel-notes attempt 32); not at D=128, where the dK/dV kernel already sits at 255
     registers, spills more with the extra accumulator, and measured no faster (7.14-7.15 against
     7.15-7.18 ms at (2,8,16k,128)). Both kernels follow the same rule: dlog_fgate needs its two dS
@@ -87,7 +87,8 @@ def _sum_column(dtype: gl.constexpr, K: gl.constexpr, num_warps: gl.constexpr):
     layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([K, 8], dtype)
     fill: gl.constexpr = gl.BlockedLayout([1, 8], [32, 1], [num_warps, 1], [1, 0])
     column = gl.arange(0, 8, layout=gl.SliceLayout(0, fill))
-    values = gl.where(column[None, :] == 0, gl.full([K, 8], 1.0, dtype, layout=fill), gl.zeros([K, 8], dtype, layout=fill))
+    values = gl.where(column[None, :] == 0, gl.full([K, 8], 1.0, dtype, layout=fill),
+                      gl.zeros([K, 8], dtype, layout=fill))
     ones = gl.allocate_shared_memory(dtype, [K, 8], layout, values)
     fence_async_shared()
     return ones
@@ -198,11 +199,11 @@ def _release(free_bars, stage):
     read): hand it to the producer. Gluon's arrive is one thread's and its lowering puts a
     barrier across the partition's warps before it anyway (in the PTX); the explicit barrier
     states that the release needs it (with two warpgroups thread 0 could otherwise release a stage
-    the other still reads) and compiles to the same single ``bar.sync``. No proxy fence before the arrive: every generic read of the stage has returned
-    its value by now (the step used it) and the MMAs that read it were waited on, so the bulk copy
-    that refills it cannot overtake a read (CUTLASS's pipelines release the same way). Without the
-    fence the D=64 dK/dV kernel took 4.56-4.60 ms against 4.67-4.69 at (2,16,16k,64) (H200,
-    kernel-notes attempt 27)."""
+    the other still reads) and compiles to the same single ``bar.sync``. No proxy fence before the
+    arrive: every generic read of the stage has returned its value by now (the step used it) and
+    the MMAs that read it were waited on, so the bulk copy that refills it cannot overtake a read
+    (CUTLASS's pipelines release the same way). Without the fence the D=64 dK/dV kernel took
+    4.56-4.60 ms against 4.67-4.69 at (2,16,16k,64) (H200, kernel-notes attempt 27)."""
     gl.thread_barrier()
     mbarrier.arrive(free_bars.index(stage))
 
@@ -416,9 +417,9 @@ def _query_producer(descs, ring, row_lo, n_blocks, b, h, BLOCK_M: gl.constexpr, 
 
 
 @gluon.jit
-def _dkdv_consumer(k_smem, v_smem, kv_bars, ones, descs, ring, C, LO, DK, DV, DC, b, h, c0, Tk, OFF, row_lo, full_start,
-                   full_end, n_blocks, sm_scale, qk_scale, stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh,
-                   stride_dvt, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+def _dkdv_consumer(k_smem, v_smem, kv_bars, ones, descs, ring, C, LO, DK, DV, DC, b, h, c0, Tk, OFF, row_lo,
+                   full_start, full_end, n_blocks, sm_scale, qk_scale, stride_dkb, stride_dkh, stride_dkt, stride_dvb,
+                   stride_dvh, stride_dvt, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                    STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, PRODUCER_WARP: gl.constexpr,
                    num_warps: gl.constexpr):
     """The dK/dV kernel's loop over the ring's query blocks, then dK, dV and the key-side dc term:
@@ -580,8 +581,8 @@ def bwd_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, di_desc, cq_desc,
 
 
 @gluon.jit
-def _dq_consumer(q_smem, do_smem, q_bars, ones, loads, ring, C, LO, OUT, LSE, DI, DQ, DC, b, h, hk, bh, r0, Tq, OFF, keys,
-                 sm_scale, qk_scale, out_strides, dq_strides, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+def _dq_consumer(q_smem, do_smem, q_bars, ones, loads, ring, C, LO, OUT, LSE, DI, DQ, DC, b, h, hk, bh, r0, Tq, OFF,
+                 keys, sm_scale, qk_scale, out_strides, dq_strides, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, PRODUCER_WARP: gl.constexpr,
                  num_warps: gl.constexpr):
     """The dQ kernel's work: Di, the loop over the ring's key blocks ``keys`` (as in
