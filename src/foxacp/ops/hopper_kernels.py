@@ -82,8 +82,8 @@ def _sum_column(dtype: gl.constexpr, K: gl.constexpr, num_warps: gl.constexpr):
     """A ``[K, 8]`` shared-memory MMA operand, ones in column 0 and zeros elsewhere: ``X @ it`` has
     X's row sums in its column 0. The backward kernels sum dS for dlog_fgate this way, on the tensor
     cores from the 16-bit dS their dQ or dK MMA already takes, instead of one FP32 add per score
-    (where :func:`_mma_sums`). Written by every consumer warp, fenced for the async proxy; the
-    caller's next barrier orders it before the first MMA."""
+    (where :func:`_mma_sums`). Written by every warp of the calling region, fenced for the async
+    proxy and behind a barrier, so any MMA after the call may read it."""
     layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([K, 8], dtype)
     fill: gl.constexpr = gl.BlockedLayout([1, 8], [32, 1], [num_warps, 1], [1, 0])
     column = gl.arange(0, 8, layout=gl.SliceLayout(0, fill))
@@ -91,6 +91,7 @@ def _sum_column(dtype: gl.constexpr, K: gl.constexpr, num_warps: gl.constexpr):
                       gl.zeros([K, 8], dtype, layout=fill))
     ones = gl.allocate_shared_memory(dtype, [K, 8], layout, values)
     fence_async_shared()
+    gl.thread_barrier()
     return ones
 
 
@@ -554,7 +555,6 @@ def bwd_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, di_desc, cq_desc,
             _barriers(STAGES), _barriers(STAGES, PRODUCER_WARP))
     kv_bars = _barriers(1)
     ones = _sum_column(q_desc.dtype, BLOCK_M, num_warps)
-    gl.thread_barrier()
     mbarrier.expect(kv_bars.index(0), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(k_desc, [b, hk, c0, 0], kv_bars.index(0), k_smem)
     tma.async_copy_global_to_shared(v_desc, [b, hk, c0, 0], kv_bars.index(0), v_smem)
@@ -694,7 +694,6 @@ def bwd_dq_kernel(q_desc, do_desc, k_desc, v_desc, c_desc, C, ACP_KV, LO, OUT, L
     do_smem = gl.allocate_shared_memory(do_desc.dtype, [1, 1, BLOCK_M, HEAD_DIM], do_desc.layout)
     q_bars = _barriers(1)
     ones = _sum_column(k_desc.dtype, BLOCK_N, num_warps)
-    gl.thread_barrier()
     loads = (k_desc, v_desc, c_desc)
     ring = _kv_ring(k_desc, v_desc, c_desc, HEAD_DIM, BLOCK_N, STAGES, PRODUCER_WARP)
     mbarrier.expect(q_bars.index(0), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
